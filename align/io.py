@@ -1,0 +1,145 @@
+"""Atomic writes, the `align_stage.json` lineage file, and checkpoint lookup.
+
+Every stage output dir is a Hugging Face model dir plus `align_stage.json`, written last and atomically: its
+presence means "this stage finished". The next stage, the chain runner and the Hub model card read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+STAGE_FILE = "align_stage.json"
+STAGES = ("pretrain", "sft", "rank", "reward", "ppo")
+_VERSIONED = ("align", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "tokenizers")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # fsync the directory so the rename itself survives a power cut.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a stage's result, for lineage."""
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def recipe_sha256(recipe: dict[str, Any]) -> str:
+    """Fingerprint of a resolved recipe: sorted-key JSON, so key order in the YAML does not matter."""
+    blob = json.dumps(recipe, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def write_stage_info(
+    output_dir: str | os.PathLike,
+    stage: str,
+    *,
+    parent: dict[str, Any] | None,
+    recipe: dict[str, Any],
+    data: dict[str, Any] | None,
+    metrics: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write `align_stage.json` (last, atomically) and return what was written.
+
+    Args:
+        parent: `{"stage": ..., "path": ...}` for an align stage, or `{"model": <hub id or path>}` for a base model.
+        recipe: the resolved config as a plain dict (see `align.config.recipe_dict`).
+        data: `{"name", "fingerprint", "rows"}` of the training data.
+        metrics: numbers, e.g. `eval_loss` (nats per token), `perplexity`, `entropy_floor`.
+        extra: stage-specific fields (e.g. `samples`, `log_history`).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    info = {
+        "stage": stage,
+        "parent": parent,
+        "recipe": recipe,
+        "recipe_sha256": recipe_sha256(recipe),
+        "data": data,
+        "versions": package_versions(),
+        "metrics": metrics,
+        **extra,
+    }
+    atomic_write_json(Path(output_dir) / STAGE_FILE, info)
+    return info
+
+
+def read_stage_info(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `align_stage.json` of a stage dir, or None when `path` is not a finished align stage (e.g. a Hub id)."""
+    file = Path(path) / STAGE_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AlignError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}). Delete the file and rerun the stage.")
+
+
+def parent_of(model_name_or_path: str) -> dict[str, Any]:
+    """The `parent` entry for a stage trained from `model_name_or_path` (an align stage dir, a local model, a Hub id)."""
+    info = read_stage_info(model_name_or_path)
+    if info is not None:
+        return {"stage": info["stage"], "path": str(Path(model_name_or_path).resolve())}
+    if Path(model_name_or_path).exists():
+        return {"model": str(Path(model_name_or_path).resolve())}
+    return {"model": model_name_or_path}
+
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-N` dir in `output_dir` (Trainer's layout), or None.
+
+    A checkpoint is complete when its `trainer_state.json` exists: Trainer writes that file after the weights, so a
+    run killed mid-save leaves a dir without it, which we skip rather than resume from.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.iterdir():
+        m = _CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and (child / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
