@@ -112,11 +112,12 @@ def read_stage_info(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise AlignError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}). Delete the file and rerun the stage.")
+        msg = f"{file}: not valid JSON ({e.msg} at line {e.lineno}). Delete the file and rerun the stage."
+        raise AlignError(msg) from None
 
 
 def parent_of(model_name_or_path: str) -> dict[str, Any]:
-    """The `parent` entry for a stage trained from `model_name_or_path` (an align stage dir, a local model, a Hub id)."""
+    """The `parent` entry for a stage trained from `model_name_or_path` (stage dir, model dir or Hub id)."""
     info = read_stage_info(model_name_or_path)
     if info is not None:
         return {"stage": info["stage"], "path": str(Path(model_name_or_path).resolve())}

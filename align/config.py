@@ -1,0 +1,343 @@
+"""Stage configs and the recipe loader: YAML recipe < CLI overrides, validated before any work.
+
+Each stage config subclasses the transformers/TRL config its trainer takes and mixes in TRL's own `ScriptArguments`
+(dataset keys) and `ModelConfig` (model and LoRA keys), so every key a TRL / alignment-handbook user knows means the
+same thing here. Only new fields are declared, each with `help`.
+
+    align pretrain --config recipes/tiny/pretrain.yaml --learning_rate 1e-3 --max_steps 200
+
+Unlike the early handbook parser, unknown keys are errors (with the closest valid key), YAML values are type-checked
+against the field types, and a bool is only ever a real bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from align.errors import AlignError
+
+logger = logging.getLogger(__name__)
+
+# transformers/trl are imported lazily in `_stage_classes` so `align --help` stays instant; the dataclasses below are
+# built on first use by `config_class(stage)`.
+C = TypeVar("C")
+
+
+def _json_dict(value: Any, key: str) -> dict | None:
+    """Accept a dict (from YAML) or a JSON object string (from the CLI) for dict-valued keys."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            out = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{key}: not a JSON object ({e.msg}); pass e.g. --{key} '{{\"a\": 1}}'") from None
+        if isinstance(out, dict):
+            return out
+    raise ValueError(f"{key}: expected a mapping, got {type(value).__name__}")
+
+
+def _changed(base, name: str, default: Any):
+    """A field of `base` with a new default, keeping its type and help (TRL lists changed defaults the same way)."""
+    f = next(f for f in dataclasses.fields(base) if f.name == name)
+    return field(default=default, metadata=f.metadata)
+
+
+def _column_mapping_field():
+    return field(
+        default=None,
+        metadata={
+            "help": "Rename your columns to the ones the stage expects, e.g. {'story': 'text'} or "
+            "{'question': 'prompt', 'answer': 'completion'}. A JSON object on the command line."
+        },
+    )
+
+
+def _test_size_field():
+    return field(
+        default=0.05,
+        metadata={
+            "help": "When the dataset has no `dataset_test_split`, hold out this fraction (< 1) or number of rows "
+            "(>= 1) for evaluation. 0 disables evaluation."
+        },
+    )
+
+
+def _tinyworld_seed_field():
+    return field(
+        default=0,
+        metadata={"help": "Seed of the generated tiny world (dataset_name: tinyworld); kept apart from `seed`."},
+    )
+
+
+def _pretrain_class():
+    from transformers import TrainingArguments
+    from trl import ModelConfig, ScriptArguments
+
+    @dataclass
+    class PretrainConfig(TrainingArguments, ModelConfig, ScriptArguments):
+        """`align pretrain`: causal-LM pretraining (GPT-style), from scratch or continued.
+
+        Changed defaults: `dataset_name="tinyworld"` (the embedded generated world), `logging_steps=10`,
+        `report_to="none"` (opt in to tensorboard/wandb/trackio as in transformers), `save_total_limit=2`,
+        `dtype="auto"`.
+        """
+
+        # Changed defaults
+        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+        logging_steps: float = _changed(TrainingArguments, "logging_steps", 10)
+        report_to: None | str | list[str] = _changed(TrainingArguments, "report_to", "none")
+        save_total_limit: int | None = _changed(TrainingArguments, "save_total_limit", 2)
+        dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+        # Model
+        model_type: str = field(
+            default="llama",
+            metadata={
+                "help": "Architecture when training from scratch (no model_name_or_path): 'llama' or 'gpt2'.",
+                "choices": ["llama", "gpt2"],
+            },
+        )
+        model_config: dict | str | None = field(
+            default=None,
+            metadata={
+                "help": "Sizes for a from-scratch model, passed to LlamaConfig/GPT2Config, e.g. {hidden_size: 128, "
+                "num_hidden_layers: 4, num_attention_heads: 4}. Keys use the transformers config names."
+            },
+        )
+        trust_remote_code: bool = field(
+            default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
+        )
+        # Tokenizer
+        tokenizer_name_or_path: str | None = field(
+            default=None,
+            metadata={
+                "help": "Existing tokenizer (dir or Hub id). Default: the model's when model_name_or_path is set, "
+                "else a new one trained on the training data."
+            },
+        )
+        tokenizer_type: str = field(
+            default="auto",
+            metadata={
+                "help": "Kind of tokenizer to train: 'wordlevel' (closed vocabulary, used for tinyworld), 'bpe' "
+                "(byte-level, any text), or 'auto' (wordlevel for tinyworld, bpe otherwise).",
+                "choices": ["auto", "wordlevel", "bpe"],
+            },
+        )
+        vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size when training a BPE tokenizer."})
+        # Data
+        dataset_text_field: str = field(default="text", metadata={"help": "Column holding the raw text."})
+        dataset_column_mapping: dict | str | None = _column_mapping_field()
+        dataset_test_size: float = _test_size_field()
+        max_length: int = field(
+            default=256,
+            metadata={"help": "Block size: texts are joined with EOS and cut into blocks of this many tokens."},
+        )
+        tinyworld_stories: int = field(
+            default=20_000, metadata={"help": "Number of generated stories (dataset_name: tinyworld)."}
+        )
+        tinyworld_seed: int = _tinyworld_seed_field()
+        # Output
+        num_samples: int = field(
+            default=4, metadata={"help": "Texts sampled from the trained model and stored in align_stage.json."}
+        )
+        sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of those samples."})
+
+        def __post_init__(self):
+            _post_init_common(self)
+            if self.max_length < 8:
+                raise ValueError(f"max_length {self.max_length} is too small; use at least 8 (e.g. 256).")
+            if self.model_name_or_path and self.model_config:
+                raise ValueError(
+                    "model_config sets sizes for a model trained from scratch, but model_name_or_path loads an "
+                    "existing model; remove one of them."
+                )
+
+    return PretrainConfig
+
+
+def _post_init_common(cfg) -> None:
+    """Validation shared by all stage configs, then the base classes' own checks."""
+    from transformers import TrainingArguments
+    from trl import ModelConfig
+
+    cfg.dataset_column_mapping = _json_dict(cfg.dataset_column_mapping, "dataset_column_mapping")
+    if hasattr(cfg, "model_config"):
+        cfg.model_config = _json_dict(cfg.model_config, "model_config")
+    if cfg.dataset_test_size is not None and cfg.dataset_test_size < 0:
+        raise ValueError(f"dataset_test_size {cfg.dataset_test_size} is negative; use 0 to disable evaluation.")
+    if not cfg.output_dir:
+        raise ValueError("output_dir is not set; add `output_dir: runs/<name>/<stage>` to the recipe.")
+    ModelConfig.__post_init__(cfg)
+    TrainingArguments.__post_init__(cfg)
+
+
+_CLASSES: dict[str, Any] = {}
+_FACTORIES = {"pretrain": _pretrain_class}
+
+
+def register_stage_config(stage: str, factory) -> None:
+    """Let a stage module add its config factory (a function returning the dataclass)."""
+    _FACTORIES[stage] = factory
+
+
+def config_class(stage: str):
+    """The config dataclass of `stage` (built once, on first use)."""
+    if stage not in _CLASSES:
+        if stage not in _FACTORIES:
+            raise KeyError(f"no config for stage {stage!r}")
+        _CLASSES[stage] = _FACTORIES[stage]()
+    return _CLASSES[stage]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipe loading
+
+
+def _parser(cls, prog: str):
+    from transformers import HfArgumentParser
+
+    class _Parser(HfArgumentParser):
+        """HfArgumentParser whose errors are AlignErrors (one line, no usage dump, no SystemExit)."""
+
+        def error(self, message: str):  # noqa: D401 - argparse API
+            raise AlignError(f"{prog}: {message}. See `{prog} --help`.")
+
+    parser = _Parser(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
+    parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its keys.")
+    return parser
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ". See `--help` for the valid keys."
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe as a dict, with a one-line error for a missing file or bad YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise AlignError(f"{path}: recipe not found. Pass an existing YAML file to --config (see recipes/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AlignError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise AlignError(f"{path}: a recipe is a mapping of keys to values, got a {type(data).__name__}.")
+    return data
+
+
+def _check_value(parser, key: str, value: Any, where: str, ftype: Any) -> Any:
+    """Type-check one YAML value against its field: the argparse action's type, choices and nargs."""
+    action = parser._option_string_actions[f"--{key}"]
+    if value is None:
+        return value
+    kind, choices, tname = action.type, action.choices, str(ftype)
+    expected = getattr(kind, "__name__", str(kind))
+    if "dict" in tname and isinstance(value, dict):
+        return value
+    if action.nargs in ("+", "*") or ("list" in tname and isinstance(value, list)):
+        values = value if isinstance(value, list) else [value]
+        return [_check_value_scalar(key, v, kind, choices, where, expected) for v in values]
+    if isinstance(value, (list, dict)):
+        expected = "a mapping" if "dict" in tname else expected
+        raise AlignError(f"{where}: '{key}' is a {type(value).__name__}, expected {expected}. Fix the value.")
+    return _check_value_scalar(key, value, kind, choices, where, expected)
+
+
+def _check_value_scalar(key, value, kind, choices, where, expected):
+    from transformers.hf_argparser import string_to_bool
+
+    if kind is string_to_bool:
+        if not isinstance(value, bool):
+            raise AlignError(f"{where}: '{key}' must be true or false, got {value!r}.")
+        return value
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise AlignError(f"{where}: '{key}' must be an integer, got {value!r}.")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise AlignError(f"{where}: '{key}' must be a number, got {value!r}.")
+    if kind is float:
+        value = float(value)
+    if choices is not None:
+        as_str = value.value if hasattr(value, "value") else value
+        valid = [c.value if hasattr(c, "value") else c for c in choices]
+        if as_str not in valid and str(as_str) not in [str(v) for v in valid]:
+            raise AlignError(f"{where}: '{key}' is {value!r}; choose one of {', '.join(map(str, valid))}.")
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def parse_config(stage: str, argv: list[str] | None = None, *, overrides: dict[str, Any] | None = None):
+    """Build the stage config from `--config RECIPE` plus CLI flags (default < recipe < overrides < CLI).
+
+    Returns the config; `cfg.align_recipe` holds `{"path", "keys"}`: the recipe file and the keys the user set.
+    """
+    cls = config_class(stage)
+    prog = f"align {stage}"
+    parser = _parser(cls, prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(["--config", _find_config(argv)] if _find_config(argv) else [])
+    recipe: dict[str, Any] = {}
+    where = "command line"
+    if pre.config:
+        recipe = load_recipe(pre.config)
+        where = str(pre.config)
+    recipe = {**recipe, **(overrides or {})}
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    for key in recipe:
+        if key not in valid:
+            raise AlignError(f"{where}: unknown key '{key}'{_closest(key, valid)}")
+    types = typing.get_type_hints(cls)  # not f.type: HfArgumentParser rewrites it
+    checked = {k: _check_value(parser, k, v, where, types[k]) for k, v in recipe.items()}
+    parser.set_defaults(**checked)
+    cli_keys = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
+    for key in cli_keys:
+        if key != "config" and f"--{key}" not in parser._option_string_actions:
+            raise AlignError(f"command line: unknown option '--{key}'{_closest(key, valid)}")
+    try:
+        cfg = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
+    except ValueError as e:
+        raise AlignError(f"{where}: {e}") from None
+    keys = sorted(set(recipe) | {k.removeprefix("no_") for k in cli_keys if k != "config"})
+    object.__setattr__(cfg, "align_recipe", {"path": pre.config, "keys": keys})
+    return cfg
+
+
+def _find_config(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def recipe_dict(cfg) -> dict[str, Any]:
+    """The resolved values of the keys the user set (recipe + CLI), for `align_stage.json` and fingerprints."""
+    keys = getattr(cfg, "align_recipe", {}).get("keys") or []
+    out = {}
+    for k in keys:
+        v = getattr(cfg, k, None)
+        out[k] = v.value if hasattr(v, "value") else v
+    return json.loads(json.dumps(out, default=str))
+
+
+def log_config(cfg) -> None:
+    """Log the resolved recipe once (main process), as the handbook scripts do."""
+    src = getattr(cfg, "align_recipe", {}).get("path") or "defaults"
+    logger.info("Recipe %s, resolved keys: %s", src, json.dumps(recipe_dict(cfg), sort_keys=True))

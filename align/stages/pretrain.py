@@ -1,0 +1,282 @@
+"""`align pretrain`: GPT-style generative pretraining (GPT-1 "unsupervised pre-training") with the HF Trainer.
+
+    align pretrain --config recipes/tiny/pretrain.yaml
+    accelerate launch --config_file accelerate_config.yaml -m align pretrain --config recipes/gpt2-small/pretrain.yaml
+
+Texts become `BOS text EOS`, are concatenated and cut into blocks of `max_length` tokens (packing, as in transformers'
+run_clm), and a causal LM learns to predict every next token. On the tiny world the eval loss is reported next to the
+corpus' entropy floor, the best loss any model can reach, in the same unit (nats per token).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from align.config import log_config, parse_config, recipe_dict
+from align.errors import AlignError
+from align.io import last_checkpoint, parent_of, write_stage_info
+
+logger = logging.getLogger(__name__)
+
+TINYWORLD = "tinyworld"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config("pretrain", argv)
+    run(cfg)
+    return 0
+
+
+def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
+    """Train/eval text datasets (one `text` column) and their lineage entry."""
+    from align.data import load as dl
+
+    if cfg.dataset_name == TINYWORLD:
+        from align.data import tinyworld
+
+        ds = tinyworld.pretrain_corpus(cfg.tinyworld_stories, seed=cfg.tinyworld_seed)
+        train, test = dl.train_test(
+            {"train": ds}, train_split="train", test_split="test", test_size=cfg.dataset_test_size, seed=0
+        )
+        info = {"name": TINYWORLD, "stories": cfg.tinyworld_stories, "seed": cfg.tinyworld_seed}
+    else:
+        dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
+        train, test = dl.train_test(
+            dd,
+            train_split=cfg.dataset_train_split,
+            test_split=cfg.dataset_test_split,
+            test_size=cfg.dataset_test_size,
+            seed=cfg.seed,
+        )
+        if cfg.dataset_column_mapping:
+            train = dl.apply_column_mapping(train, cfg.dataset_column_mapping, source=cfg.dataset_name)
+            if test is not None:
+                test = dl.apply_column_mapping(test, cfg.dataset_column_mapping, source=cfg.dataset_name)
+        for part in [train] + ([test] if test is not None else []):
+            dl.require_columns(part, [cfg.dataset_text_field], source=cfg.dataset_name)
+            dl.check_types(part, {cfg.dataset_text_field: str}, source=cfg.dataset_name)
+        info = {"name": cfg.dataset_name, "config": cfg.dataset_config}
+    info.update({"fingerprint": train._fingerprint, "rows": len(train), "eval_rows": len(test) if test else 0})
+    return train, test, info
+
+
+def build_tokenizer(cfg, train):
+    """The model's tokenizer, an existing one, or a new one trained on the training text."""
+    from align import modeling
+
+    name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    if name:
+        tok = modeling.load_tokenizer(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code)
+        modeling.ensure_chat_template(tok)
+        return tok
+    kind = cfg.tokenizer_type
+    if kind == "auto":
+        kind = "wordlevel" if cfg.dataset_name == TINYWORLD else "bpe"
+    if kind == "wordlevel":
+        if cfg.dataset_name == TINYWORLD:
+            from align.data import tinyworld
+
+            words = tinyworld.vocabulary()
+        else:
+            words = _corpus_words(train, cfg.dataset_text_field, cfg.vocab_size)
+        return modeling.wordlevel_tokenizer(words, model_max_length=cfg.max_length)
+    column = cfg.dataset_text_field if cfg.dataset_name != TINYWORLD else "text"
+    batches = (b[column] for b in train.select_columns([column]).iter(batch_size=1000))
+    tok = modeling.bpe_tokenizer(chain.from_iterable(batches), cfg.vocab_size, model_max_length=cfg.max_length)
+    logger.info("Trained a byte-level BPE tokenizer: %d tokens.", len(tok))
+    return tok
+
+
+def _corpus_words(train, column: str, limit: int) -> list[str]:
+    """The `limit` most frequent whitespace words of the corpus (streamed in batches), for a word-level tokenizer."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for batch in train.select_columns([column]).iter(batch_size=1000):
+        for text in batch[column]:
+            counts.update(text.split())
+    return [w for w, _ in counts.most_common(max(limit - 16, 1))]
+
+
+def pack(ds, tokenizer, column: str, block: int, desc: str):
+    """Tokenize `BOS text EOS`, concatenate, and cut into blocks of `block` tokens (the tail of each map batch that
+    does not fill a block is dropped, as in transformers' run_clm)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch[column], add_special_tokens=False)["input_ids"]
+        return {"ids": [([bos] if bos is not None else []) + x + [eos] for x in ids]}
+
+    def group(batch):
+        flat = list(chain.from_iterable(batch["ids"]))
+        n = (len(flat) // block) * block
+        blocks = [flat[i : i + block] for i in range(0, n, block)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {desc}")
+    return ds.map(group, batched=True, remove_columns=["ids"], desc=f"Packing {desc} into blocks of {block}")
+
+
+def run(cfg) -> Path:
+    from transformers import Trainer, default_data_collator, set_seed
+
+    from align import modeling
+
+    set_seed(cfg.seed)
+    log_config(cfg)
+    output_dir = Path(cfg.output_dir)
+
+    # Data
+    train_text, eval_text, data_info = load_text_data(cfg)
+    tokenizer = build_tokenizer(cfg, train_text)
+    column = "text" if cfg.dataset_name == TINYWORLD else cfg.dataset_text_field
+    with cfg.main_process_first(desc="packing"):
+        train_ds = pack(train_text, tokenizer, column, cfg.max_length, "train")
+        eval_ds = pack(eval_text, tokenizer, column, cfg.max_length, "eval") if eval_text is not None else None
+    if len(train_ds) == 0:
+        raise AlignError(
+            f"{cfg.dataset_name}: the training text gives 0 blocks of max_length {cfg.max_length} tokens. "
+            "Use more data or a smaller max_length."
+        )
+    if eval_ds is not None and len(eval_ds) == 0:
+        logger.warning("The eval split is shorter than one block of %d tokens: evaluation is off.", cfg.max_length)
+        eval_ds = None
+    if eval_ds is None and cfg.eval_strategy != "no":
+        cfg.eval_strategy = "no"
+
+    # Model
+    if cfg.model_name_or_path:
+        model = modeling.load_causal_lm(
+            cfg.model_name_or_path,
+            revision=cfg.model_revision,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        model = modeling.new_causal_lm(cfg.model_type, cfg.model_config, tokenizer, cfg.max_length)
+    modeling.set_generation_defaults(model, tokenizer)
+    total, _ = modeling.count_parameters(model)
+    logger.info(
+        "pretrain: %s %s, %.2fM parameters, %d train blocks x %d tokens, %d eval blocks, batch %d x %d accum x %d "
+        "processes, %s",
+        "continued" if cfg.model_name_or_path else "new",
+        model.config.model_type,
+        total / 1e6,
+        len(train_ds),
+        cfg.max_length,
+        len(eval_ds) if eval_ds is not None else 0,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.world_size,
+        modeling.precision_summary(cfg),
+    )
+
+    # Train
+    trainer = Trainer(
+        model=model,
+        args=cfg,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    resume = cfg.resume_from_checkpoint or last_checkpoint(output_dir)
+    if resume and not cfg.resume_from_checkpoint:
+        logger.info("Resuming from %s (found in output_dir).", resume)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": train_seconds}
+    steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)
+    tokens = steps_run * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
+    metrics["tokens_per_second"] = tokens * cfg.max_length / max(train_seconds, 1e-9)
+    metrics["train_tokens"] = trainer.state.global_step * cfg.max_length * cfg.per_device_train_batch_size * (
+        cfg.gradient_accumulation_steps * cfg.world_size
+    )
+
+    # Evaluate
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+    if cfg.dataset_name == TINYWORLD and eval_text is not None:
+        from align.data import tinyworld
+
+        metrics["entropy_floor"] = tinyworld.entropy_floor(eval_text)
+        if "eval_loss" in metrics:
+            metrics["eval_loss_above_floor"] = metrics["eval_loss"] - metrics["entropy_floor"]
+    metrics = {k: float(v) for k, v in metrics.items()}
+
+    # Save
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        model.generation_config.save_pretrained(output_dir)
+        samples = sample_texts(trainer.model, tokenizer, cfg.num_samples, cfg.sample_max_new_tokens, cfg.seed)
+        parent = parent_of(cfg.model_name_or_path) if cfg.model_name_or_path else None
+        write_stage_info(
+            output_dir,
+            "pretrain",
+            parent=parent,
+            recipe=recipe_dict(cfg),
+            data=data_info,
+            metrics=metrics,
+            samples=samples,
+            log_history=trainer.state.log_history,
+            model={"type": model.config.model_type, "parameters": total},
+        )
+        _log_result(metrics)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def _step_of(checkpoint) -> int:
+    try:
+        return int(Path(checkpoint).name.split("-")[-1])
+    except ValueError:
+        return 0
+
+
+def sample_texts(model, tokenizer, n: int, max_new_tokens: int, seed: int) -> list[dict[str, str]]:
+    """`n` texts sampled from BOS (unconditional generation), to show what the model learned."""
+    import torch
+
+    if n <= 0:
+        return []
+    torch.manual_seed(seed)
+    model.eval()
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((n, 1), start, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return [{"text": tokenizer.decode(row[1:], skip_special_tokens=True)} for row in out]
+
+
+def _log_result(metrics: dict[str, float]) -> None:
+    if "eval_loss" in metrics and "entropy_floor" in metrics:
+        logger.info(
+            "eval loss %.4f nats/token (perplexity %.3f) vs entropy floor %.4f: %.4f above the best possible.",
+            metrics["eval_loss"],
+            metrics["perplexity"],
+            metrics["entropy_floor"],
+            metrics["eval_loss_above_floor"],
+        )
+    elif "eval_loss" in metrics:
+        logger.info("eval loss %.4f nats/token (perplexity %.3f).", metrics["eval_loss"], metrics["perplexity"])
+    logger.info("%.0f tokens/s of training.", metrics["tokens_per_second"])
