@@ -164,6 +164,87 @@ def _pretrain_class():
     return PretrainConfig
 
 
+def _sft_class():
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+
+    @dataclass
+    class SFTStageConfig(SFTConfig, ModelConfig, ScriptArguments):
+        """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
+
+        Changed defaults: `dataset_name="tinyworld"`, `report_to="none"`, `save_total_limit=2`, `dtype="auto"`,
+        `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = on only where the hardware has
+        fast bf16 (a CUDA GPU); on a CPU set `bf16: true` and `use_cpu: true` yourself if it has avx512_bf16/AMX.
+        """
+
+        # Changed defaults
+        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+        report_to: None | str | list[str] = _changed(SFTConfig, "report_to", "none")
+        save_total_limit: int | None = _changed(SFTConfig, "save_total_limit", 2)
+        dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+        # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
+        gradient_checkpointing: bool | None = _changed(SFTConfig, "gradient_checkpointing", None)
+        bf16: bool | None = _changed(SFTConfig, "bf16", None)
+        # Model
+        tokenizer_name_or_path: str | None = field(
+            default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."}
+        )
+        merge_adapter: bool = field(
+            default=False,
+            metadata={
+                "help": "With use_peft: save the merged model in output_dir (loadable without peft) and the adapter "
+                "in output_dir/adapter. Off: output_dir holds the adapter."
+            },
+        )
+        # Data
+        dataset_format: str = field(
+            default="auto",
+            metadata={
+                "help": "Format of the demonstrations; auto detects it from the columns.",
+                "choices": ["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"],
+            },
+        )
+        dataset_column_mapping: dict | str | None = _column_mapping_field()
+        dataset_test_size: float = _test_size_field()
+        skip_invalid_rows: bool = field(
+            default=False,
+            metadata={"help": "Drop rows that fail validation (counted in the log) instead of stopping at the first."},
+        )
+        tinyworld_demos: int = field(default=4000, metadata={"help": "Generated demonstrations (tinyworld)."})
+        tinyworld_error_rate: float = field(
+            default=0.3,
+            metadata={"help": "Share of flawed demonstrations (tinyworld), as imperfect human demonstrators."},
+        )
+        tinyworld_seed: int = _tinyworld_seed_field()
+        # Evaluation
+        gold_eval_prompts: int = field(
+            default=200,
+            metadata={
+                "help": "Held-out tiny-world prompts answered by this model and its parent and scored by the gold "
+                "labeler (tinyworld only; 0 = off)."
+            },
+        )
+        gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
+        gold_eval_temperature: float = field(
+            default=0.0,
+            metadata={"help": "Decoding for the gold evaluation; 0 = greedy, deterministic and comparable."},
+        )
+
+        def __post_init__(self):
+            if self.bf16 is None:
+                import torch
+
+                self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+            _post_init_common(self)
+            if not 0.0 <= self.tinyworld_error_rate <= 1.0:
+                raise ValueError(f"tinyworld_error_rate {self.tinyworld_error_rate} is not in [0, 1].")
+            if self.merge_adapter and not self.use_peft:
+                raise ValueError("merge_adapter: true needs use_peft: true (there is no adapter to merge).")
+            if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+                raise ValueError("load_in_4bit/8bit (QLoRA) trains adapters only; set use_peft: true.")
+
+    return SFTStageConfig
+
+
 def _post_init_common(cfg) -> None:
     """Validation shared by all stage configs, then the base classes' own checks."""
     from transformers import TrainingArguments
@@ -181,7 +262,7 @@ def _post_init_common(cfg) -> None:
 
 
 _CLASSES: dict[str, Any] = {}
-_FACTORIES = {"pretrain": _pretrain_class}
+_FACTORIES = {"pretrain": _pretrain_class, "sft": _sft_class}
 
 
 def register_stage_config(stage: str, factory) -> None:

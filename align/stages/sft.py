@@ -1,0 +1,254 @@
+"""`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), with TRL's SFTTrainer.
+
+    align sft --config recipes/tiny/sft.yaml
+    align sft --config recipes/own-data/sft.yaml --dataset_name data/demos.jsonl --model_name_or_path HF_ID_OR_DIR
+
+Demonstrations in any common format (messages, prompt/completion, alpaca, ShareGPT, text) are standardized to TRL's
+conversational prompt/completion form, so the loss is on the response only under any chat template
+(`completion_only_loss: false` trains on the whole sequence; `assistant_only_loss: true` trains every assistant turn
+of multi-turn data, which needs `{% generation %}` markers in the template). LoRA/QLoRA through peft (`use_peft`).
+On the tiny world, the model and its parent answer the same held-out prompts and the gold labeler scores both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from align.config import log_config, parse_config, recipe_dict
+from align.errors import AlignError
+from align.io import last_checkpoint, parent_of, write_stage_info
+
+logger = logging.getLogger(__name__)
+
+TINYWORLD = "tinyworld"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config("sft", argv)
+    run(cfg)
+    return 0
+
+
+def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
+    """Train/eval datasets in TRL's format (conversational prompt/completion, messages or text) + lineage entry."""
+    from align.data import formats
+    from align.data import load as dl
+
+    if cfg.dataset_name == TINYWORLD:
+        from align.data import tinyworld
+
+        ds = tinyworld.demonstrations(cfg.tinyworld_demos, seed=cfg.tinyworld_seed, error_rate=cfg.tinyworld_error_rate)
+        flawed = sum(ds["flawed"])
+        ds = ds.select_columns(["prompt", "completion"])
+        dd = {"train": ds}
+        source = TINYWORLD
+        info: dict[str, Any] = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "flawed_rows": flawed}
+    else:
+        dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
+        source = cfg.dataset_name
+        info = {"name": cfg.dataset_name, "config": cfg.dataset_config}
+    train, test = dl.train_test(
+        dd,
+        train_split=cfg.dataset_train_split,
+        test_split=cfg.dataset_test_split,
+        test_size=cfg.dataset_test_size,
+        seed=cfg.seed,
+    )
+    fmt = None if cfg.dataset_format == "auto" else cfg.dataset_format
+    out = []
+    for part in (train, test):
+        if part is None:
+            out.append(None)
+            continue
+        if cfg.dataset_column_mapping:
+            part = dl.apply_column_mapping(part, cfg.dataset_column_mapping, source=source)
+        part, skipped = formats.standardize(
+            part, source=source, dataset_format=fmt, skip_invalid=cfg.skip_invalid_rows
+        )
+        if skipped:
+            info["skipped_rows"] = info.get("skipped_rows", 0) + skipped
+        if "prompt" in part.column_names and not cfg.assistant_only_loss:
+            part = part.select_columns(["prompt", "completion"])
+        elif "messages" in part.column_names:
+            part = part.select_columns(["messages"])
+        out.append(part)
+    train, test = out
+    if len(train) == 0:
+        raise AlignError(f"{source}: no training rows left. Check the data (and skip_invalid_rows).")
+    info.update({"fingerprint": train._fingerprint, "rows": len(train), "eval_rows": len(test) if test else 0})
+    return train, test, info
+
+
+def load_model_and_tokenizer(cfg):
+    """Policy to fine-tune + its tokenizer, with a chat template (the model's own, or ours) and a pad token."""
+    import torch
+    from trl import get_kbit_device_map, get_quantization_config
+
+    from align import modeling
+
+    if not cfg.model_name_or_path:
+        raise AlignError(
+            "align sft: no model_name_or_path. Point it at a pretrain output (runs/tiny/pretrain) or a Hub id."
+        )
+    quantization = None
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        if not torch.cuda.is_available():
+            raise AlignError(
+                "load_in_4bit/load_in_8bit (QLoRA) needs a CUDA GPU and bitsandbytes; on CPU use plain LoRA "
+                "(use_peft: true without load_in_4bit)."
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise AlignError("QLoRA needs bitsandbytes: pip install bitsandbytes.") from None
+        quantization = get_quantization_config(cfg)
+    tokenizer = modeling.load_tokenizer(
+        cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model = modeling.load_causal_lm(
+        cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        quantization_config=quantization,
+        device_map=get_kbit_device_map() if quantization is not None else None,
+    )
+    modeling.ensure_chat_template(tokenizer, model)
+    modeling.set_generation_defaults(model, tokenizer)
+    return model, tokenizer
+
+
+def run(cfg) -> Path:
+    from transformers import set_seed
+    from trl import SFTTrainer, get_peft_config
+
+    from align import modeling
+
+    set_seed(cfg.seed)
+    log_config(cfg)
+    output_dir = Path(cfg.output_dir)
+
+    # Data
+    train_ds, eval_ds, data_info = load_sft_data(cfg)
+    if eval_ds is None and cfg.eval_strategy != "no":
+        cfg.eval_strategy = "no"
+
+    # Model
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    peft_config = get_peft_config(cfg)
+    gold = cfg.dataset_name == TINYWORLD and cfg.gold_eval_prompts > 0
+    metrics: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if gold:
+        from align.evaluation import heldout_prompts
+
+        prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
+        parent_eval = _gold(cfg, model, tokenizer, prompts)
+        metrics["parent_gold_score"] = parent_eval["gold_score"]
+        extra["parent_gold_pass_rates"] = parent_eval["gold_pass_rates"]
+        extra["parent_gold_scores"] = parent_eval["gold_scores"]
+        logger.info("Parent model (%s): gold score %.4f.", cfg.model_name_or_path, parent_eval["gold_score"])
+    total, _ = modeling.count_parameters(model)
+    logger.info(
+        "sft: %s (%.2fM parameters%s), %d train / %d eval rows, batch %d x %d accum x %d processes, %s",
+        cfg.model_name_or_path,
+        total / 1e6,
+        f", LoRA r={cfg.lora_r}" if peft_config else "",
+        len(train_ds),
+        len(eval_ds) if eval_ds is not None else 0,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.world_size,
+        modeling.precision_summary(cfg),
+    )
+
+    # Train
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    resume = cfg.resume_from_checkpoint or last_checkpoint(output_dir)
+    if resume and not cfg.resume_from_checkpoint:
+        logger.info("Resuming from %s (found in output_dir).", resume)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics.update({"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start})
+
+    # Evaluate
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        if "eval_mean_token_accuracy" in ev:
+            metrics["eval_mean_token_accuracy"] = ev["eval_mean_token_accuracy"]
+    if gold:
+        this = _gold(cfg, trainer.model, tokenizer, prompts)
+        metrics["gold_score"] = this["gold_score"]
+        extra.update(
+            gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"]
+        )
+        logger.info(
+            "Gold score on %d held-out prompts: %.4f (parent %.4f).",
+            len(prompts),
+            this["gold_score"],
+            metrics["parent_gold_score"],
+        )
+
+    # Save
+    save(trainer, tokenizer, cfg, output_dir)
+    if trainer.is_world_process_zero():
+        write_stage_info(
+            output_dir,
+            "sft",
+            parent=parent_of(cfg.model_name_or_path),
+            recipe=recipe_dict(cfg),
+            data=data_info,
+            metrics={k: float(v) for k, v in metrics.items()},
+            log_history=trainer.state.log_history,
+            peft={"adapter": bool(peft_config), "merged": bool(cfg.merge_adapter)},
+            **extra,
+        )
+        if cfg.push_to_hub:
+            from align.hub import push_after_stage
+
+            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def _gold(cfg, model, tokenizer, prompts):
+    from align.evaluation import gold_eval
+
+    return gold_eval(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.gold_eval_max_new_tokens,
+        temperature=cfg.gold_eval_temperature,
+        batch_size=cfg.per_device_eval_batch_size,
+    )
+
+
+def save(trainer, tokenizer, cfg, output_dir: Path) -> None:
+    """Model (or adapter, or merged model + adapter) + tokenizer with its chat template + generation config."""
+    model = trainer.model
+    if cfg.use_peft and cfg.merge_adapter:
+        trainer.save_model(str(output_dir / "adapter"))
+        if trainer.is_world_process_zero():
+            merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
+            merged.save_pretrained(output_dir, safe_serialization=True)
+    else:
+        trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        base = trainer.accelerator.unwrap_model(model)
+        base.generation_config.save_pretrained(output_dir)
