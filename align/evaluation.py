@@ -41,7 +41,12 @@ def gold_eval(
     responses = [
         r[0]
         for r in generate(
-            model, tokenizer, prompts, chat=True, max_new_tokens=max_new_tokens, temperature=temperature,
+            model,
+            tokenizer,
+            prompts,
+            chat=True,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
             batch_size=batch_size,
         )
     ]

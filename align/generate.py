@@ -1,7 +1,7 @@
 """`align generate MODEL --prompt TEXT`: sample from any stage's output (or a Hub model), as plain text or chat.
 
-    align generate runs/tiny/pretrain --prompt "tom finds"
-    align generate runs/tiny/sft --prompt "write a story about tom and the red ball ." --num_return_sequences 3
+align generate runs/tiny/pretrain --prompt "tom finds"
+align generate runs/tiny/sft --prompt "write a story about tom and the red ball ." --num_return_sequences 3
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="align generate", description=__doc__.strip().split("\n")[0])
     p.add_argument("model", help="Stage output dir, model dir or Hub id.")
     p.add_argument("--prompt", action="append", default=[], help="Prompt text; repeat for several prompts.")
-    p.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
-                   help="Wrap prompts in the chat template: auto = yes for sft/ppo stages and non-align models with "
-                   "a chat template, no for pretrain outputs.")
+    p.add_argument(
+        "--chat",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="Wrap prompts in the chat template: auto = yes for sft/ppo stages and non-align models with "
+        "a chat template, no for pretrain outputs.",
+    )
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy decoding.")
     p.add_argument("--top_p", type=float, default=1.0)

@@ -34,8 +34,14 @@ def one_run(args) -> dict:
 
     tokenizer = wordlevel_tokenizer([f"w{i}" for i in range(args.vocab - 7)])  # 7 special/chat tokens
     assert len(tokenizer) == args.vocab, len(tokenizer)
-    sizes = {"n_embd": args.hidden, "n_layer": args.layers, "n_head": args.heads, "resid_pdrop": 0.0,
-             "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    sizes = {
+        "n_embd": args.hidden,
+        "n_layer": args.layers,
+        "n_head": args.heads,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     model = new_causal_lm("gpt2", sizes, tokenizer, args.context)
     g = torch.Generator().manual_seed(0)
     n_rows = args.batch * (args.steps + 1)
@@ -66,8 +72,9 @@ def one_run(args) -> dict:
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=default_data_collator,
-                          callbacks=[StepTimer()])
+        trainer = Trainer(
+            model=model, args=targs, train_dataset=ds, data_collator=default_data_collator, callbacks=[StepTimer()]
+        )
         trainer.train()
     steady = times[args.warmup :]
     return {"tokens_per_second": args.batch * args.context * len(steady) / sum(steady)}
@@ -94,20 +101,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
     runs = [one_run(args)["tokens_per_second"] for _ in range(args.repeats)]
-    print(json.dumps({
-        "bench": "pretrain",
-        "tokens_per_second": round(statistics.median(runs), 1),
-        "runs": [round(r, 1) for r in runs],
-        "goal_tokens_per_second": 6000,
-        "nanogpt_fp32_reference": 4100,
-        "precision": "bf16 autocast" if args.bf16 else "fp32",
-        "optim": args.optim,
-        "shape": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "context": args.context,
-                  "batch": args.batch, "vocab": args.vocab},
-        "threads": args.threads,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "pretrain",
+                "tokens_per_second": round(statistics.median(runs), 1),
+                "runs": [round(r, 1) for r in runs],
+                "goal_tokens_per_second": 6000,
+                "nanogpt_fp32_reference": 4100,
+                "precision": "bf16 autocast" if args.bf16 else "fp32",
+                "optim": args.optim,
+                "shape": {
+                    "layers": args.layers,
+                    "hidden": args.hidden,
+                    "heads": args.heads,
+                    "context": args.context,
+                    "batch": args.batch,
+                    "vocab": args.vocab,
+                },
+                "threads": args.threads,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -198,8 +198,11 @@ def run(cfg) -> Path:
     steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)
     tokens = steps_run * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
     metrics["tokens_per_second"] = tokens * cfg.max_length / max(train_seconds, 1e-9)
-    metrics["train_tokens"] = trainer.state.global_step * cfg.max_length * cfg.per_device_train_batch_size * (
-        cfg.gradient_accumulation_steps * cfg.world_size
+    metrics["train_tokens"] = (
+        trainer.state.global_step
+        * cfg.max_length
+        * cfg.per_device_train_batch_size
+        * (cfg.gradient_accumulation_steps * cfg.world_size)
     )
 
     # Evaluate

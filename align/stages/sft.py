@@ -40,7 +40,8 @@ def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     if cfg.dataset_name == TINYWORLD:
         from align.data import tinyworld
 
-        ds = tinyworld.demonstrations(cfg.tinyworld_demos, seed=cfg.tinyworld_seed, error_rate=cfg.tinyworld_error_rate)
+        rate = cfg.tinyworld_error_rate
+        ds = tinyworld.demonstrations(cfg.tinyworld_demos, seed=cfg.tinyworld_seed, error_rate=rate)
         flawed = sum(ds["flawed"])
         ds = ds.select_columns(["prompt", "completion"])
         dd = {"train": ds}
@@ -193,9 +194,7 @@ def run(cfg) -> Path:
     if gold:
         this = _gold(cfg, trainer.model, tokenizer, prompts)
         metrics["gold_score"] = this["gold_score"]
-        extra.update(
-            gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"]
-        )
+        extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"])
         logger.info(
             "Gold score on %d held-out prompts: %.4f (parent %.4f).",
             len(prompts),
