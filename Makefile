@@ -16,14 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The tiny chain, stage by stage (until `align run recipes/tiny/chain.yaml` lands). Reruns skip nothing yet but resume.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/align pretrain --config recipes/tiny/pretrain.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/align sft --config recipes/tiny/sft.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
+# pytest exits 5 when no test is marked slow; that is not a failure.
 test-slow: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow || test $$? -eq 5
 
 lint: $(STAMP)
 	$(BIN)/ruff check align tests scripts

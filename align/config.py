@@ -262,21 +262,53 @@ def _post_init_common(cfg) -> None:
 
 
 _CLASSES: dict[str, Any] = {}
-_FACTORIES = {"pretrain": _pretrain_class, "sft": _sft_class}
+# stage -> a factory (configs above) or "module:Class" for configs that live beside their trainer.
+_FACTORIES: dict[str, Any] = {
+    "pretrain": _pretrain_class,
+    "sft": _sft_class,
+    "rank": "align.stages.rank_config:RankConfig",
+    "reward": "align.trainers.reward_config:RewardStageConfig",
+    "ppo": "align.trainers.ppo_config:PPOStageConfig",
+}
 
 
-def register_stage_config(stage: str, factory) -> None:
-    """Let a stage module add its config factory (a function returning the dataclass)."""
+def register_stage_config(stage: str, factory, class_name: str) -> None:
+    """Let a stage module add its config factory (a function returning the dataclass named `class_name`)."""
     _FACTORIES[stage] = factory
+    _CLASS_NAMES[class_name] = stage
 
 
 def config_class(stage: str):
-    """The config dataclass of `stage` (built once, on first use)."""
+    """The config dataclass of `stage` (built once, on first use).
+
+    The class is published as a module attribute (`align.config.PretrainConfig`) so pickle finds it: Trainer saves
+    the args with torch.save into every checkpoint, and a fresh process resolves the name via `__getattr__` below.
+    """
     if stage not in _CLASSES:
         if stage not in _FACTORIES:
             raise KeyError(f"no config for stage {stage!r}")
-        _CLASSES[stage] = _FACTORIES[stage]()
+        factory = _FACTORIES[stage]
+        if isinstance(factory, str):
+            import importlib
+
+            module, name = factory.split(":")
+            cls = getattr(importlib.import_module(module), name)
+        else:
+            cls = factory()
+            cls.__module__, cls.__qualname__ = __name__, cls.__name__
+            globals()[cls.__name__] = cls
+        _CLASSES[stage] = cls
     return _CLASSES[stage]
+
+
+_CLASS_NAMES = {"PretrainConfig": "pretrain", "SFTStageConfig": "sft"}
+
+
+def __getattr__(name: str):
+    # PEP 562: `from align.config import SFTStageConfig` (and unpickling) builds the class on first access.
+    if name in _CLASS_NAMES:
+        return config_class(_CLASS_NAMES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ def write_stage_info(
         data: `{"name", "fingerprint", "rows"}` of the training data.
         metrics: numbers, e.g. `eval_loss` (nats per token), `perplexity`, `entropy_floor`.
         extra: stage-specific fields (e.g. `samples`, `log_history`).
+
+    The finished dir keeps no pickle: Trainer's `training_args.bin` is removed here (the resolved recipe is in this
+    file), so what is pushed or shared loads without unpickling. Checkpoints keep theirs for resuming.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -100,6 +103,7 @@ def write_stage_info(
         "metrics": metrics,
         **extra,
     }
+    (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
     atomic_write_json(Path(output_dir) / STAGE_FILE, info)
     return info
 
