@@ -46,6 +46,12 @@ def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
         info = {"name": TINYWORLD, "stories": cfg.tinyworld_stories, "seed": cfg.tinyworld_seed}
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
+        # Columns before the split: a wrong column is the real problem, whatever the size of the data.
+        dd = {name: dl.apply_column_mapping(part, cfg.dataset_column_mapping, source=cfg.dataset_name)
+              for name, part in dd.items()}
+        for part in dd.values():
+            dl.require_columns(part, [cfg.dataset_text_field], source=cfg.dataset_name)
+            dl.check_types(part, {cfg.dataset_text_field: str}, source=cfg.dataset_name)
         train, test = dl.train_test(
             dd,
             train_split=cfg.dataset_train_split,
@@ -53,13 +59,6 @@ def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
             test_size=cfg.dataset_test_size,
             seed=cfg.seed,
         )
-        if cfg.dataset_column_mapping:
-            train = dl.apply_column_mapping(train, cfg.dataset_column_mapping, source=cfg.dataset_name)
-            if test is not None:
-                test = dl.apply_column_mapping(test, cfg.dataset_column_mapping, source=cfg.dataset_name)
-        for part in [train] + ([test] if test is not None else []):
-            dl.require_columns(part, [cfg.dataset_text_field], source=cfg.dataset_name)
-            dl.check_types(part, {cfg.dataset_text_field: str}, source=cfg.dataset_name)
         info = {"name": cfg.dataset_name, "config": cfg.dataset_config}
     info.update({"fingerprint": train._fingerprint, "rows": len(train), "eval_rows": len(test) if test else 0})
     return train, test, info
