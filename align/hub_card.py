@@ -1,0 +1,635 @@
+"""Model and dataset cards for align stages: YAML metadata, prose, metrics, curves, samples, lineage.
+
+Everything here is pure: it reads a stage dir (`align_stage.json` and, for adapters, `adapter_config.json`) and returns
+a card or PNG bytes. Network and file writes live in `align/hub.py`.
+
+Lineage: a stage's `parent` is `{"stage", "path"}` (an align stage dir) or `{"model": <hub id or path>}` (a base
+model); ppo also lists `parents` (policy + reward model). We follow `parent` links through each dir's
+`align_stage.json` up to the base model, and link every stage we know a Hub repo for (pushed in this run, passed by the
+caller, or recorded in the stage's `align_hub.json` by an earlier push).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+from align.io import STAGE_FILE, read_stage_info
+
+HUB_RECORD = "align_hub.json"  # written into a stage dir after a successful push: {"repo_id", "repo_type", ...}
+CURVES_FILE = "training_curves.png"
+_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow", ".safetensors", ".bin"}
+
+PIPELINE_TAG = {
+    "pretrain": "text-generation",
+    "sft": "text-generation",
+    "ppo": "text-generation",
+    "reward": "text-classification",
+}
+
+# One paragraph per stage kind, in the terms of Ouyang et al. 2022 (InstructGPT, https://arxiv.org/abs/2203.02155).
+ABOUT = {
+    "pretrain": (
+        "**Generative pretraining.** A GPT-style decoder is trained with next-token prediction (causal language "
+        "modeling) on unlabeled text. InstructGPT starts from a pretrained GPT-3; this stage produces that starting "
+        "point, from scratch or by continuing the training of an existing model."
+    ),
+    "sft": (
+        "**Supervised fine-tuning (InstructGPT step 1).** The pretrained model is fine-tuned on demonstrations of the "
+        "desired behaviour: prompts paired with the responses a labeler wrote for them, with the loss on the response "
+        "tokens. The result is the SFT policy, the initial policy for PPO and the sampler for comparison data."
+    ),
+    "rank": (
+        "**Comparison data (InstructGPT step 2, data).** For each prompt the SFT policy sampled K responses, which "
+        "were then ranked from best to worst (by human labelers in InstructGPT; by align's gold labeler in its tiny "
+        "world). One ranking of K responses yields K-choose-2 pairwise comparisons for reward-model training."
+    ),
+    "reward": (
+        "**Reward modeling (InstructGPT step 2).** A transformer with a scalar head, initialized from the SFT model, "
+        "is trained on the K-way rankings with the pairwise loss -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over "
+        "all K-choose-2 pairs of a prompt, which form one batch element so that the pairs of a prompt do not overfit. "
+        "Its output is a scalar reward for a (prompt, response) pair; only differences between rewards are meaningful."
+    ),
+    "ppo": (
+        "**Reinforcement learning from feedback (InstructGPT step 3).** The SFT policy is optimized with PPO to "
+        "maximize the reward model's score of its responses, with a per-token KL penalty against the SFT model that "
+        "keeps the policy close to it and limits over-optimization of the reward model."
+    ),
+}
+
+# What the metrics align writes mean; anything else is listed by name alone.
+METRIC_HELP = {
+    "eval_loss": "held-out cross-entropy (nats per token)",
+    "perplexity": "exp(eval_loss)",
+    "entropy_floor": "entropy of the tiny world's text: the lowest eval_loss any model can reach",
+    "eval_loss_above_floor": "eval_loss - entropy_floor (0 is perfect)",
+    "gold_score": "mean gold-labeler score of this model's responses to held-out prompts",
+    "parent_gold_score": "the same, for the parent model",
+    "eval_mean_token_accuracy": "held-out next-token accuracy on the trained tokens",
+    "train_loss": "mean training loss over the run",
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    """One step of a lineage: an align stage (`stage`, `path`) or a base model (`model`); `repo_id` if on the Hub."""
+
+    stage: str | None = None
+    path: Path | None = None
+    model: str | None = None
+    repo_id: str | None = None
+    found: bool = True
+
+
+# Lineage and Hub ids
+
+
+def is_hub_id(name: Any) -> bool:
+    """True for `org/name` Hub ids: one slash, a valid repo id, not a local path (existing, absolute, a file)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or os.path.isabs(name) or Path(name).exists():
+        return False
+    if Path(name).suffix.lower() in _FILE_SUFFIXES:  # `data/sft.jsonl` is a file that moved, not a repo
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_record(path: Path, endpoint: str) -> dict[str, Any] | None:
+    """What an earlier push of `path` recorded (`align_hub.json`), if it went to the same endpoint."""
+    file = Path(path) / HUB_RECORD
+    if not file.is_file():
+        return None
+    try:
+        rec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("endpoint", "").rstrip("/") != endpoint.rstrip("/"):
+        return None
+    return rec
+
+
+def known_repo(path: Path | None, pushed: Mapping[str, str], endpoint: str) -> str | None:
+    """The Hub repo of a local stage dir: pushed in this session (`pushed`: resolved path -> repo id) or recorded."""
+    if path is None:
+        return None
+    key = str(Path(path).resolve())
+    if key in pushed:
+        return pushed[key]
+    rec = hub_record(Path(path), endpoint)
+    return rec.get("repo_id") if rec else None
+
+
+def resolve_parent_path(child_dir: Path, parent: Mapping[str, Any]) -> Path | None:
+    """The dir of an align parent stage: its recorded path, or a sibling of the same name (run dir moved)."""
+    recorded = Path(str(parent.get("path", "")))
+    if (recorded / STAGE_FILE).is_file():
+        return recorded
+    sibling = Path(child_dir).resolve().parent / recorded.name
+    if recorded.name and (sibling / STAGE_FILE).is_file():
+        info = read_stage_info(sibling)
+        if info is not None and info.get("stage") == parent.get("stage"):
+            return sibling
+    return None
+
+
+def lineage(
+    stage_dir: Path, pushed: Mapping[str, str], endpoint: str, *, parent_repo_id: str | None = None
+) -> list[Link]:
+    """The chain that led to `stage_dir`, oldest first, ending with the stage itself.
+
+    Follows `parent` (for ppo: the policy), reading each parent's `align_stage.json`. `parent_repo_id` overrides the
+    Hub repo of the immediate parent.
+    """
+    chain: list[Link] = []
+    seen: set[str] = set()
+    here: Path | None = Path(stage_dir)
+    while here is not None and len(chain) < 64:
+        info = read_stage_info(here)
+        key = str(here.resolve())
+        if info is None or key in seen:  # a cycle can only come from hand-edited files: stop, don't loop
+            break
+        seen.add(key)
+        is_parent = len(chain) == 1
+        repo = parent_repo_id if is_parent and parent_repo_id else known_repo(here, pushed, endpoint)
+        chain.append(Link(stage=info.get("stage"), path=here, repo_id=repo))
+        override = parent_repo_id if len(chain) == 1 else None  # the next link is the immediate parent
+        parent, here = info.get("parent"), None
+        if isinstance(parent, Mapping) and "path" in parent:
+            here = resolve_parent_path(chain[-1].path, parent)
+            if here is None:
+                missing = Path(str(parent["path"]))
+                chain.append(Link(stage=parent.get("stage"), path=missing, repo_id=override, found=False))
+        elif isinstance(parent, Mapping) and parent.get("model"):
+            model = str(parent["model"])
+            chain.append(Link(model=model, repo_id=override or (model if is_hub_id(model) else None)))
+    chain.reverse()
+    return chain
+
+
+def base_model_of(chain: list[Link]) -> str | None:
+    """The Hub id `base_model` should name: the nearest ancestor on the Hub (the parent when pushed), else None.
+
+    None means trained from scratch, or from local models nobody pushed: the card then has no `base_model`.
+    """
+    for link in reversed(chain[:-1]):
+        if link.repo_id:
+            return link.repo_id
+    return None
+
+
+def adapter_base(stage_dir: Path) -> str | None:
+    """`base_model_name_or_path` of a PEFT adapter dir, or None."""
+    file = Path(stage_dir) / "adapter_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise AlignError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}). Re-save the adapter.") from None
+
+
+# Training curves
+
+
+_NOT_CURVES = ("epoch", "step", "total_flos")
+
+
+def _curve_keys(log_history: list[dict[str, Any]]) -> list[str]:
+    keys: dict[str, None] = {}
+    for entry in log_history:
+        for k, v in entry.items():
+            if k in _NOT_CURVES or k.endswith(("_runtime", "_per_second")) or k == "train_loss":
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                keys[k] = None
+    return list(keys)
+
+
+def _panels(keys: list[str]) -> list[list[str]]:
+    """Group `x` with `eval_x` (train vs held-out on one axis); `loss` first, then `learning_rate`, then the rest."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        base = k[len("eval_") :] if k.startswith("eval_") and k[len("eval_") :] in keys else k
+        groups.setdefault(base, []).append(k)
+    first = [g for g in ("loss", "learning_rate", "grad_norm") if g in groups]
+    return [groups[g] for g in first + sorted(set(groups) - set(first))]
+
+
+def has_curves(log_history: list[dict[str, Any]] | None) -> bool:
+    """Whether `training_curves_png` would draw anything."""
+    return bool(_panels(_curve_keys(_logged_steps(log_history))))
+
+
+def _logged_steps(log_history: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [e for e in log_history or [] if isinstance(e, dict) and isinstance(e.get("step"), (int, float))]
+
+
+def training_curves_png(log_history: list[dict[str, Any]] | None, title: str, max_panels: int = 9) -> bytes | None:
+    """A PNG of every numeric series in Trainer's `log_history` against `step`, or None if there is nothing to plot.
+
+    Uses matplotlib's Agg canvas directly (no pyplot), so no GUI backend and no global state is touched.
+    """
+    rows = _logged_steps(log_history)
+    panels = _panels(_curve_keys(rows))[:max_panels]
+    if not panels:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, keys in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for k in keys:
+            pts = [(e["step"], e[k]) for e in rows if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])]
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=k)
+        ax.set_title(keys[0] if len(keys) == 1 else " / ".join(keys), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# Card text
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _numeric(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+def _is_eval_metric(name: str) -> bool:
+    # model-index is for evaluation results: leave out training loss, runtime and throughput.
+    return not (name.startswith("train_") or name.endswith(("_runtime", "_per_second")) or name == "tokens_per_second")
+
+
+def _fence(text: str) -> str:
+    """`text` in a fenced block that its own backticks cannot close."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _clip(text: Any, n: int = 1000) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n] + f" … ({len(text) - n} more characters)"
+
+
+def _link(link: Link, endpoint: str, this: bool) -> str:
+    if link.model is not None:
+        if link.repo_id:
+            return f"base model [{link.model}]({endpoint}/{link.model})"
+        return f"base model `{Path(link.model).name}` (a local model, not on the Hub)"
+    name = f"**{link.stage}**"
+    if this:
+        return f"{name}: this repo"
+    if link.repo_id:
+        return f"{name}: [{link.repo_id}]({endpoint}/{link.repo_id})"
+    where = f"local dir `{link.path.name}`" if link.path is not None else "local dir"
+    return f"{name}: {where}, not on the Hub" + ("" if link.found else " (not found on this machine)")
+
+
+def _parent_link(child: Link, parent: Mapping[str, Any], pushed: Mapping[str, str], endpoint: str) -> Link:
+    if "path" in parent:
+        path = resolve_parent_path(child.path, parent) if child.path is not None else None
+        repo = known_repo(path, pushed, endpoint) if path is not None else None
+        return Link(stage=parent.get("stage"), path=path or Path(str(parent["path"])), repo_id=repo, found=bool(path))
+    model = str(parent.get("model"))
+    return Link(model=model, repo_id=model if is_hub_id(model) else None)
+
+
+def lineage_markdown(chain: list[Link], info: Mapping[str, Any], endpoint: str, pushed: Mapping[str, str]) -> str:
+    lines = ["## Lineage", "", "Oldest first; each entry was trained from the one above it.", ""]
+    root = read_stage_info(chain[0].path) if chain and chain[0].model is None and chain[0].found else None
+    if root is not None and root.get("parent") is None:
+        lines.append("0. random initialization (trained from scratch)")
+    for i, link in enumerate(chain):
+        lines.append(f"{i + 1}. {_link(link, endpoint, this=i == len(chain) - 1)}")
+    main = info.get("parent") or {}
+    others = [p for p in info.get("parents") or [] if isinstance(p, Mapping) and p and p != main]
+    if others and chain:
+        lines += ["", "Also used to train this stage:", ""]
+        lines += [f"- {_link(_parent_link(chain[-1], p, pushed, endpoint), endpoint, this=False)}" for p in others]
+    return "\n".join(lines)
+
+
+def _metrics_markdown(metrics: Mapping[str, Any] | None) -> str:
+    nums = _numeric(metrics)
+    if not nums:
+        return "## Metrics\n\nThis stage recorded no metrics."
+    lines = ["## Metrics", "", "| metric | value | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | {_fmt(v)} | {METRIC_HELP.get(k, '')} |" for k, v in nums.items()]
+    return "\n".join(lines)
+
+
+def _samples_markdown(samples: list[Any] | None, limit: int = 5) -> str:
+    if not samples:
+        return ""
+    shown = min(limit, len(samples))
+    lines = ["## Sample outputs", "", f"The first {shown} of {len(samples)} samples saved by the stage.", ""]
+    for i, s in enumerate(samples[:limit]):
+        if not isinstance(s, Mapping):
+            lines += [f"**Sample {i + 1}**", "", _fence(_clip(s)), ""]
+            continue
+        extra = ", ".join(f"{k} = {_fmt(v)}" for k, v in s.items() if k not in ("prompt", "response", "text"))
+        lines.append(f"**Sample {i + 1}**" + (f" ({extra})" if extra else ""))
+        lines.append("")
+        for key in ("prompt", "response", "text"):
+            if key in s:
+                lines += [f"{key.capitalize()}:", "", _fence(_clip(s[key])), ""]
+    return "\n".join(lines).rstrip()
+
+
+def _recipe_markdown(info: Mapping[str, Any]) -> str:
+    import yaml
+
+    recipe = info.get("recipe")
+    if not recipe:
+        return ""
+    sha = info.get("recipe_sha256")
+    body = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=119).rstrip()
+    summary = "Resolved recipe" + (f" (sha256 `{sha[:12]}`)" if sha else "")
+    return "\n".join(
+        ["## Recipe", "", "<details>", f"<summary>{summary}</summary>", "", "```yaml", body, "```", "", "</details>"]
+    )
+
+
+def _data_markdown(info: Mapping[str, Any], dataset_repo: str | None, endpoint: str, kind_prefix: str) -> str:
+    data = info.get("data")
+    if not isinstance(data, Mapping) or not data:
+        return ""
+    name = data.get("name")
+    shown = f"[{dataset_repo}]({endpoint}/{kind_prefix}{dataset_repo})" if dataset_repo else f"`{name}`"
+    lines = ["## Training data", "", f"- dataset: {shown}"]
+    if data.get("rows") is not None:
+        lines.append(f"- rows: {data['rows']}")
+    if data.get("fingerprint"):
+        lines.append(f"- fingerprint: `{data['fingerprint']}`")
+    return "\n".join(lines)
+
+
+def _versions_markdown(info: Mapping[str, Any]) -> str:
+    versions = info.get("versions")
+    if not versions:
+        return ""
+    lines = ["## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in versions.items()]
+    return "\n".join(lines)
+
+
+def _usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: bool) -> str:
+    if stage == "reward":
+        if has_chat_template:
+            text = """messages = [
+    {"role": "user", "content": "Tell me a story."},
+    {"role": "assistant", "content": "Once upon a time..."},
+]
+text = tokenizer.apply_chat_template(messages, tokenize=False)  # the format the reward model was trained on"""
+        else:
+            text = 'text = "Tell me a story. Once upon a time..."  # prompt followed by response'
+        code = f'''import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")
+{text}
+inputs = tokenizer(text, return_tensors="pt")
+with torch.no_grad():
+    reward = model(**inputs).logits[0, 0].item()  # a scalar; compare rewards of responses to the same prompt
+print(reward)'''
+        note = "The model outputs one scalar per (prompt, response): score responses in the format it was trained on."
+    elif adapter:
+        code = f'''from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")  # downloads the base model named in adapter_config.json
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+inputs = tokenizer("Once upon a time", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))'''
+        note = "This repo holds a PEFT (LoRA) adapter, not full weights: it loads on top of its base model."
+    elif has_chat_template:
+        code = f'''from transformers import pipeline
+
+generator = pipeline("text-generation", model="{repo_id}")
+messages = [{{"role": "user", "content": "Tell me a story."}}]
+print(generator(messages, max_new_tokens=64)[0]["generated_text"][-1]["content"])'''
+        note = "The tokenizer carries the chat template the model was trained with, so `pipeline` formats messages."
+    else:
+        code = f'''from transformers import pipeline
+
+generator = pipeline("text-generation", model="{repo_id}")
+print(generator("Once upon a time", max_new_tokens=64)[0]["generated_text"])'''
+        note = ""
+    return "\n".join(["## How to use", "", note, "", "```python", code, "```"]).replace("\n\n\n", "\n\n")
+
+
+def _has_chat_template(stage_dir: Path) -> bool:
+    if (stage_dir / "chat_template.jinja").is_file() or (stage_dir / "chat_template.json").is_file():
+        return True
+    cfg = stage_dir / "tokenizer_config.json"
+    try:
+        return bool(cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    except json.JSONDecodeError:
+        return False
+
+
+def _require_info(stage_dir: Path) -> dict[str, Any]:
+    info = read_stage_info(stage_dir)
+    if info is None:
+        raise AlignError(
+            f"{stage_dir}: not a finished align stage: no {STAGE_FILE}. Run the stage to the end (the file is written "
+            "last), or point at a stage output dir."
+        )
+    return info
+
+
+def _hub_endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _data_hub_id(info: Mapping[str, Any], stage_dir: Path, pushed: Mapping[str, str], endpoint: str) -> str | None:
+    """The Hub dataset the stage trained on: a pushed rank dir, or the data name when it is a Hub id."""
+    data = info.get("data")
+    if not isinstance(data, Mapping) or not data.get("name"):
+        return None
+    name = str(data["name"])
+    # The recorded path, else a sibling of the same name: a run dir moved after training.
+    for cand in (Path(name), Path(stage_dir).resolve().parent / Path(name).name):
+        if (cand / STAGE_FILE).is_file():
+            return known_repo(cand, pushed, endpoint)
+    return name if is_hub_id(name) else None
+
+
+def build_model_card(
+    stage_dir: str | os.PathLike,
+    *,
+    repo_id: str,
+    parent_repo_id: str | None = None,
+    pushed: Mapping[str, str] | None = None,
+    endpoint: str | None = None,
+    curves: bool | None = None,
+):
+    """The `README.md` of a pushed model stage (pretrain, sft, reward, ppo; full weights or a PEFT adapter).
+
+    Args:
+        repo_id: the repo the card will live in (usage snippet, model-index name).
+        parent_repo_id: Hub repo of the parent stage, when the caller pushed it (overrides what lineage finds).
+        pushed: resolved local stage dir -> Hub repo id, for stages pushed earlier in this session (push_run).
+        endpoint: Hub URL for links; default `HF_ENDPOINT` or huggingface.co.
+        curves: whether `training_curves.png` is uploaded beside the card; default: when `log_history` has data.
+
+    Returns:
+        `huggingface_hub.ModelCard`.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    stage_dir = Path(stage_dir)
+    info = _require_info(stage_dir)
+    stage = str(info.get("stage"))
+    if stage == "rank":
+        raise AlignError(f"{stage_dir}: a rank stage is a dataset, not a model. Use build_dataset_card.")
+    pushed = pushed or {}
+    endpoint = _hub_endpoint(endpoint)
+    adapter = (stage_dir / "adapter_config.json").is_file() and not _has_full_weights(stage_dir)
+    chain = lineage(stage_dir, pushed, endpoint, parent_repo_id=parent_repo_id)
+    base = base_model_of(chain)
+    if adapter and base is None:
+        declared = adapter_base(stage_dir)
+        base = declared if is_hub_id(declared) else None
+    pipeline_tag = PIPELINE_TAG.get(stage, "text-generation")
+    dataset = _data_hub_id(info, stage_dir, pushed, endpoint)
+    data_name = (info.get("data") or {}).get("name") if isinstance(info.get("data"), Mapping) else None
+    tags = ["align", stage, "reward-model" if stage == "reward" else "text-generation", "rlhf", "instructgpt"]
+    if stage == "ppo":
+        tags.append("ppo")
+    if adapter:
+        tags += ["peft", "lora"]
+    evals = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=dataset or str(data_name or "unknown"),
+            dataset_name=str(data_name or dataset or "unknown"),
+            metric_type=name,
+            metric_name=name,
+            metric_value=value,
+        )
+        for name, value in _numeric(info.get("metrics")).items()
+        if _is_eval_metric(name)
+    ]
+    card_data = ModelCardData(
+        base_model=base,
+        datasets=[dataset] if dataset else None,
+        tags=tags,
+        pipeline_tag=pipeline_tag,
+        library_name="peft" if adapter else "transformers",
+        model_name=repo_id,
+        eval_results=evals or None,
+    )
+    if curves is None:
+        curves = has_curves(info.get("log_history"))
+    name = repo_id.split("/")[-1]
+    intro = f"The **{stage}** stage of an InstructGPT-style chain, trained with `align`"
+    intro += f", from [{base}]({endpoint}/{base})." if base else "."
+    if adapter:
+        intro += " This repo holds a PEFT adapter; load it on top of its base model."
+    parts = [
+        f"# {name}",
+        intro,
+        "## What this stage did\n\n" + ABOUT.get(stage, f"The `{stage}` stage."),
+        lineage_markdown(chain, info, endpoint, pushed),
+        _metrics_markdown(info.get("metrics")),
+        f"## Training curves\n\n![training curves]({CURVES_FILE})" if curves else "",
+        _samples_markdown(info.get("samples")),
+        _usage_markdown(stage, repo_id, adapter, _has_chat_template(stage_dir)),
+        _data_markdown(info, dataset, endpoint, "datasets/"),
+        _recipe_markdown(info),
+        _versions_markdown(info),
+    ]
+    body = "\n\n".join(p for p in parts if p) + "\n"
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def build_dataset_card(
+    stage_dir: str | os.PathLike,
+    *,
+    repo_id: str,
+    parent_repo_id: str | None = None,
+    pushed: Mapping[str, str] | None = None,
+    endpoint: str | None = None,
+):
+    """The `README.md` of a pushed rank stage (comparison data): a `huggingface_hub.DatasetCard`."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    stage_dir = Path(stage_dir)
+    info = _require_info(stage_dir)
+    stage = str(info.get("stage"))
+    pushed = pushed or {}
+    endpoint = _hub_endpoint(endpoint)
+    chain = lineage(stage_dir, pushed, endpoint, parent_repo_id=parent_repo_id)
+    sampler = base_model_of(chain)
+    files = sorted(p.name for p in stage_dir.iterdir() if p.is_file())
+    saved = "state.json" in files or "dataset_dict.json" in files
+    if saved:
+        usage = f'''from datasets import load_from_disk
+from huggingface_hub import snapshot_download
+
+ds = load_from_disk(snapshot_download("{repo_id}", repo_type="dataset"))  # a `save_to_disk` folder'''
+    else:
+        usage = f'''from datasets import load_dataset
+
+ds = load_dataset("{repo_id}")'''
+    card_data = DatasetCardData(
+        pretty_name=repo_id.split("/")[-1],
+        tags=["align", stage, "rlhf", "instructgpt", "preference", "rankings"],
+        task_categories=["text-generation"],
+    )
+    if sampler:
+        card_data["base_model"] = sampler  # not a dataset-card standard field: the policy that sampled the responses
+    intro = "Comparison data from the **rank** stage of an InstructGPT-style chain, made with `align`"
+    intro += f": responses sampled from [{sampler}]({endpoint}/{sampler})." if sampler else "."
+    parts = [
+        f"# {repo_id.split('/')[-1]}",
+        intro,
+        "## What this stage did\n\n" + ABOUT.get(stage, f"The `{stage}` stage."),
+        lineage_markdown(chain, info, endpoint, pushed),
+        _metrics_markdown(info.get("metrics")),
+        _samples_markdown(info.get("samples")),
+        "\n".join(["## How to use", "", "```python", usage, "```"]),
+        _recipe_markdown(info),
+        _versions_markdown(info),
+    ]
+    body = "\n\n".join(p for p in parts if p) + "\n"
+    return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def _has_full_weights(stage_dir: Path) -> bool:
+    return (stage_dir / "model.safetensors").is_file() or (stage_dir / "model.safetensors.index.json").is_file()
