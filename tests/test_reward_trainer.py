@@ -1,0 +1,418 @@
+"""align.trainers.reward: formatting, tokenization, collator (literal tensors), RankingRewardTrainer, score/offset.
+
+Tiny models from configs and a WordLevel tokenizer built here; the data's gold order is learnable: a response's
+reward is the number of times it says "good".
+"""
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+from datasets import Dataset, load_dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from align.errors import AlignError
+from align.rl.ranking import kendall_tau, pair_accuracy, ranking_loss, ranking_to_ranks, top1_accuracy
+from align.trainers.reward import (
+    RankingCollator,
+    RankingRewardTrainer,
+    encode_for_reward,
+    format_for_reward,
+    reward_offset,
+    scatter_rewards,
+    score,
+    tokenize_rankings,
+)
+from align.trainers.reward_config import RankingRewardConfig
+
+torch.set_num_threads(1)
+
+WORDS = ["<pad>", "</s>", "<unk>", "<s>", "good", "q", "u:", "a:"] + [f"w{i}" for i in range(12)]
+PAD, EOS, UNK, BOS, GOOD, Q = range(6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
+    )
+
+
+def w(i: int) -> int:
+    return WORDS.index(f"w{i}")
+
+
+def llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=PAD,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def goodness_data(n: int, k: int | tuple[int, ...], seed: int) -> Dataset:
+    """n groups of k responses (k may vary per row) of 5 words; gold ranking = more "good" is better."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        kk = rng.choice(k) if isinstance(k, tuple) else k
+        counts = rng.sample(range(5), kk)
+        responses = []
+        for c in counts:
+            words = ["good"] * c + [f"w{rng.randrange(12)}" for _ in range(5 - c)]
+            rng.shuffle(words)
+            responses.append(" ".join(words))
+        ranking = sorted(range(kk), key=lambda i: -counts[i])
+        rows.append({"prompt": f"q w{rng.randrange(12)}", "responses": responses, "ranking": ranking})
+    return Dataset.from_list(rows)
+
+
+def config(tmp_path, **kw) -> RankingRewardConfig:
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        bf16=False,  # the CPU may lack native bf16 (emulated: ~15x slower)
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return RankingRewardConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Formatting and tokenization
+
+
+def test_format_for_reward_plain(tokenizer):
+    assert format_for_reward(tokenizer, "q w1", "good w2") == "q w1 good w2</s>"
+    # no template: the tokenizer's own special tokens (none for this post-processor) + text, EOS read last
+    assert encode_for_reward(tokenizer, "q w1", "good w2") == [Q, w(1), GOOD, w(2), EOS]
+    # left truncation keeps the response's end
+    assert encode_for_reward(tokenizer, "q w1", "good w2", max_length=3) == [GOOD, w(2), EOS]
+
+
+def test_format_for_reward_chat_template(tokenizer):
+    templated = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+    )
+    templated.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ 'u: ' if m['role'] == 'user' else 'a: ' }}"
+        "{{ m['content'] }} {% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    assert format_for_reward(templated, "q w1", "good") == "<s>u: q w1 a: good </s>"
+    # the template renders BOS itself: it appears once
+    user, assistant = WORDS.index("u:"), WORDS.index("a:")
+    assert encode_for_reward(templated, "q w1", "good") == [BOS, user, Q, w(1), assistant, GOOD, EOS]
+
+
+def test_tokenize_rankings_rankings_pairs_and_ties(tokenizer, tmp_path):
+    # Through a JSONL file as `align rank` writes it: a tie list beside plain indices loads as datasets' Json type.
+    path = tmp_path / "rank.jsonl"
+    rows = [
+        {"prompt": "q", "responses": ["w1", "good", "w2"], "ranking": [1, [0, 2]]},
+        {"prompt": "q", "responses": ["w1", "good"], "ranking": [1, 0]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ranked = load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    out = tokenize_rankings(ranked, tokenizer, max_length=None)
+    assert out.column_names == ["input_ids", "ranks"]
+    assert out[0] == {"input_ids": [[Q, w(1), EOS], [Q, GOOD, EOS], [Q, w(2), EOS]], "ranks": [1, 0, 1]}
+    assert out[1] == {"input_ids": [[Q, w(1), EOS], [Q, GOOD, EOS]], "ranks": [1, 0]}
+
+    pairs = Dataset.from_list([{"prompt": "q", "chosen": "good", "rejected": "w1", "margin": 2.0}])
+    out = tokenize_rankings(pairs, tokenizer, max_length=None)
+    assert out[0] == {"input_ids": [[Q, GOOD, EOS], [Q, w(1), EOS]], "ranks": [0, 1], "margin": 2.0}
+
+
+def test_tokenize_rankings_truncation_warns_with_count(tokenizer, caplog):
+    ds = Dataset.from_list(
+        [
+            {"prompt": "q w1 w2 w3", "responses": ["good", "w4 w5"], "ranking": [0, 1]},  # 6 and 7 tokens
+            {"prompt": "q", "responses": ["good", "w4"], "ranking": [1, 0]},  # 3 and 3 tokens
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="align.trainers.reward"):
+        out = tokenize_rankings(ds, tokenizer, max_length=5, source="rank.jsonl")
+    assert out[0]["input_ids"] == [[w(1), w(2), w(3), GOOD, EOS], [w(2), w(3), w(4), w(5), EOS]]
+    assert out[1]["input_ids"] == [[Q, GOOD, EOS], [Q, w(4), EOS]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of 4 responses are longer than max_length=5" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("row", "what"),
+    [
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}, "lists response 0 twice"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [0, 2]}, "index 2 is out of range"),
+        ({"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 1]}, "covers 2 of 3 responses"),
+        ({"prompt": "q", "responses": ["a"], "ranking": [0]}, "a ranking needs at least 2"),
+        ({"prompt": "q", "responses": ["a", " "], "ranking": [0, 1]}, "'responses[1]' is empty"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranking": [[0, 1]]}, "all 2 responses are tied"),
+        ({"prompt": "q", "chosen": "a", "rejected": ""}, "'rejected' is empty"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' is int"),
+        ({"prompt": "q", "text": "a"}, "columns present: ['prompt', 'text']"),
+    ],
+)
+def test_tokenize_rankings_errors_name_file_and_row(tokenizer, row, what):
+    ds = Dataset.from_list([row])
+    with pytest.raises(AlignError) as e:
+        tokenize_rankings(ds, tokenizer, max_length=None, source="data/rank.jsonl")
+    assert str(e.value).startswith("data/rank.jsonl:1: ")
+    assert what in str(e.value)
+
+
+def test_tokenize_rankings_error_row_number(tokenizer):
+    ds = Dataset.from_list(
+        [{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 1]}] * 16
+        + [{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 5]}]
+    )
+    with pytest.raises(AlignError, match=r"^data/rank.jsonl:17: 'ranking' index 5"):
+        tokenize_rankings(ds, tokenizer, max_length=None, source="data/rank.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collator
+
+
+def test_collator_literal_tensors():
+    features = [
+        {"input_ids": [[5, 6, 7], [8], [9, 10]], "ranks": [0, 2, 1], "margin": 0.5},
+        {"input_ids": [[11, 12], [13, 14, 15, 16]], "ranks": [1, 0], "margin": 0.0},
+    ]
+    batch = RankingCollator(pad_token_id=0)(features)
+    assert sorted(batch) == ["attention_mask", "input_ids", "margin", "ranks"]
+    # 5 rows: one per present response, none for group 2's absent third response
+    torch.testing.assert_close(
+        batch["input_ids"],
+        torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0], [9, 10, 0, 0], [11, 12, 0, 0], [13, 14, 15, 16]]),
+    )
+    torch.testing.assert_close(
+        batch["attention_mask"],
+        torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]),
+    )
+    torch.testing.assert_close(batch["ranks"], torch.tensor([[0, 2, 1], [1, 0, -1]]))
+    torch.testing.assert_close(batch["margin"], torch.tensor([0.5, 0.0]))
+
+    no_margin = [{k: v for k, v in f.items() if k != "margin"} for f in features]
+    batch = RankingCollator(pad_token_id=3, pad_to_multiple_of=8)(no_margin)
+    assert "margin" not in batch
+    assert batch["input_ids"].shape == (5, 8)
+    torch.testing.assert_close(batch["input_ids"][1], torch.tensor([8, 3, 3, 3, 3, 3, 3, 3]))
+
+
+def test_scatter_rewards_follows_ranks():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], requires_grad=True)
+    grid = scatter_rewards(scores, torch.tensor([[0, 2, 1], [1, 0, -1]]))
+    nan = float("nan")
+    torch.testing.assert_close(grid, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, nan]]), equal_nan=True)
+    grid[0, 1].backward()
+    torch.testing.assert_close(scores.grad, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="4 scores for 5 present"):
+        scatter_rewards(scores[:4], torch.tensor([[0, 2, 1], [1, 0, -1]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def test_config_validates_ranking_loss(tmp_path):
+    with pytest.raises(ValueError, match="ranking_loss='listwise'.*pairwise, plackett_luce"):
+        config(tmp_path, ranking_loss="listwise")
+
+
+def test_trainer_learns_the_ranking(tokenizer, tmp_path):
+    model = llama(seed=3)  # at init this one orders the eval pairs about at chance (0.44)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=40),
+        train_dataset=goodness_data(96, (2, 3, 4), seed=1),  # K varies: padded groups
+        eval_dataset=goodness_data(32, 3, seed=2),
+        processing_class=tokenizer,
+    )
+    start = trainer.evaluate()
+    trainer.train()
+    end = trainer.evaluate()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert end["eval_loss"] < start["eval_loss"]
+    assert start["eval_pair_accuracy"] < 0.6 < 0.9 < end["eval_pair_accuracy"], (start, end)
+    assert {"eval_top1_accuracy", "eval_kendall_tau"} <= set(end)
+    assert end["eval_kendall_tau"] > 0.7
+    assert "pair_accuracy" in trainer.state.log_history[0]  # train-time metric next to the loss
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_each_response_is_forwarded_once(tokenizer, tmp_path, model_type):
+    if model_type == "gpt2":
+        torch.manual_seed(0)
+        gpt2 = GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1)
+        model = GPT2ForSequenceClassification(gpt2)
+    else:
+        model = llama()
+    data = goodness_data(12, (2, 3, 4), seed=3)
+    n_responses = sum(len(r) for r in data["responses"])
+    calls, rows = [], []
+
+    def count(module, args, kwargs, output):
+        calls.append(1)
+        rows.append(kwargs["input_ids"].shape[0])
+
+    model.register_forward_hook(count, with_kwargs=True)
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=config(tmp_path, per_device_train_batch_size=4, num_train_epochs=1),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert len(calls) == 3  # 12 groups / 4 per batch: one forward per batch
+    assert sum(rows) == n_responses  # every response once, nothing for padded slots
+    assert model.config.pad_token_id == PAD
+
+
+def _train_two_steps(tokenizer, tmp_path, batch: int, accumulation: int, loss: str = "pairwise"):
+    # Pre-tokenized data (used as is) where 3 groups are all tied: they have no pair, so micro-batches hold unequal
+    # numbers of counted groups, and only an exact normalization (sum / groups in the accumulated batch) matches the
+    # big batch; Trainer's default (mean per micro-batch / accumulation steps) would not.
+    data = tokenize_rankings(goodness_data(16, (2, 3, 4), seed=4), tokenizer, max_length=None)
+    data = data.map(
+        lambda row, i: {"ranks": [0] * len(row["ranks"]) if i % 5 == 0 else row["ranks"]}, with_indices=True
+    )
+    model = llama(seed=1)
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=config(
+            tmp_path,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            logging_steps=1,
+            ranking_loss=loss,
+            center_rewards_coefficient=0.01,
+            optim="sgd",  # gradients compare directly: Adam would normalize a difference away
+            learning_rate=0.1,
+        ),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "plackett_luce"])
+def test_gradient_accumulation_matches_larger_batch(tokenizer, tmp_path, loss):
+    losses_big, params_big = _train_two_steps(tokenizer, tmp_path, batch=8, accumulation=1, loss=loss)
+    losses_acc, params_acc = _train_two_steps(tokenizer, tmp_path, batch=4, accumulation=2, loss=loss)
+    torch.testing.assert_close(torch.tensor(losses_acc), torch.tensor(losses_big), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(params_acc, params_big, rtol=1e-4, atol=1e-5)
+    # and the steps moved the weights (the comparison is not between two untouched models)
+    assert not torch.allclose(params_big, torch.cat([p.detach().flatten() for p in llama(seed=1).parameters()]))
+
+
+def test_evaluate_metrics_match_direct_scoring(tokenizer, tmp_path):
+    # K varies and eval batches are small, so Trainer pads predictions/labels across batches with -100: the metrics
+    # must equal those computed from `score` on the raw rows.
+    data = goodness_data(10, (2, 3, 4), seed=5)
+    model = llama(seed=3)
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=config(tmp_path, per_device_eval_batch_size=3),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    k_max = max(len(r) for r in data["responses"])
+    rewards = torch.full((len(data), k_max), float("nan"))
+    ranks = torch.full((len(data), k_max), -1)
+    for g, row in enumerate(data):
+        k = len(row["responses"])
+        rewards[g, :k] = score(model, tokenizer, [row["prompt"]] * k, row["responses"])
+        ranks[g, :k] = torch.tensor(ranking_to_ranks(row["ranking"], k, where="test"))
+    assert metrics["eval_pair_accuracy"] == pytest.approx(pair_accuracy(rewards, ranks).item(), abs=1e-6)
+    assert metrics["eval_top1_accuracy"] == pytest.approx(top1_accuracy(rewards, ranks).item(), abs=1e-6)
+    assert metrics["eval_kendall_tau"] == pytest.approx(kendall_tau(rewards, ranks).item(), abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(ranking_loss(rewards, ranks).item(), rel=0.05)  # batch-mean of means
+
+
+def test_plackett_luce_rejects_margin(tokenizer, tmp_path):
+    pairs = Dataset.from_list([{"prompt": "q", "chosen": "good", "rejected": "w1", "margin": 1.0}])
+    with pytest.raises(AlignError, match="'margin' column but ranking_loss='plackett_luce'"):
+        RankingRewardTrainer(
+            model=llama(),
+            args=config(tmp_path, ranking_loss="plackett_luce"),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+        )
+
+
+def test_rejects_multi_label_model(tokenizer, tmp_path):
+    model = llama()
+    model.config.num_labels = 2
+    with pytest.raises(AlignError, match="num_labels=2"):
+        RankingRewardTrainer(
+            model=model, args=config(tmp_path), train_dataset=goodness_data(4, 2, 0), processing_class=tokenizer
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring and the offset
+
+
+def test_score_batches_agree_and_offset_roundtrips(tokenizer, tmp_path):
+    model = llama(seed=2)
+    prompts = ["q w1", "q", "q w2 w3 w4", "q w5"]
+    responses = ["good", "w1 w2 w3 good good", "w6", "good w7"]
+    one_by_one = score(model, tokenizer, prompts, responses, batch_size=1)
+    batched = score(model, tokenizer, prompts, responses, batch_size=3)  # right padding must not change a score
+    torch.testing.assert_close(batched, one_by_one)
+    assert one_by_one.shape == (4,) and one_by_one.std() > 0
+
+    offset = reward_offset(model, tokenizer, prompts, responses, batch_size=2)
+    assert offset == pytest.approx(one_by_one.mean().item(), abs=1e-6)
+    model.config.align_reward_offset = offset
+    centered = score(model, tokenizer, prompts, responses)
+    torch.testing.assert_close(centered, one_by_one - offset)
+    assert abs(centered.mean().item()) < 1e-5
+    with pytest.raises(ValueError, match="at least one"):
+        reward_offset(model, tokenizer, [], [])
+    torch.testing.assert_close(score(model, tokenizer, prompts, responses, offset=0.0), one_by_one)
+
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    loaded_tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "rm")
+    assert loaded.config.align_reward_offset == pytest.approx(offset)
+    torch.testing.assert_close(score(loaded, loaded_tok, prompts, responses), centered)
