@@ -1,0 +1,1127 @@
+"""PPO for language models (InstructGPT step 3) on accelerate: rollout -> score -> KL penalty -> GAE -> clipped
+PPO epochs, with checkpoints that resume exactly, NaN guards and per-phase timings.
+
+TRL removed its PPOTrainer in 1.13; this one keeps its config keys and metric names (`ppo/kl`, `ppo/clipfrac`, ...)
+and reuses the TRL helpers that remain (`selective_log_softmax`, `entropy_from_logits`, `disable_dropout_in_model`,
+`create_reference_model`). The math lives in `align.rl.ppo` (pure torch, tested by hand).
+
+Four models: the policy (trained; full or LoRA), the reference (frozen copy, or the LoRA policy with its adapter
+disabled: no second copy), the reward model (frozen, `*ForSequenceClassification` with one label, may have its own
+tokenizer: responses are decoded and re-tokenized for it) and the value model (trained; a sequence-classification
+model read at every token: backbone + `score` head on all hidden states). Ouyang et al. 2022:
+https://arxiv.org/abs/2203.02155 ; Ziegler et al. 2019: https://arxiv.org/abs/1909.08593
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.errors import AlignError
+from align.io import atomic_write_json, atomic_write_text, last_checkpoint
+from align.rl.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    response_mask,
+    value_loss,
+)
+from align.trainers.ppo_config import PPOConfig
+
+logger = logging.getLogger(__name__)
+
+PPO_STATE = "ppo_state.json"  # step, episodes, KL controller: what TrainerState has no field for
+TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (align.io)
+VALUE_DIR = "value_model"
+# Old logprobs come from generate's own logits when they fit in this many bytes per rollout chunk (saves one full
+# policy forward per update); larger vocabularies fall back to a forward pass.
+GEN_LOGITS_BUDGET = 256 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model pieces
+
+
+def value_head_forward(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """Per-token values `(B, T)` of a `*ForSequenceClassification` model: backbone, then its `score` head on the
+    hidden state before each of the last `response_length` tokens (the state the token was sampled from)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return model.score(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
+
+
+def policy_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """Logits `(B, T, V)` that predicted the last `response_length` tokens (no LM-head work on prompt positions)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model as one module, so DDP syncs both in one pass and one optimizer steps both (as TRL)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int, ptx=None):
+        logits = policy_logits(self.policy, input_ids, attention_mask, position_ids, response_length)
+        values = value_head_forward(self.value_model, input_ids, attention_mask, position_ids, response_length)
+        ptx_loss = None
+        if ptx is not None:  # in the same forward call: DDP must see every parameter used once per backward
+            labels = ptx["input_ids"].masked_fill(ptx["attention_mask"] == 0, -100)
+            ptx_loss = self.policy(**ptx, labels=labels, use_cache=False).loss
+        return logits, values, ptx_loss
+
+
+def fuse_gelu_new(model: nn.Module) -> int:
+    """Replace GPT-2's `gelu_new` modules (8 elementwise ops, each its own kernel in forward and backward) by
+    `nn.GELU(approximate="tanh")`: the same function in one fused PyTorch kernel, equal up to float rounding (what
+    transformers' `gelu_pytorch_tanh` uses). Returns the number replaced. Saved models are unchanged (their config
+    still says gelu_new)."""
+    from transformers.activations import NewGELUActivation
+
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is NewGELUActivation]  # fmt: skip
+    for parent, name in targets:
+        setattr(parent, name, nn.GELU(approximate="tanh"))
+    return len(targets)
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, length - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _encode_for_reward_fallback(tokenizer, prompt: str, response: str, max_length: int | None) -> list[int]:
+    """Used only if `align.trainers.reward` is missing; the same text as its `format_for_reward`."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt + " " + response + (tokenizer.eos_token or ""))["input_ids"]
+    return ids[-max_length:] if max_length else ids
+
+
+def _max_positions(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class PPOTrainer:
+    """PPO on an accelerate loop that mirrors Trainer's UX (tqdm, `report_to`, `logging_steps`, `save_steps`,
+    `checkpoint-N` dirs, `train(resume_from_checkpoint=...)`, `save_model`).
+
+    Args:
+        args: `PPOConfig`.
+        policy: causal LM to train (e.g. the SFT model); wrapped with `peft_config` if given (LoRA).
+        ref_policy: frozen reference; None = a frozen copy of the policy, or, for a peft policy, the policy with its
+            adapters disabled.
+        reward_model: `*ForSequenceClassification`, num_labels=1; `config.align_reward_offset` is subtracted.
+        value_model: `*ForSequenceClassification` read per token; None = built per `args.value_model_init`.
+        processing_class: the policy's tokenizer. reward_tokenizer: the reward model's (None = the policy's).
+        train_dataset: prompts, column "prompt" (str; the chat template is applied when the tokenizer has one) or
+            pre-tokenized "input_ids" (used as is).
+        reward_fn: `(prompts, responses) -> (B,) tensor`, used instead of reward_model (tests, rule-based rewards).
+        eval_fn: `(prompts, responses) -> float` on eval_dataset's prompts, logged as `eval/gold_score`.
+        format_fn: `(prompt, response) -> str` for the reward model; None = `align.trainers.reward.format_for_reward`.
+        ptx_dataset: pretraining-style data ("text" or "input_ids") for PPO-ptx when `args.ptx_coef > 0`.
+        callbacks: `transformers.TrainerCallback`s; `on_train_begin`, `on_step_end`, `on_log`, `on_save`,
+            `on_train_end` are called, and `control.should_training_stop` is honoured.
+    """
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        policy,
+        ref_policy=None,
+        reward_model=None,
+        value_model=None,
+        processing_class=None,
+        reward_tokenizer=None,
+        train_dataset=None,
+        eval_dataset=None,
+        peft_config=None,
+        reward_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None,
+        eval_fn: Callable[[list[str], list[str]], float] | None = None,
+        format_fn: Callable[[str, str], str] | None = None,
+        ptx_dataset=None,
+        callbacks: list | None = None,
+    ):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from transformers import TrainerControl, TrainerState
+        from trl.trainer.utils import disable_dropout_in_model
+
+        if not isinstance(args, PPOConfig):
+            raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("PPOTrainer needs processing_class (the policy's tokenizer)")
+        if reward_model is None and reward_fn is None:
+            raise AlignError("ppo: no reward_model and no reward_fn. Pass a reward model (the reward stage's output).")
+        if train_dataset is None:
+            raise AlignError("ppo: no train_dataset. Give prompts (a 'prompt' column).")
+        if args.ptx_coef > 0 and ptx_dataset is None:
+            raise AlignError(f"ppo: ptx_coef {args.ptx_coef} > 0 but no ptx_dataset. Give one, or set ptx_coef: 0.")
+        self.args = args
+        self.processing_class = tokenizer = processing_class
+        self.reward_tokenizer = reward_tokenizer or processing_class
+        self.reward_fn, self.eval_fn, self.format_fn = reward_fn, eval_fn, format_fn
+        self.callbacks = list(callbacks or [])
+        if tokenizer.pad_token_id is None:
+            raise AlignError("ppo: the policy tokenizer has no pad token. Set tokenizer.pad_token (e.g. to EOS).")
+        eos = policy.generation_config.eos_token_id
+        self.eos_token_ids = eos if eos is not None else tokenizer.eos_token_id
+
+        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=bool(args.ddp_find_unused_parameters))]
+        self.accelerator = Accelerator(
+            cpu=args.use_cpu,
+            mixed_precision="bf16" if args.bf16 else ("fp16" if args.fp16 else "no"),
+            log_with=args.report_to or None,
+            project_dir=args.output_dir,
+            kwargs_handlers=kwargs,
+        )
+        # Each process samples its own responses: device_specific seeds differ per rank.
+        set_seed(args.seed, device_specific=True)
+        acc = self.accelerator
+
+        # Models
+        self.is_peft = peft_config is not None or _is_peft_model(policy)
+        if peft_config is not None and not _is_peft_model(policy):
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, peft_config)
+        if value_model is None:
+            if (
+                args.value_model_init == "reward"
+                and reward_tokenizer is not None
+                and (reward_tokenizer.get_vocab() != processing_class.get_vocab())
+            ):
+                raise AlignError(
+                    "ppo: value_model_init 'reward' but the reward model has its own tokenizer; the value model reads "
+                    "the policy's tokens. Set value_model_init: policy (or pass a value_model)."
+                )
+            value_model = self._init_value_model(policy, reward_model)
+        if self.is_peft:
+            if ref_policy is not None:
+                logger.info("ppo: ref_policy given with a peft policy; using it rather than the disabled adapter.")
+            self.ref_policy = ref_policy
+        elif ref_policy is None:
+            with warnings.catch_warnings():  # TRL marks trl.experimental as unstable on import
+                warnings.simplefilter("ignore")
+                from trl.experimental.utils import create_reference_model
+            self.ref_policy = create_reference_model(policy)
+        else:
+            self.ref_policy = ref_policy
+        self._check_vocab(policy, value_model, reward_model)
+        # Dropout would make the old and new logprobs of the same weights differ, biasing the ratio (TRL does too).
+        swapped = 0
+        for m in (policy, self.ref_policy, reward_model, value_model):
+            if m is not None:
+                disable_dropout_in_model(m)
+                swapped += fuse_gelu_new(m) if args.fast_activations else 0
+        if swapped:
+            logger.info(
+                "ppo: %d gelu_new activations computed by the fused tanh-GELU kernel (fast_activations).", swapped
+            )
+        if args.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        for frozen in (self.ref_policy, reward_model):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+                frozen.eval()
+                frozen.to(acc.device)
+        self.reward_model = reward_model
+        if reward_model is not None:
+            cfg = reward_model.config.get_text_config()
+            if cfg.pad_token_id is None:  # sequence classification reads the last non-pad token
+                cfg.pad_token_id = self.reward_tokenizer.pad_token_id
+            self.reward_offset = float(getattr(reward_model.config, "align_reward_offset", 0.0) or 0.0)
+
+        # Data
+        self.train_prompts = self._prepare_prompts(train_dataset, "train_dataset")
+        self.eval_prompts = self._prepare_prompts(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.ptx_rows = self._prepare_ptx(ptx_dataset, policy) if args.ptx_coef > 0 else None
+        self.world_size = acc.num_processes
+        self.num_updates = args.num_updates(len(self.train_prompts[0]), self.world_size)
+        if args.local_batch_size * self.world_size > len(self.train_prompts[0]):
+            logger.warning(
+                "ppo: a rollout takes %d prompts but train_dataset has %d; prompts repeat within an update.",
+                args.local_batch_size * self.world_size,
+                len(self.train_prompts[0]),
+            )
+
+        # Optimizer and schedule (one AdamW for both, two param groups; the scheduler is stepped by us, not by
+        # accelerate, which would step it once per process).
+        from transformers import get_scheduler
+
+        wrapper = PolicyAndValue(policy, value_model)
+        groups = [
+            {"params": [p for p in policy.parameters() if p.requires_grad]},
+            {"params": [p for p in value_model.parameters() if p.requires_grad]},
+        ]
+        # Trainer's mapping of `optim` (default adamw_torch_fused: one kernel per step instead of ~10 ops per tensor).
+        from transformers import Trainer
+
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, policy)
+        optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        self.optimizer_steps = self.num_updates * args.num_ppo_epochs * args.num_mini_batches
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.get_warmup_steps(self.optimizer_steps),
+            num_training_steps=self.optimizer_steps,
+        )
+        self.model, self.optimizer = acc.prepare(wrapper, optimizer)
+
+        kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl else None
+        self.kl_ctl = kl_ctl or FixedKLController(args.kl_coef)
+        self.state = TrainerState(
+            max_steps=self.num_updates,
+            logging_steps=args.logging_steps,
+            save_steps=args.save_steps,
+            eval_steps=args.eval_steps,
+            train_batch_size=args.local_batch_size,
+            is_local_process_zero=acc.is_local_main_process,
+            is_world_process_zero=acc.is_main_process,
+        )
+        self.control = TrainerControl()
+        self.episodes = 0
+        self.samples: list[dict[str, Any]] = []
+        self._perm_cache: dict[int, torch.Tensor] = {}
+        self._log_window: dict[str, list[float]] = defaultdict(list)
+        self._use_gen_logits = self._gen_logits_fit(policy)
+
+    # ---------------------------------------------------------------- setup helpers
+
+    def _init_value_model(self, policy, reward_model):
+        from transformers import AutoModelForSequenceClassification
+
+        if self.args.value_model_init == "reward":
+            if reward_model is None:
+                raise AlignError(
+                    "ppo: value_model_init 'reward' but no reward_model (reward_fn given). Set value_model_init: "
+                    "policy, or pass a value_model."
+                )
+            value = copy.deepcopy(reward_model)
+        else:
+            base = policy.get_base_model() if _is_peft_model(policy) else policy
+            config = copy.deepcopy(base.config)
+            config.num_labels = 1
+            value = AutoModelForSequenceClassification.from_config(config)
+            src = getattr(base, base.base_model_prefix)
+            getattr(value, value.base_model_prefix).load_state_dict(src.state_dict())
+        value.requires_grad_(True)
+        return value
+
+    def _check_vocab(self, policy, value_model, reward_model) -> None:
+        if not hasattr(value_model, "score") or not hasattr(value_model, value_model.base_model_prefix):
+            raise AlignError(
+                f"ppo: value model {type(value_model).__name__} has no backbone + `score` head. Use an "
+                "AutoModelForSequenceClassification (num_labels=1)."
+            )
+        n_vocab = len(self.processing_class)
+        rows = value_model.get_input_embeddings().weight.shape[0]
+        if rows < n_vocab:
+            raise AlignError(
+                f"ppo: the value model has {rows} embedding rows but the policy tokenizer has {n_vocab} tokens; the "
+                "value model reads policy tokens. Pass a value model built for the policy's tokenizer, or set "
+                "value_model_init: policy."
+            )
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        tok = self.processing_class
+        if getattr(tok, "chat_template", None):
+            rendered = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return tok(rendered, add_special_tokens=False)["input_ids"]
+        return tok(text)["input_ids"]
+
+    def _prepare_prompts(self, ds, name: str) -> tuple[list[list[int]], list[str]]:
+        """(token ids, prompt texts) of every row; AlignError naming the row on bad data."""
+        if isinstance(ds, list):
+            from datasets import Dataset
+
+            ds = Dataset.from_list(ds)
+        columns = list(ds.column_names)
+        if "input_ids" not in columns and "prompt" not in columns:
+            raise AlignError(f"{name}: no 'prompt' or 'input_ids' column (columns present: {columns}). Rename one.")
+        if len(ds) == 0:
+            raise AlignError(f"{name}: no rows.")
+        tok = self.processing_class
+
+        def encode(batch, indices):
+            out = {"ids": [], "text": []}
+            for j, i in enumerate(indices):
+                if "input_ids" in batch:
+                    ids = list(batch["input_ids"][j])
+                    text = batch["prompt"][j] if "prompt" in batch else tok.decode(ids, skip_special_tokens=True)
+                else:
+                    text = batch["prompt"][j]
+                    if not isinstance(text, str):
+                        raise AlignError(f"{name}:{i + 1}: 'prompt' is {type(text).__name__}, expected a string.")
+                    ids = self._encode_prompt(text)
+                if not ids:
+                    raise AlignError(f"{name}:{i + 1}: the prompt encodes to no tokens. Drop or fix the row.")
+                out["ids"].append(ids)
+                out["text"].append(text)
+            return out
+
+        with self.accelerator.main_process_first():
+            enc = ds.map(encode, batched=True, with_indices=True, remove_columns=columns, desc=f"Tokenizing {name}")
+        ids, texts = enc["ids"], enc["text"]
+        limit = self.args.max_prompt_length
+        if limit is not None:
+            cut = sum(len(x) > limit for x in ids)
+            if cut:
+                logger.warning(
+                    "%s: %d of %d prompts are longer than max_prompt_length=%d; kept their last %d tokens.",
+                    name,
+                    cut,
+                    len(ids),
+                    limit,
+                    limit,
+                )
+                ids = [x[-limit:] for x in ids]
+        return ids, texts
+
+    def _prepare_ptx(self, ds, policy) -> list[list[int]]:
+        columns = list(ds.column_names)
+        if "input_ids" in columns:
+            return [list(x) for x in ds["input_ids"]]
+        if "text" not in columns:
+            raise AlignError(f"ptx_dataset: no 'text' or 'input_ids' column (columns present: {columns}).")
+        limit = _max_positions(policy.config)
+        return [
+            self.processing_class(t, truncation=limit is not None, max_length=limit)["input_ids"] for t in ds["text"]
+        ]
+
+    def _gen_logits_fit(self, policy) -> bool:
+        """Whether generate's logits can give the old logprobs: float32 only (a bf16 forward and the KV-cache path
+        differ by ~1e-2, which would show as clipping at ratio 1), and only when they fit the memory budget."""
+        if self.accelerator.mixed_precision != "no":
+            return False
+        vocab = policy.get_output_embeddings().weight.shape[0]
+        chunk = min(self.args.local_rollout_forward_batch_size, self.args.local_batch_size)
+        return chunk * self.args.max_new_tokens * vocab * 4 <= GEN_LOGITS_BUDGET
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def policy(self):
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def value_model(self):
+        return self.accelerator.unwrap_model(self.model).value_model
+
+    # ---------------------------------------------------------------- data order
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """This process's prompt indices for update `step` (0-based): a fixed function of (seed, step), so a resumed
+        run sees exactly the prompts an uninterrupted one would."""
+        n = len(self.train_prompts[0])
+        global_batch = self.args.local_batch_size * self.world_size
+        start = step * global_batch + self.accelerator.process_index * self.args.local_batch_size
+        out = []
+        for pos in range(start, start + self.args.local_batch_size):
+            epoch, i = divmod(pos, n)
+            if epoch not in self._perm_cache:
+                self._perm_cache = {
+                    epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
+                }
+            out.append(int(self._perm_cache[epoch][i]))
+        return out
+
+    # ---------------------------------------------------------------- rollout
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], *, sample: bool = True, temperature: float | None = None):
+        """Responses to `prompt_ids` (left-padded, KV cache, chunked). Returns (query_responses `(B, P + T)`,
+        prompt_mask `(B, P)`, responses `(B, T)`, old logprobs `(B, T)` or None)."""
+        from transformers import GenerationConfig
+        from trl.trainer.utils import selective_log_softmax
+
+        args, tok = self.args, self.processing_class
+        temperature = args.temperature if temperature is None else temperature
+        sample = sample and temperature > 0
+        gen_config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens or None,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=args.top_k if sample else None,
+            top_p=args.top_p if sample else None,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=sample and self._use_gen_logits,
+        )
+        policy = self.policy
+        was_training = policy.training
+        policy.eval()
+        input_ids, prompt_mask = _pad_left(prompt_ids, tok.pad_token_id)
+        device = self.accelerator.device
+        responses, logprobs = [], []
+        chunk = args.local_rollout_forward_batch_size
+        try:
+            for s in range(0, len(prompt_ids), chunk):
+                ids, mask = input_ids[s : s + chunk].to(device), prompt_mask[s : s + chunk].to(device)
+                with self.accelerator.autocast():
+                    out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+                resp = out.sequences[:, ids.shape[1] :]
+                responses.append(resp)
+                if out.logits is not None:
+                    logits = torch.stack(out.logits, dim=1)
+                    logprobs.append(selective_log_softmax(logits, resp, temperature=temperature))
+                    del logits
+        finally:
+            policy.train(was_training)
+        width = max(r.shape[1] for r in responses)
+        responses = torch.cat(
+            [nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
+        )
+        old = torch.cat([nn.functional.pad(x, (0, width - x.shape[1])) for x in logprobs]) if logprobs else None
+        query_responses = torch.cat([input_ids.to(device), responses], dim=1)
+        return query_responses, prompt_mask.to(device), responses, old
+
+    @torch.no_grad()
+    def _forward_logprobs(self, model, seq, attn, pos, responses, *, disable_adapter: bool = False) -> torch.Tensor:
+        from trl.trainer.utils import selective_log_softmax
+
+        chunk = self.args.local_rollout_forward_batch_size
+        T = responses.shape[1]
+        out = []
+        ctx = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+        with ctx, self.accelerator.autocast():
+            for s in range(0, seq.shape[0], chunk):
+                logits = policy_logits(model, seq[s : s + chunk], attn[s : s + chunk], pos[s : s + chunk], T)
+                out.append(selective_log_softmax(logits.float(), responses[s : s + chunk], self.args.temperature))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _forward_values(self, seq, attn, pos, T: int) -> torch.Tensor:
+        chunk = self.args.local_rollout_forward_batch_size
+        with self.accelerator.autocast():
+            return torch.cat(
+                [
+                    value_head_forward(
+                        self.value_model, seq[s : s + chunk], attn[s : s + chunk], pos[s : s + chunk], T
+                    )
+                    for s in range(0, seq.shape[0], chunk)
+                ]
+            )
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Scores `(B,)` float32 of (prompt, response) texts: `reward_fn`, or the reward model minus its offset."""
+        if self.reward_fn is not None:
+            return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1).cpu()
+        tok = self.reward_tokenizer
+        limit = _max_positions(self.reward_model.config)
+        if self.format_fn is not None:
+            seqs = [
+                tok(self.format_fn(p, r))["input_ids"][-limit if limit else 0 :]
+                for p, r in zip(prompts, responses, strict=True)
+            ]
+        else:
+            try:
+                from align.trainers.reward import encode_for_reward
+            except ImportError:
+                encode_for_reward = _encode_for_reward_fallback
+            seqs = [encode_for_reward(tok, p, r, limit) for p, r in zip(prompts, responses, strict=True)]
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        chunk = self.args.local_rollout_forward_batch_size
+        device = self.accelerator.device
+        with self.accelerator.autocast():
+            for s in range(0, len(seqs), chunk):
+                ids, mask = _pad_right(seqs[s : s + chunk], self.reward_model.config.get_text_config().pad_token_id)
+                logits = self.reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                out[s : s + chunk] = logits[:, 0].float().cpu()
+        return out - self.reward_offset
+
+    def _decode_responses(self, responses: torch.Tensor, mask: torch.Tensor, has_eos: torch.Tensor) -> list[str]:
+        lengths = (mask.sum(1) - has_eos.long()).tolist()  # the text ends before EOS; templates add their own
+        rows = responses.cpu().tolist()
+        return self.processing_class.batch_decode(
+            [r[:n] for r, n in zip(rows, lengths, strict=True)], skip_special_tokens=True
+        )
+
+    def _check_finite(self, step: int, **values: torch.Tensor) -> None:
+        """Stop on nan/inf, naming the update and the metric; all ranks stop together (no hang in a collective)."""
+        bad = [name for name, v in values.items() if not bool(torch.isfinite(v).all())]
+        if self.world_size > 1:
+            flags = torch.tensor([float(bool(bad))], device=self.accelerator.device)
+            if float(self.accelerator.reduce(flags, "sum")) > 0 and not bad:
+                bad = ["(on another process)"]
+        if bad:
+            ckpt = last_checkpoint(self.args.output_dir)
+            where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+            raise AlignError(
+                f"ppo: update {step}: {', '.join(bad)} is nan or inf; stopped ({where}). Lower learning_rate, set "
+                "reward_clip or max_grad_norm, and check the reward model's outputs."
+            )
+
+    def _rollout(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float], list[dict]]:
+        """Generate, score and compute advantages for this process's prompts of update `step` (1-based)."""
+        args, acc = self.args, self.accelerator
+        idx = self._batch_indices(step - 1)
+        prompt_ids = [self.train_prompts[0][i] for i in idx]
+        prompt_texts = [self.train_prompts[1][i] for i in idx]
+        limit = _max_positions(self.policy.config)
+        longest = max(len(p) for p in prompt_ids)
+        if limit is not None and longest + args.max_new_tokens > limit:
+            raise AlignError(
+                f"train_dataset: a prompt of {longest} tokens + max_new_tokens {args.max_new_tokens} exceeds the "
+                f"policy's {limit} positions. Set max_prompt_length <= {limit - args.max_new_tokens}."
+            )
+        t0 = time.perf_counter()
+        seq, prompt_mask, responses, old_logprobs = self.generate(prompt_ids)
+        mask, has_eos = response_mask(responses, self.eos_token_ids)
+        attn = torch.cat([prompt_mask, mask.long()], dim=1)
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
+        T = responses.shape[1]
+        if old_logprobs is None:
+            old_logprobs = self._forward_logprobs(self.policy, seq, attn, pos, responses)
+        t1 = time.perf_counter()
+
+        if self.ref_policy is None:
+            ref_logprobs = self._forward_logprobs(self.policy, seq, attn, pos, responses, disable_adapter=True)
+        else:
+            ref_logprobs = self._forward_logprobs(self.ref_policy, seq, attn, pos, responses)
+        values = self._forward_values(seq, attn, pos, T)
+        texts = self._decode_responses(responses, mask, has_eos)
+        raw_scores = self.score(prompt_texts, texts).to(values.device)
+        self._check_finite(step, **{"ppo/score": raw_scores})
+        scores = raw_scores
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        if args.reward_clip is not None:
+            scores = scores.clamp(-args.reward_clip, args.reward_clip)
+        kl = kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator).masked_fill(~mask, 0.0)
+        kl_coef = self.kl_ctl.value
+        rewards = per_token_rewards(scores, kl, mask, kl_coef)
+        reward_seq = rewards.sum(1)  # before any whitening: score - beta * KL per response
+        if args.whiten_rewards and mask.sum() > 1:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+        if mask.sum() > 1:
+            advantages = masked_whiten(advantages, mask)
+        t2 = time.perf_counter()
+
+        # Global statistics (all processes): per-response sums gathered, token sums reduced.
+        g = acc.gather
+        kl_seq, score_g = g(kl.sum(1)), g(scores)
+        stats = torch.stack(
+            [
+                mask.sum(),
+                (returns * mask).sum(),
+                (returns**2 * mask).sum(),
+                ((returns - values) * mask).sum(),
+                ((returns - values) ** 2 * mask).sum(),
+            ]
+        ).double()
+        stats = acc.reduce(stats, "sum") if self.world_size > 1 else stats
+        n, s1, s2, e1, e2 = stats.tolist()
+        var_ret, var_err = s2 / n - (s1 / n) ** 2, e2 / n - (e1 / n) ** 2
+        metrics = {
+            "ppo/kl": kl_seq.mean().item(),
+            "ppo/reward": g(reward_seq).mean().item(),
+            "ppo/score": score_g.mean().item(),
+            "ppo/score_std": score_g.std().item() if score_g.numel() > 1 else 0.0,
+            "ppo/response_length": g(mask.sum(1).float()).mean().item(),
+            "ppo/eos_rate": g(has_eos.float()).mean().item(),
+            "ppo/kl_coef": kl_coef,
+            "ppo/explained_variance": 1.0 - var_err / var_ret if var_ret > 0 else math.nan,
+            "ppo/value_mean": masked_mean(values, mask).item(),
+            "time/generation": t1 - t0,
+            "time/scoring": t2 - t1,
+        }
+        self.kl_ctl.update(metrics["ppo/kl"], kl_seq.numel())
+        batch = {
+            "seq": seq,
+            "attn": attn,
+            "pos": pos,
+            "responses": responses,
+            "mask": mask,
+            "logprobs": old_logprobs,
+            "values": values,
+            "advantages": advantages,
+            "returns": returns,
+            "prompt_len": prompt_mask.shape[1],
+        }
+        samples = [
+            {"step": step, "prompt": p, "response": r, "score": float(s)}
+            for p, r, s in zip(prompt_texts[:2], texts[:2], raw_scores[:2].tolist(), strict=False)
+        ]
+        return batch, metrics, samples
+
+    # ---------------------------------------------------------------- optimization
+
+    def _micro_inputs(self, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, Any]:
+        """The rows `idx` of a rollout, trimmed to their own longest prompt and response (less padding compute)."""
+        P = batch["prompt_len"]
+        mask = batch["mask"][idx]
+        t_len = int(mask.sum(1).max())
+        first = int((batch["attn"][idx, :P].sum(0) > 0).long().argmax())  # first column a prompt token uses
+        cols = slice(first, P + t_len)
+        return {
+            "input_ids": batch["seq"][idx, cols],
+            "attention_mask": batch["attn"][idx, cols],
+            "position_ids": batch["pos"][idx, cols],
+            "responses": batch["responses"][idx, :t_len],
+            "mask": mask[:, :t_len],
+            **{k: batch[k][idx, :t_len] for k in ("logprobs", "values", "advantages", "returns")},
+        }
+
+    def _ptx_batch(self, step: int, k: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step * 10_007 + k)
+        rows = torch.randint(len(self.ptx_rows), (self.args.per_device_train_batch_size,), generator=g).tolist()
+        ids, mask = _pad_right([self.ptx_rows[r] for r in rows], self.processing_class.pad_token_id)
+        return {"input_ids": ids.to(self.accelerator.device), "attention_mask": mask.to(self.accelerator.device)}
+
+    def _train_on(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        args, acc = self.args, self.accelerator
+        B = batch["seq"].shape[0]
+        mini, micro = args.local_mini_batch_size, args.per_device_train_batch_size
+        sums: dict[str, float] = defaultdict(float)
+        self.model.train()
+        k = 0
+        n_micro = args.num_ppo_epochs * args.num_mini_batches * args.gradient_accumulation_steps
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(B)
+            for m in range(args.num_mini_batches):
+                mb = order[m * mini : (m + 1) * mini]
+                mb_tokens = batch["mask"][mb].sum().clamp(min=1)
+                for a in range(args.gradient_accumulation_steps):
+                    x = self._micro_inputs(batch, mb[a * micro : (a + 1) * micro])
+                    n_tok = x["mask"].sum()
+                    weight = n_tok / mb_tokens  # token mean over the whole mini-batch, however it is split
+                    ptx = self._ptx_batch(step, k) if self.ptx_rows is not None else None
+                    k += 1
+                    last = a == args.gradient_accumulation_steps - 1
+                    sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                    with sync:
+                        with acc.autocast():
+                            logits, vpred, ptx_loss = self.model(
+                                x["input_ids"], x["attention_mask"], x["position_ids"], x["responses"].shape[1], ptx
+                            )
+                        logits = logits.float()
+                        new_logprobs = selective_log_softmax(logits, x["responses"], args.temperature)
+                        pg, clipfrac, approx_kl = policy_loss(
+                            new_logprobs, x["logprobs"], x["advantages"], x["mask"], args.cliprange
+                        )
+                        vf, vf_clipfrac = value_loss(vpred, x["values"], x["returns"], x["mask"], args.cliprange_value)
+                        with torch.set_grad_enabled(args.entropy_coef > 0):
+                            entropy = masked_mean(entropy_from_logits(logits / args.temperature), x["mask"])
+                        loss = (pg + args.vf_coef * vf - args.entropy_coef * entropy) * weight
+                        checks = {"ppo/policy_loss": pg, "ppo/value_loss": vf}
+                        if ptx_loss is not None:
+                            loss = loss + args.ptx_coef * ptx_loss / args.gradient_accumulation_steps
+                            checks["ppo/ptx_loss"] = ptx_loss
+                        self._check_finite(step, **checks)
+                        acc.backward(loss)
+                    w = float(weight) / (args.num_ppo_epochs * args.num_mini_batches)
+                    for name, v in (
+                        ("policy_loss", pg),
+                        ("value_loss", vf),
+                        ("clipfrac", clipfrac),
+                        ("approx_kl", approx_kl),
+                        ("vf_clipfrac", vf_clipfrac),
+                        ("entropy", entropy),
+                    ):
+                        sums[f"ppo/{name}"] += float(v.detach()) * w
+                    if ptx_loss is not None:
+                        sums["ppo/ptx_loss"] += float(ptx_loss.detach()) / n_micro
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self._check_finite(step, **{"ppo/grad_norm": torch.as_tensor(norm)})
+                    sums["ppo/grad_norm"] += float(norm) / (args.num_ppo_epochs * args.num_mini_batches)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if self.world_size > 1:
+            names = sorted(sums)
+            reduced = acc.reduce(torch.tensor([sums[n] for n in names], device=acc.device), "mean")
+            sums = dict(zip(names, reduced.tolist(), strict=True))
+        sums["ppo/lr"] = self.lr_scheduler.get_last_lr()[0]
+        return dict(sums)
+
+    # ---------------------------------------------------------------- train
+
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None):
+        """Run PPO updates up to `num_updates`; `resume_from_checkpoint`: a checkpoint dir, or True for the newest
+        complete one in `output_dir`. Returns `transformers.trainer_utils.TrainOutput`."""
+        from tqdm.auto import tqdm
+        from transformers.trainer_utils import TrainOutput
+
+        args, acc = self.args, self.accelerator
+        if resume_from_checkpoint:
+            path = last_checkpoint(args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            if path is None:
+                raise AlignError(
+                    f"{args.output_dir}: no complete checkpoint-N to resume from. Drop resume_from_checkpoint."
+                )
+            self._load_checkpoint(Path(path))
+        if acc.is_main_process:
+            self._log_summary()
+        if args.report_to:  # on every process: accelerate keeps the trackers on the main one
+            acc.init_trackers(args.project or "align", config=_plain(args.to_sanitized_dict()))
+        self._callback("on_train_begin")
+        start = self.state.global_step
+        bar = tqdm(
+            total=self.num_updates,
+            initial=start,
+            desc="PPO",
+            disable=not acc.is_main_process or bool(args.disable_tqdm),
+        )
+        every = max(1, self.num_updates // args.num_sample_generations) if args.num_sample_generations else 0
+        t_start = time.perf_counter()
+        saved_at = None
+        for step in range(start + 1, self.num_updates + 1):
+            batch, metrics, samples = self._rollout(step)
+            t0 = time.perf_counter()
+            metrics.update(self._train_on(batch, step))
+            metrics["time/training"] = time.perf_counter() - t0
+            del batch
+            self.episodes += args.local_batch_size * self.world_size
+            metrics["ppo/episodes"] = self.episodes
+            self.state.global_step = step
+            self.state.epoch = self.episodes / len(self.train_prompts[0])
+            for key, value in metrics.items():
+                self._log_window[key].append(value)
+            if every and (step % every == 0 or step == 1) and acc.is_main_process:
+                self.samples.extend(samples)
+                for s in samples:
+                    logger.info(
+                        "ppo: update %d sample (score %.3f): %r -> %r", step, s["score"], s["prompt"], s["response"]
+                    )
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['ppo/score']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+            self._callback("on_step_end")
+            if step % self._every(args.logging_steps) == 0 or step == self.num_updates:
+                self.log({})
+            if self._should_eval(step):
+                self.log(self.evaluate())
+            if args.save_strategy == "steps" and args.save_steps and step % self._every(args.save_steps) == 0:
+                self._save_checkpoint()
+                saved_at = step
+            if self.control.should_training_stop:
+                break
+        bar.close()
+        if self._log_window:
+            self.log({})
+        final_step = self.state.global_step
+        if self.eval_fn is not None and self.eval_prompts is not None and not self._should_eval(final_step):
+            self.log(self.evaluate())
+        if args.save_strategy != "no" and saved_at != self.state.global_step and self.state.global_step > start:
+            self._save_checkpoint()
+        self._callback("on_train_end")
+        if args.report_to:
+            acc.end_training()
+        runtime = time.perf_counter() - t_start
+        losses = [h["ppo/policy_loss"] for h in self.state.log_history if "ppo/policy_loss" in h]
+        loss = sum(losses) / len(losses) if losses else math.nan
+        return TrainOutput(self.state.global_step, loss, {"train_runtime": runtime, "episodes": self.episodes})
+
+    def _every(self, value: float) -> int:
+        """Trainer's `*_steps` semantics: an int >= 1 is a number of updates, a float < 1 a share of the run."""
+        return max(1, math.ceil(value * self.num_updates) if value < 1 else int(value))
+
+    def _should_eval(self, step: int) -> bool:
+        args = self.args
+        return bool(
+            self.eval_fn is not None
+            and self.eval_prompts is not None
+            and args.eval_strategy == "steps"
+            and args.eval_steps
+            and step % self._every(args.eval_steps) == 0
+        )
+
+    def log(self, logs: dict[str, float]) -> None:
+        """Log `logs` plus the mean of every metric since the last log (Trainer's averaging), on the main process."""
+        out = {k: sum(v) / len(v) for k, v in self._log_window.items()}
+        self._log_window.clear()
+        out.update(logs)
+        if not out:
+            return
+        out["step"] = self.state.global_step
+        self.state.log_history.append(out)
+        if self.accelerator.is_main_process:
+            if self.args.report_to:
+                self.accelerator.log({k: v for k, v in out.items() if k != "step"}, step=self.state.global_step)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+            logger.info("%s", shown)
+        self._callback("on_log", logs=out)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """`eval/gold_score`: `eval_fn` on responses to every eval prompt (decoding per `eval_temperature`)."""
+        from accelerate.utils import gather_object
+
+        if self.eval_fn is None or self.eval_prompts is None:
+            return {}
+        ids, texts = self.eval_prompts
+        rank, world = self.accelerator.process_index, self.world_size
+        mine = list(range(rank, len(ids), world))
+        responses: list[str] = []
+        if mine:
+            _, _, resp, _ = self.generate(
+                [ids[i] for i in mine],
+                sample=self.args.eval_temperature > 0,
+                temperature=self.args.eval_temperature or None,
+            )
+            mask, has_eos = response_mask(resp, self.eos_token_ids)
+            responses = self._decode_responses(resp, mask, has_eos)
+        pairs = (
+            gather_object([(i, r) for i, r in zip(mine, responses, strict=True)])
+            if world > 1
+            else list(zip(mine, responses, strict=True))
+        )
+        pairs = sorted(pairs)
+        score = float(self.eval_fn([texts[i] for i, _ in pairs], [r for _, r in pairs]))
+        return {"eval/gold_score": score}
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self) -> Path:
+        """`output_dir/checkpoint-N/`: policy (HF format, or adapter), value model, optimizer, scheduler, RNG per
+        process, KL controller; `trainer_state.json` written last, so a crash mid-save leaves a dir that
+        `align.io.last_checkpoint` skips."""
+        acc = self.accelerator
+        step = self.state.global_step
+        ckpt = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if acc.is_main_process:
+            if ckpt.exists():  # a leftover of a crashed save (or a re-run): never mix two saves
+                shutil.rmtree(ckpt)
+            ckpt.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.policy.save_pretrained(ckpt)
+            self.value_model.save_pretrained(ckpt / VALUE_DIR)
+            torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+            atomic_write_json(
+                ckpt / PPO_STATE,
+                {
+                    "global_step": step,
+                    "episodes": self.episodes,
+                    "kl_controller": self.kl_ctl.state_dict(),
+                    "world_size": self.world_size,
+                },
+            )
+        torch.save(_rng_state(), ckpt / f"rng_state_{acc.process_index}.pth")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = dataclasses.asdict(self.state)
+            atomic_write_text(ckpt / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+            self._rotate_checkpoints()
+            logger.info("ppo: saved %s", ckpt)
+        acc.wait_for_everyone()
+        self._callback("on_save")
+        return ckpt
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        root = Path(self.args.output_dir)
+        done = sorted(
+            (int(p.name.split("-")[1]), p)
+            for p in root.glob("checkpoint-*")
+            if p.name.split("-")[1].isdigit() and (p / TRAINER_STATE).is_file()
+        )
+        for _, path in done[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        from accelerate.utils import load_checkpoint_in_model
+        from transformers import TrainerState
+
+        if not (ckpt / TRAINER_STATE).is_file() or not (ckpt / PPO_STATE).is_file():
+            raise AlignError(
+                f"{ckpt}: not a complete PPO checkpoint (no {TRAINER_STATE} or {PPO_STATE}). "
+                "Resume from another checkpoint-N, or start over."
+            )
+        if self.is_peft:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.policy, load_file(ckpt / "adapter_model.safetensors"))
+        else:
+            load_checkpoint_in_model(self.policy, ckpt, strict=True)
+        load_checkpoint_in_model(self.value_model, ckpt / VALUE_DIR, strict=True)
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        ppo_state = json.loads((ckpt / PPO_STATE).read_text())
+        self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
+        self.episodes = int(ppo_state["episodes"])
+        saved = TrainerState.load_from_json(str(ckpt / TRAINER_STATE))
+        self.state.global_step = saved.global_step
+        self.state.epoch = saved.epoch
+        self.state.log_history = saved.log_history
+        rng = ckpt / f"rng_state_{self.accelerator.process_index}.pth"
+        if rng.is_file() and ppo_state.get("world_size") == self.world_size:
+            _set_rng_state(torch.load(rng, weights_only=False))  # our own file: python/numpy states are not tensors
+        else:
+            logger.warning(
+                "ppo: %s was saved with %s processes, now %d; sampling will not replay exactly.",
+                ckpt,
+                ppo_state.get("world_size"),
+                self.world_size,
+            )
+        logger.info("ppo: resumed from %s at update %d (kl_coef %.4g)", ckpt, saved.global_step, self.kl_ctl.value)
+
+    def save_model(self, output_dir: str | os.PathLike | None = None, merge_adapter: bool | None = None) -> None:
+        """Save the policy as a plain HF causal LM (pipeline-loadable) with tokenizer and a generation config that
+        stops at EOS; a LoRA policy is merged when `merge_adapter` (default: `args.merge_adapter` if the config has
+        it), else saved as an adapter. The value model goes to `output_dir/value_model/`."""
+        acc = self.accelerator
+        out = Path(output_dir or self.args.output_dir)
+        merge = merge_adapter if merge_adapter is not None else bool(getattr(self.args, "merge_adapter", False))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tok = self.processing_class
+            policy = self.policy
+            if self.is_peft and merge:
+                policy = copy.deepcopy(policy).merge_and_unload()
+            gc = policy.generation_config
+            gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
+            if tok.bos_token_id is not None:
+                gc.bos_token_id = tok.bos_token_id
+            policy.save_pretrained(out)
+            tok.save_pretrained(out)
+            self.value_model.save_pretrained(out / VALUE_DIR)
+            tok.save_pretrained(out / VALUE_DIR)
+        acc.wait_for_everyone()
+
+    # ---------------------------------------------------------------- misc
+
+    def _callback(self, event: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(
+                    self.args,
+                    self.state,
+                    self.control,
+                    model=self.policy,
+                    processing_class=self.processing_class,
+                    **kwargs,
+                )
+
+    def _log_summary(self) -> None:
+        from align.modeling import count_parameters, precision_summary
+
+        args = self.args
+        total, trainable = count_parameters(self.model)
+        logger.info(
+            "ppo: %d prompts, %d updates x %d prompts (%d per process x %d), %d epochs x %d mini-batches of %d "
+            "(micro %d); policy+value %.2fM params (%.2fM trainable)%s; reference: %s; reward: %s; old logprobs "
+            "from %s; %s",
+            len(self.train_prompts[0]),
+            self.num_updates,
+            args.local_batch_size * self.world_size,
+            args.local_batch_size,
+            self.world_size,
+            args.num_ppo_epochs,
+            args.num_mini_batches,
+            args.local_mini_batch_size,
+            args.per_device_train_batch_size,
+            total / 1e6,
+            trainable / 1e6,
+            " (LoRA)" if self.is_peft else "",
+            "policy with adapters disabled" if self.ref_policy is None else "frozen copy",
+            "reward_fn" if self.reward_fn is not None else type(self.reward_model).__name__,
+            "generate's logits" if self._use_gen_logits else "a policy forward",
+            precision_summary(args),
+        )
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in d.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,339 @@
+"""Configuration of `align.trainers.ppo.PPOTrainer`: `TrainingArguments` plus PPO's keys, named as in TRL 1.12's
+`PPOConfig`/`OnPolicyConfig` (TRL removed its PPOTrainer in 1.13), so a TRL PPO recipe ports key for key."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from align.rl.ppo import KL_ESTIMATORS
+
+VALUE_MODEL_INITS = ("reward", "policy")
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """`TrainingArguments` for PPO on a language model (InstructGPT step 3).
+
+    Batch sizes, as TRL's OnPolicyConfig (so TRL recipes keep their meaning):
+    - `per_device_train_batch_size`: sequences per forward/backward pass (the micro-batch), as in every Trainer.
+    - mini-batch (one optimizer step) = `per_device_train_batch_size * gradient_accumulation_steps` per device.
+    - rollout (prompts per device per PPO update) = mini-batch * `num_mini_batches`; over all processes times the
+      world size. `max_steps` counts PPO updates (each = 1 rollout + `num_ppo_epochs * num_mini_batches` optimizer
+      steps); alternatively `total_episodes` (responses) or `num_train_epochs` over the prompts sets it.
+
+    Defaults changed from `TrainingArguments`, each for a reason given in its help: `learning_rate` 3e-6,
+    `logging_steps` 1, `save_steps` 50, `bf16` None (auto). `use_cpu: true` runs on the CPU even when a GPU is present
+    (Trainer's key; accelerate's `cpu`). Checkpoints: `save_strategy` "steps" (every `save_steps` updates and at the
+    end) or "no"; `save_total_limit` keeps the newest N. Evaluation (`eval_fn` on `eval_dataset`): every `eval_steps`
+    with `eval_strategy: steps`, and at the end.
+    """
+
+    # Trainer keys with PPO defaults
+    learning_rate: float = field(
+        default=3e-6,
+        metadata={
+            "help": "AdamW learning rate for policy and value model. 3e-6 as TRL's PPO: RL fine-tuning moves a "
+            "trained SFT model, and larger steps quickly over-optimize the reward model."
+        },
+    )
+    logging_steps: float = field(
+        default=1,
+        metadata={
+            "help": "Log every N PPO updates. 1: an update is a whole rollout plus several optimizer steps, "
+            "worth a line each (Trainer's 500 would log almost never)."
+        },
+    )
+    save_steps: float = field(
+        default=50,
+        metadata={
+            "help": "Save a checkpoint every N PPO updates (and at the end). 50 bounds the work lost to a "
+            "crash to minutes on small models while keeping checkpoint I/O rare."
+        },
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast. None (default): on where a CUDA GPU supports it, off on CPUs (emulated "
+            "bf16 was measured ~15x slower than float32 on CPUs without avx512_bf16/AMX)."
+        },
+    )
+
+    # Rollout
+    num_mini_batches: int = field(
+        default=1,
+        metadata={
+            "help": "Mini-batches (optimizer steps) per rollout per PPO epoch. 1 as TRL: each epoch is one "
+            "large-batch step, the most stable choice for small rollouts."
+        },
+    )
+    total_episodes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Responses to train on; sets the number of updates (ceil(total_episodes / rollout "
+            "size)). None: `max_steps` if > 0, else `num_train_epochs` passes over the prompts."
+        },
+    )
+    local_rollout_forward_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Sequences per no-grad pass in the rollout (generation, reference, value, reward). 64 as "
+            "TRL; lower it if rollouts run out of memory."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the last N prompt tokens (a warning counts the cut prompts). None: no cut; a prompt "
+            "that leaves no room for max_new_tokens in the model's context is an error."
+        },
+    )
+    max_new_tokens: int = field(
+        default=64,
+        metadata={
+            "help": "Response length limit (TRL: response_length). 64 as `align generate`'s default; "
+            "responses that hit it without EOS can be penalized with missing_eos_penalty."
+        },
+    )
+    min_new_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Suppress EOS for the first N tokens. 0: the policy decides; the benchmark sets it to "
+            "max_new_tokens for a fixed workload. Note that the logprobs PPO uses ignore this constraint."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature; logits are divided by it when computing logprobs too. 1.0 as "
+            "InstructGPT (TRL used 0.7): PPO then optimizes, and the KL penalty measures, the distribution "
+            "the saved model samples from."
+        },
+    )
+    top_k: int = field(
+        default=0,
+        metadata={
+            "help": "Top-k filtering while sampling; 0 = off. Keep 0: filtered samples come from a different "
+            "distribution than the logprobs PPO computes."
+        },
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling; 1.0 = off, for the same reason as top_k."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={
+            "help": "Subtracted from the score of responses that end without EOS (cut at max_new_tokens). "
+            "None: no penalty (TRL's default). A positive value, e.g. 1.0, discourages rambling."
+        },
+    )
+    reward_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip scores to [-reward_clip, reward_clip] before the KL penalty. None: no clip "
+            "(InstructGPT normalizes the reward model instead: its offset centers SFT samples at 0)."
+        },
+    )
+
+    # KL penalty
+    kl_coef: float = field(
+        default=0.05,
+        metadata={
+            "help": "beta of the per-token KL penalty to the reference (initial value when adaptive_kl). 0.05 "
+            "as TRL; InstructGPT used 0.02. Must be >= 0 (0 disables the penalty)."
+        },
+    )
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "Per-token KL estimator: 'k1' (log p - log p_ref, TRL's default) or 'k3' (non-negative, "
+            "lower variance). http://joschu.net/blog/kl-approx.html",
+            "choices": list(KL_ESTIMATORS),
+        },
+    )
+    adaptive_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "Adapt kl_coef toward kl_target (Ziegler et al. 2019). False as TRL's PPOv2 and "
+            "InstructGPT, which used a fixed beta."
+        },
+    )
+    kl_target: float = field(
+        default=6.0,
+        metadata={"help": "Target KL (nats per response) for adaptive_kl; 6.0 as Ziegler et al. 2019 / TRL."},
+    )
+    kl_horizon: float = field(
+        default=10000,
+        metadata={"help": "Horizon (responses) of the adaptive controller; 10000 as Ziegler et al. 2019 / TRL."},
+    )
+
+    # PPO
+    num_ppo_epochs: int = field(
+        default=4,
+        metadata={"help": "Passes over each rollout. 4 as TRL and OpenAI's summarize-from-feedback."},
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon; 0.2 as the PPO paper."})
+    cliprange_value: float = field(
+        default=0.2, metadata={"help": "Value clip around the rollout's values; 0.2 as TRL / PPO2."}
+    )
+    vf_coef: float = field(
+        default=0.1,
+        metadata={
+            "help": "Value loss weight. 0.1 as TRL: policy and value share one optimizer, and the value "
+            "loss is in squared reward units, often much larger than the policy loss."
+        },
+    )
+    gamma: float = field(
+        default=1.0,
+        metadata={"help": "Discount. 1.0 as TRL: the score arrives at the last token and must reach the first."},
+    )
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda; 0.95 as TRL."})
+    whiten_rewards: bool = field(
+        default=False,
+        metadata={"help": "Scale per-token rewards by their std (mean kept) before GAE. False as TRL."},
+    )
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Entropy bonus weight; 0 as TRL and InstructGPT: the KL penalty already keeps the policy "
+            "from collapsing. Entropy is logged (ppo/entropy) either way."
+        },
+    )
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "PPO-ptx (InstructGPT Eq. 2, gamma): weight of a language-modelling loss on ptx_dataset, "
+            "to limit regressions on the pretraining distribution. 0 = plain PPO."
+        },
+    )
+    value_model_init: str = field(
+        default="reward",
+        metadata={
+            "help": "Where the value model comes from when none is given: 'reward' (InstructGPT: a copy of "
+            "the reward model; needs the policy's tokenizer) or 'policy' (the policy's backbone, fresh "
+            "scalar head).",
+            "choices": list(VALUE_MODEL_INITS),
+        },
+    )
+
+    fast_activations: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute GPT-2's gelu_new with PyTorch's fused tanh-GELU kernel (nn.GELU(approximate='tanh'): "
+            "the same function, equal up to float rounding) in all four models: one kernel instead of eight in "
+            "forward and backward: ~10% less PPO training time on the CPU bench (more when cores are contended). "
+            "Saved models are unchanged."
+        },
+    )
+
+    # Samples and evaluation
+    num_sample_generations: int = field(
+        default=10,
+        metadata={
+            "help": "Times during training that a few (prompt, response, score) samples are logged, evenly "
+            "spaced (TRL's key). 0 = never."
+        },
+    )
+    eval_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "Decoding for eval_dataset responses scored by eval_fn; 0 = greedy, deterministic and "
+            "comparable across runs."
+        },
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+        super().__post_init__()
+        errors = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                errors.append(msg)
+
+        for name in ("num_mini_batches", "num_ppo_epochs", "max_new_tokens", "local_rollout_forward_batch_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} {value} must be an integer >= 1")
+        need(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens {self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]",
+        )
+        need(
+            self.max_prompt_length is None or self.max_prompt_length >= 1,
+            f"max_prompt_length {self.max_prompt_length} must be >= 1 (or null: no cut)",
+        )
+        need(
+            self.kl_coef >= 0,
+            f"kl_coef {self.kl_coef} is negative; use 0 to disable the KL penalty "
+            "(a negative beta rewards drifting from the reference)",
+        )
+        need(
+            self.kl_estimator in KL_ESTIMATORS,
+            f"kl_estimator {self.kl_estimator!r} is unknown; use one of {', '.join(KL_ESTIMATORS)}",
+        )
+        need(
+            self.value_model_init in VALUE_MODEL_INITS,
+            f"value_model_init {self.value_model_init!r} is unknown; use one of {', '.join(VALUE_MODEL_INITS)}",
+        )
+        need(self.kl_target > 0, f"kl_target {self.kl_target} must be > 0")
+        need(self.kl_horizon > 0, f"kl_horizon {self.kl_horizon} must be > 0")
+        need(
+            self.temperature > 0,
+            f"temperature {self.temperature} must be > 0; PPO samples (1.0 = the model's "
+            "own distribution); greedy decoding has no logprobs to optimize",
+        )
+        need(self.eval_temperature >= 0, f"eval_temperature {self.eval_temperature} must be >= 0 (0 = greedy)")
+        need(self.top_k >= 0, f"top_k {self.top_k} must be >= 0 (0 = off)")
+        need(0 < self.top_p <= 1, f"top_p {self.top_p} must be in (0, 1] (1 = off)")
+        need(self.cliprange > 0, f"cliprange {self.cliprange} must be > 0 (0.2 is standard)")
+        need(self.cliprange_value > 0, f"cliprange_value {self.cliprange_value} must be > 0 (0.2 is standard)")
+        for name in ("vf_coef", "entropy_coef", "ptx_coef"):
+            need(getattr(self, name) >= 0, f"{name} {getattr(self, name)} is negative; use 0 to turn the term off")
+        need(0 <= self.gamma <= 1, f"gamma {self.gamma} must be in [0, 1]")
+        need(0 <= self.lam <= 1, f"lam {self.lam} must be in [0, 1]")
+        need(
+            self.reward_clip is None or self.reward_clip > 0,
+            f"reward_clip {self.reward_clip} must be > 0 (or null: no clip)",
+        )
+        need(
+            self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
+            f"missing_eos_penalty {self.missing_eos_penalty} must be a finite number (or null)",
+        )
+        need(
+            self.total_episodes is None or self.total_episodes >= 1,
+            f"total_episodes {self.total_episodes} must be >= 1 (or null)",
+        )
+        need(
+            not (self.total_episodes is not None and self.max_steps > 0),
+            f"max_steps {self.max_steps} and total_episodes {self.total_episodes} both set the run length; keep one",
+        )
+        for name in ("save_strategy", "eval_strategy"):
+            value = str(getattr(getattr(self, name), "value", getattr(self, name)))
+            need(value in ("steps", "no"), f"{name} {value!r} is not supported (a PPO run counts updates, not "
+                 "epochs); use 'steps' or 'no'")  # fmt: skip
+        if errors:
+            raise ValueError("ppo: " + "; ".join(errors) + ".")
+
+    @property
+    def local_mini_batch_size(self) -> int:
+        """Sequences per optimizer step per device."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def local_batch_size(self) -> int:
+        """Prompts per rollout per device."""
+        return self.local_mini_batch_size * self.num_mini_batches
+
+    def num_updates(self, num_prompts: int, world_size: int) -> int:
+        """PPO updates of the run: `max_steps` if > 0, else from `total_episodes`, else `num_train_epochs` passes."""
+        if self.max_steps > 0:
+            return int(self.max_steps)
+        batch = self.local_batch_size * world_size
+        episodes = self.total_episodes if self.total_episodes is not None else self.num_train_epochs * num_prompts
+        return max(1, math.ceil(episodes / batch))

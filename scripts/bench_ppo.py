@@ -1,0 +1,187 @@
+"""Benchmark one fixed PPO workload on CPU and print ONE JSON line.
+
+Workload: GPT-2-style policy (4 layers, 256 hidden, 4 heads, vocab 512), reference + reward + value models of the same
+size; 32 prompts of ~8 tokens per update, mini-batch 16, 2 PPO epochs, exactly 32 new tokens per response (EOS
+suppressed by min_new_tokens), lr 3e-4, KL coef 0.01, 16 updates; 2 threads.
+Reference on this machine: TRL 1.12's PPOTrainer, 2.46 s/update and 985 MiB peak RSS; goal <= 1.2 s and <= 1 GiB.
+The machine is shared, so seconds move with the load: `achieved_gflops` / `sgemm_gflops` (the model's matmul FLOPs
+per second against a float32 matmul rate sampled between updates) is the steadier figure.
+
+    python scripts/bench_ppo.py                 # the JSON line
+    python scripts/bench_ppo.py --profile 3     # + torch.profiler's top ops over update 3 (stderr)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: idle OpenMP threads must not spin on a machine shared with other jobs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+UPDATES, PROMPTS, MINI, EPOCHS, NEW_TOKENS, VOCAB = 16, 32, 16, 2, 32, 512
+
+
+def build(threads: int, output_dir: str):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
+
+    from align.modeling import wordlevel_tokenizer
+    from align.trainers.ppo import PPOTrainer
+    from align.trainers.ppo_config import PPOConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    words = [f"w{i}" for i in range(VOCAB - 7)]  # + 4 special and 3 chat tokens = 512
+    tok = wordlevel_tokenizer(words)
+    assert len(tok) == VOCAB, len(tok)
+    sizes = dict(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=4, n_positions=128)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    policy = GPT2LMHeadModel(GPT2Config(**sizes, **ids))
+    reward = GPT2ForSequenceClassification(GPT2Config(**sizes, **ids, num_labels=1))
+    g = torch.Generator().manual_seed(0)
+    # ~8 tokens: 7 to 9 word ids after BOS, so left padding is part of the workload
+    rows = []
+    for _ in range(PROMPTS * 4):
+        n = 7 + int(torch.randint(0, 3, (1,), generator=g))
+        body = (torch.randint(7, VOCAB, (n,), generator=g)).tolist()
+        rows.append({"input_ids": [tok.bos_token_id, *body]})
+    args = PPOConfig(
+        output_dir=output_dir,
+        max_steps=UPDATES,
+        per_device_train_batch_size=MINI,
+        num_mini_batches=PROMPTS // MINI,
+        num_ppo_epochs=EPOCHS,
+        learning_rate=3e-4,
+        kl_coef=0.01,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        num_sample_generations=0,
+        seed=0,
+    )
+
+    class Clock(TrainerCallback):
+        """Seconds per update, and after each update (outside the timed span) a short float32 matmul burst: the
+        machine's matmul rate during the same minutes, to normalize for the load."""
+
+        def __init__(self):
+            self.durations: list[float] = []
+            self.sgemm: list[float] = []
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.durations.append(time.perf_counter() - self.last)
+            self.sgemm.append(_sgemm_gflops(repeats=8))
+            self.last = time.perf_counter()
+
+    clock = Clock()
+    from datasets import Dataset
+
+    trainer = PPOTrainer(
+        args, policy, reward_model=reward, processing_class=tok, train_dataset=Dataset.from_list(rows),
+        callbacks=[clock],
+    )  # fmt: skip
+    return trainer, clock
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, help="Profile this update (1-based) with torch.profiler.")
+    opts = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer, clock = build(opts.threads, out)
+        if opts.profile:
+            _profile(trainer, opts.profile)
+            return 0
+        clock.last = time.perf_counter()
+        trainer.train()
+    per_update = clock.durations
+    sgemm = statistics.median(clock.sgemm[1:])
+    hist = [h for h in trainer.state.log_history if "time/generation" in h]
+    phases = {k: sum(h[k] for h in hist[1:]) for k in ("time/generation", "time/scoring", "time/training")}
+    total = sum(per_update[1:])
+    phases["other"] = total - sum(phases.values())
+    result = {
+        "bench": "ppo",
+        "updates": len(per_update),
+        "median_s_per_update": round(statistics.median(per_update[1:]), 4),
+        "first_update_s": round(per_update[0], 4),
+        "generated_tokens_per_s": round(PROMPTS * NEW_TOKENS * len(per_update) / sum(per_update), 1),
+        "phase_share": {k.split("/")[-1]: round(v / total, 3) for k, v in phases.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # Load-normalized: model GFLOP per update / median time, against the median float32 matmul rate measured
+        # between updates (the machine is shared; this ratio moves less with the load than seconds do).
+        "model_gflop_per_update": round(FLOP_PER_UPDATE / 1e9, 1),
+        "achieved_gflops": round(FLOP_PER_UPDATE / 1e9 / statistics.median(per_update[1:]), 1),
+        "sgemm_gflops": round(sgemm, 1),
+        "threads": torch.get_num_threads(),
+        "response_length": hist[-1]["ppo/response_length"],
+        "torch": torch.__version__,
+        "reference_trl_1_12": {"s_per_update": 2.46, "peak_rss_mib": 985},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _flop_per_update(prompt_len: int = 9, layers: int = 4, d: int = 256) -> float:
+    """Matmul FLOPs of one update (2 per multiply-add; attention scores and the LM head over prompts ignored)."""
+    per_token = 2 * 12 * layers * d * d  # forward, one model: QKV, proj (4 d^2) + MLP (8 d^2) per layer
+    seq = PROMPTS * (prompt_len + NEW_TOKENS)
+    head = 2 * d * VOCAB * PROMPTS * NEW_TOKENS
+    rollout = 4 * seq * per_token + head * 2  # generate (KV cache: each token once), ref, value, reward; 2 LM heads
+    train = EPOCHS * 2 * 3 * (seq * per_token) + EPOCHS * 3 * head  # policy + value, forward + backward = 3x
+    return float(rollout + train)
+
+
+FLOP_PER_UPDATE = _flop_per_update()
+
+
+def _sgemm_gflops(repeats: int = 30) -> float:
+    """float32 matmul rate of the MLP's shape (16 x 41 tokens, 256 -> 1024) with the bench's threads."""
+    a, b = torch.randn(656, 256), torch.randn(256, 1024)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 656 * 256 * 1024 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _profile(trainer, update: int) -> None:
+    """Run up to `update`, profiling that one; top ops by self CPU time to stderr."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for step in range(1, update + 1):
+        if step == update:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with record_function("rollout"):
+                    batch, _, _ = trainer._rollout(step)
+                with record_function("ppo_epochs"):
+                    trainer._train_on(batch, step)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+        else:
+            batch, _, _ = trainer._rollout(step)
+            trainer._train_on(batch, step)
+        trainer.state.global_step = step
+
+
+if __name__ == "__main__":
+    sys.exit(main())
