@@ -234,7 +234,7 @@ def _sft_class():
                 import torch
 
                 self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
-            _post_init_common(self)
+            _post_init_common(self, SFTConfig)
             if not 0.0 <= self.tinyworld_error_rate <= 1.0:
                 raise ValueError(f"tinyworld_error_rate {self.tinyworld_error_rate} is not in [0, 1].")
             if self.merge_adapter and not self.use_peft:
@@ -245,8 +245,12 @@ def _sft_class():
     return SFTStageConfig
 
 
-def _post_init_common(cfg) -> None:
-    """Validation shared by all stage configs, then the base classes' own checks."""
+def _post_init_common(cfg, trainer_config: type | None = None) -> None:
+    """Validation shared by all stage configs, then the base classes' own checks.
+
+    `trainer_config` is the transformers/TRL config the stage subclasses (default TrainingArguments); its
+    `__post_init__` runs last (e.g. SFTConfig resolves `pad_to_multiple_of: auto` there).
+    """
     from transformers import TrainingArguments
     from trl import ModelConfig
 
@@ -258,7 +262,7 @@ def _post_init_common(cfg) -> None:
     if not cfg.output_dir:
         raise ValueError("output_dir is not set; add `output_dir: runs/<name>/<stage>` to the recipe.")
     ModelConfig.__post_init__(cfg)
-    TrainingArguments.__post_init__(cfg)
+    (trainer_config or TrainingArguments).__post_init__(cfg)
 
 
 _CLASSES: dict[str, Any] = {}

@@ -179,6 +179,8 @@ def run(cfg) -> Path:
     )
 
     # Train
+    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
+    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
     trainer = Trainer(
         model=model,
         args=cfg,
@@ -224,6 +226,7 @@ def run(cfg) -> Path:
         model.generation_config.save_pretrained(output_dir)
         samples = sample_texts(trainer.model, tokenizer, cfg.num_samples, cfg.sample_max_new_tokens, cfg.seed)
         parent = parent_of(cfg.model_name_or_path) if cfg.model_name_or_path else None
+        cfg.push_to_hub = push_to_hub  # recorded as the user set it
         write_stage_info(
             output_dir,
             "pretrain",
@@ -234,8 +237,13 @@ def run(cfg) -> Path:
             samples=samples,
             log_history=trainer.state.log_history,
             model={"type": model.config.model_type, "parameters": total},
+            num_processes=trainer.accelerator.num_processes,
         )
         _log_result(metrics)
+        if push_to_hub:
+            from align.hub import push_after_stage
+
+            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

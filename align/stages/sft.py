@@ -86,7 +86,7 @@ def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
 def load_model_and_tokenizer(cfg):
     """Policy to fine-tune + its tokenizer, with a chat template (the model's own, or ours) and a pad token."""
     import torch
-    from trl import get_kbit_device_map, get_quantization_config
+    from trl import get_quantization_config
 
     from align import modeling
 
@@ -118,11 +118,18 @@ def load_model_and_tokenizer(cfg):
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
         quantization_config=quantization,
-        device_map=get_kbit_device_map() if quantization is not None else None,
+        # quantized weights are placed at load time: each process on its own GPU
+        device_map=_kbit_device_map() if quantization is not None else None,
     )
     modeling.ensure_chat_template(tokenizer, model)
     modeling.set_generation_defaults(model, tokenizer)
     return model, tokenizer
+
+
+def _kbit_device_map() -> dict[str, int]:
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
 
 
 def run(cfg) -> Path:
@@ -170,6 +177,8 @@ def run(cfg) -> Path:
     )
 
     # Train
+    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
+    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
     trainer = SFTTrainer(
         model=model,
         args=cfg,
@@ -205,6 +214,7 @@ def run(cfg) -> Path:
     # Save
     save(trainer, tokenizer, cfg, output_dir)
     if trainer.is_world_process_zero():
+        cfg.push_to_hub = push_to_hub  # recorded as the user set it
         write_stage_info(
             output_dir,
             "sft",
@@ -214,9 +224,10 @@ def run(cfg) -> Path:
             metrics={k: float(v) for k, v in metrics.items()},
             log_history=trainer.state.log_history,
             peft={"adapter": bool(peft_config), "merged": bool(cfg.merge_adapter)},
+            num_processes=trainer.accelerator.num_processes,
             **extra,
         )
-        if cfg.push_to_hub:
+        if push_to_hub:
             from align.hub import push_after_stage
 
             push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
