@@ -499,3 +499,21 @@ def test_token_never_appears_in_logs_or_output(online, monkeypatch, tmp_path, mo
     assert f"{url}/me/ok/commit/" in seen  # the output is there, so its absence of tokens means something
     for token in (TOKEN, READ_TOKEN, BAD_TOKEN):
         assert token not in seen
+
+
+def test_push_to_hub_in_a_stage_recipe_pushes_the_finished_stage(hub, tmp_path):
+    from align.config import parse_config
+    from align.stages.pretrain import run
+
+    recipe = {
+        "model_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+        "tinyworld_stories": 100, "max_length": 32, "max_steps": 2, "per_device_train_batch_size": 4,
+        "eval_strategy": "no", "save_strategy": "no", "num_samples": 0, "report_to": "none",
+        "output_dir": str(tmp_path / "pretrain"), "push_to_hub": True, "hub_model_id": "tester/tiny-pretrain",
+    }
+    out = run(parse_config("pretrain", [], overrides=recipe))
+    files = hub.files("tester/tiny-pretrain")
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert files["align_stage.json"] == (out / "align_stage.json").read_bytes()
+    assert "pretrain" in card_of(files).data.tags  # our card, not Trainer's
+    assert json.loads((out / "align_stage.json").read_text())["recipe"]["push_to_hub"] is True
