@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+
+logger = logging.getLogger(__name__)
 
 STAGE_FILE = "align_stage.json"
 STAGES = ("pretrain", "sft", "rank", "reward", "ppo")
@@ -148,3 +151,14 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if m and child.is_dir() and (child / "trainer_state.json").is_file():
             found.append((int(m.group(1)), child))
     return max(found)[1] if found else None
+
+
+def resume_checkpoint(args) -> str | None:
+    """Where a Trainer run resumes: `args.resume_from_checkpoint` if set, else the newest complete checkpoint in
+    `args.output_dir` (logged, so a rerun says it continued), else None for a fresh start."""
+    if args.resume_from_checkpoint:
+        return str(args.resume_from_checkpoint)
+    found = last_checkpoint(args.output_dir)
+    if found is not None:
+        logger.info("Resuming from %s (found in output_dir).", found)
+    return str(found) if found else None

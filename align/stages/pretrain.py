@@ -19,7 +19,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import last_checkpoint, parent_of, write_stage_info
+from align.io import parent_of, resume_checkpoint, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +189,9 @@ def run(cfg) -> Path:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
-    resume = cfg.resume_from_checkpoint or last_checkpoint(output_dir)
-    if resume and not cfg.resume_from_checkpoint:
-        logger.info("Resuming from %s (found in output_dir).", resume)
+    resume = resume_checkpoint(cfg)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": train_seconds}
     steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)

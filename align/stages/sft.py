@@ -19,7 +19,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import last_checkpoint, parent_of, write_stage_info
+from align.io import parent_of, resume_checkpoint, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,9 @@ def run(cfg) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    resume = cfg.resume_from_checkpoint or last_checkpoint(output_dir)
-    if resume and not cfg.resume_from_checkpoint:
-        logger.info("Resuming from %s (found in output_dir).", resume)
+    resume = resume_checkpoint(cfg)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics.update({"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start})
 
     # Evaluate
