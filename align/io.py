@@ -139,8 +139,9 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete `checkpoint-N` dir in `output_dir` (Trainer's layout), or None.
 
-    A checkpoint is complete when its `trainer_state.json` exists: Trainer writes that file after the weights, so a
-    run killed mid-save leaves a dir without it, which we skip rather than resume from.
+    A checkpoint is complete when its `trainer_state.json` exists and parses: Trainer writes that file last, and
+    not atomically, so a run killed mid-save leaves a dir without it or with a truncated one. Such a dir is skipped
+    (and said so in the log) rather than resumed from.
     """
     root = Path(output_dir)
     if not root.is_dir():
@@ -148,9 +149,21 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     found = []
     for child in root.iterdir():
         m = _CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir() and (child / "trainer_state.json").is_file():
+        if m and child.is_dir():
             found.append((int(m.group(1)), child))
-    return max(found)[1] if found else None
+    for _, child in sorted(found, reverse=True):
+        if _checkpoint_complete(child):
+            return child
+        logger.warning("Skipping incomplete checkpoint %s (interrupted while saving).", child)
+    return None
+
+
+def _checkpoint_complete(path: Path) -> bool:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
 
 
 def resume_checkpoint(args) -> str | None:

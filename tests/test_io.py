@@ -1,0 +1,52 @@
+"""Checkpoint lookup and atomic writes: what a resumed run trusts."""
+
+import json
+
+import pytest
+
+from align.errors import AlignError
+from align.io import atomic_write_json, last_checkpoint, read_stage_info
+
+
+def _checkpoint(root, step, state_text):
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"x")
+    if state_text is not None:
+        (d / "trainer_state.json").write_text(state_text)
+    return d
+
+
+def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path):
+    _checkpoint(tmp_path, 8, json.dumps({"global_step": 8}))
+    ten = _checkpoint(tmp_path, 10, json.dumps({"global_step": 10}))
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == ten
+
+
+@pytest.mark.parametrize("state_text", [None, "", '{"global_st', "[]"])
+def test_a_checkpoint_interrupted_while_saving_is_skipped(tmp_path, state_text):
+    # Trainer writes trainer_state.json last and not atomically: a kill mid-save leaves it missing or truncated.
+    good = _checkpoint(tmp_path, 4, json.dumps({"global_step": 4}))
+    _checkpoint(tmp_path, 8, state_text)
+    assert last_checkpoint(tmp_path) == good
+
+
+def test_no_checkpoint_means_fresh_start(tmp_path):
+    assert last_checkpoint(tmp_path / "missing") is None
+    _checkpoint(tmp_path, 2, "")
+    assert last_checkpoint(tmp_path) is None
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "a" / "align_stage.json"
+    atomic_write_json(target, {"stage": "sft"})
+    atomic_write_json(target, {"stage": "ppo"})
+    assert json.loads(target.read_text()) == {"stage": "ppo"}
+    assert [p.name for p in target.parent.iterdir()] == ["align_stage.json"]
+
+
+def test_corrupt_stage_file_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "align_stage.json").write_text("{")
+    with pytest.raises(AlignError, match=r"align_stage.json: not valid JSON .* Delete the file and rerun"):
+        read_stage_info(tmp_path)
