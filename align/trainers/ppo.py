@@ -177,7 +177,8 @@ class PPOTrainer:
         train_dataset: prompts, column "prompt" (str; the chat template is applied when the tokenizer has one) or
             pre-tokenized "input_ids" (used as is).
         reward_fn: `(prompts, responses) -> (B,) tensor`, used instead of reward_model (tests, rule-based rewards).
-        eval_fn: `(prompts, responses) -> float` on eval_dataset's prompts, logged as `eval/gold_score`.
+        eval_fn: `(prompts, responses) -> float` on eval_dataset's prompts, logged as `eval/<eval_metric>`.
+        eval_metric: name of that metric: "gold_score" (tiny world's labeler, default) or e.g. "reward".
         format_fn: `(prompt, response) -> str` for the reward model; None = `align.trainers.reward.format_for_reward`.
         ptx_dataset: pretraining-style data ("text" or "input_ids") for PPO-ptx when `args.ptx_coef > 0`.
         callbacks: `transformers.TrainerCallback`s; `on_train_begin`, `on_step_end`, `on_log`, `on_save`,
@@ -201,6 +202,7 @@ class PPOTrainer:
         format_fn: Callable[[str, str], str] | None = None,
         ptx_dataset=None,
         callbacks: list | None = None,
+        eval_metric: str = "gold_score",
     ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -221,6 +223,7 @@ class PPOTrainer:
         self.processing_class = tokenizer = processing_class
         self.reward_tokenizer = reward_tokenizer or processing_class
         self.reward_fn, self.eval_fn, self.format_fn = reward_fn, eval_fn, format_fn
+        self.eval_metric = eval_metric
         self.callbacks = list(callbacks or [])
         if tokenizer.pad_token_id is None:
             raise AlignError("ppo: the policy tokenizer has no pad token. Set tokenizer.pad_token (e.g. to EOS).")
@@ -914,7 +917,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """`eval/gold_score`: `eval_fn` on responses to every eval prompt (decoding per `eval_temperature`)."""
+        """`eval/<eval_metric>` (default `eval/gold_score`): `eval_fn` on responses to every eval prompt (decoding
+        per `eval_temperature`)."""
         from accelerate.utils import gather_object
 
         if self.eval_fn is None or self.eval_prompts is None:
@@ -938,7 +942,7 @@ class PPOTrainer:
         )
         pairs = sorted(pairs)
         score = float(self.eval_fn([texts[i] for i, _ in pairs], [r for _, r in pairs]))
-        return {"eval/gold_score": score}
+        return {f"eval/{self.eval_metric}": score}
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from trl import ModelConfig, ScriptArguments
 
+from align.config import _changed, _post_init_common
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy")
@@ -224,7 +226,8 @@ class PPOConfig(TrainingArguments):
         metadata={
             "help": "Compute GPT-2's gelu_new with PyTorch's fused tanh-GELU kernel (nn.GELU(approximate='tanh'): "
             "the same function, equal up to float rounding) in all four models: one kernel instead of eight in "
-            "forward and backward: ~10% less PPO training time on the CPU bench (more when cores are contended). "
+            "forward and backward: about a tenth less PPO training time on the CPU bench (more when cores are "
+            "contended). "
             "Saved models are unchanged."
         },
     )
@@ -337,3 +340,115 @@ class PPOConfig(TrainingArguments):
         batch = self.local_batch_size * world_size
         episodes = self.total_episodes if self.total_episodes is not None else self.num_train_epochs * num_prompts
         return max(1, math.ceil(episodes / batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `align ppo`: the stage config
+
+
+@dataclass
+class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
+    """`align ppo`: optimize the policy against the reward model with PPO (InstructGPT step 3).
+
+    Changed defaults: `dataset_name="tinyworld"` (the world's instruction prompts), `report_to="none"`,
+    `save_total_limit=2`, `dtype="auto"`. `max_steps` counts PPO updates (each = one rollout of
+    `per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches` prompts per process).
+    """
+
+    # Changed defaults
+    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+    report_to: None | str | list[str] = _changed(TrainingArguments, "report_to", "none")
+    save_total_limit: int | None = _changed(TrainingArguments, "save_total_limit", 2)
+    dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+    # Models
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reward model: an `align reward` output dir (or any AutoModelForSequenceClassification with "
+            "one label, with its own tokenizer). Its `align_reward_offset` is subtracted from every score."
+        },
+    )
+    value_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Value model to start from (a sequence-classification dir, e.g. a PPO output's value_model/). "
+            "None: built per value_model_init."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Policy tokenizer dir or Hub id, when not the policy's own."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modeling code from the model repos. Off unless you ask."}
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "With use_peft: save the merged policy in output_dir (loadable without peft) and the adapter in "
+            "output_dir/adapter. Off: output_dir holds the adapter."
+        },
+    )
+    # Data
+    dataset_column_mapping: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Rename your columns to the ones the stage expects, e.g. {'question': 'prompt'}. A JSON object on "
+            "the command line."
+        },
+    )
+    dataset_test_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Own data without `dataset_test_split`: hold out this fraction (< 1) or number (>= 1) of prompts; "
+            "every eval_steps the policy answers them and the reward model's mean score is logged as eval/reward. "
+            "0 (default): train on all prompts. Tiny world evaluates with the gold labeler instead."
+        },
+    )
+    tinyworld_prompts: int = field(
+        default=4000, metadata={"help": "Generated training prompts (dataset_name: tinyworld, train split)."}
+    )
+    tinyworld_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the generated tiny world (dataset_name: tinyworld); kept apart from `seed`."},
+    )
+    ptx_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "PPO-ptx data (with ptx_coef > 0): a file, save_to_disk dir or Hub id with a 'text' column, or "
+            "'tinyworld' for the pretraining stories."
+        },
+    )
+    # Evaluation
+    gold_eval_prompts: int = field(
+        default=200,
+        metadata={
+            "help": "Held-out tiny-world prompts answered by this policy and its SFT parent and scored by the gold "
+            "labeler, the same prompts as `align sft` (tinyworld only; 0 = off). Decoding: eval_temperature."
+        },
+    )
+    gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
+
+    def __post_init__(self):
+        _post_init_common(self, PPOConfig)
+        errors = []
+        if not self.reward_model_path:
+            errors.append("reward_model_path is not set; point it at an `align reward` output (e.g. runs/tiny/reward)")
+        if not self.model_name_or_path:
+            errors.append("model_name_or_path is not set; point it at the SFT stage (e.g. runs/tiny/sft)")
+        if self.merge_adapter and not self.use_peft:
+            errors.append("merge_adapter: true needs use_peft: true (there is no adapter to merge)")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            errors.append("load_in_4bit/8bit (QLoRA) trains adapters only; set use_peft: true")
+        if self.ptx_coef > 0 and not self.ptx_dataset_name:
+            errors.append(f"ptx_coef {self.ptx_coef} > 0 but no ptx_dataset_name; set one or ptx_coef: 0")
+        if self.ptx_dataset_name and self.ptx_coef == 0:
+            errors.append(f"ptx_dataset_name {self.ptx_dataset_name!r} is set but ptx_coef is 0; set ptx_coef > 0 "
+                          "(InstructGPT: 27.8) or drop ptx_dataset_name")  # fmt: skip
+        if self.tinyworld_prompts < 1:
+            errors.append(f"tinyworld_prompts {self.tinyworld_prompts} must be >= 1")
+        if self.gold_eval_prompts < 0:
+            errors.append(f"gold_eval_prompts {self.gold_eval_prompts} is negative; use 0 to turn it off")
+        if self.gold_eval_max_new_tokens < 1:
+            errors.append(f"gold_eval_max_new_tokens {self.gold_eval_max_new_tokens} must be >= 1")
+        if errors:
+            raise ValueError("ppo: " + "; ".join(errors) + ".")

@@ -1,0 +1,366 @@
+"""`align ppo`: optimize the policy against the reward model with PPO (InstructGPT step 3), align's PPOTrainer.
+
+    align ppo --config recipes/tiny/ppo.yaml
+    align ppo --config recipes/tiny/ppo.yaml --model_name_or_path runs/tiny/sft --reward_model_path runs/tiny/reward
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml \
+        -m align ppo --config recipes/gpt2-small/ppo.yaml
+
+Four roles: the policy (`model_name_or_path`: the SFT stage, or any causal LM; full fine-tune or LoRA with
+`use_peft`), the reference (a frozen copy, or the LoRA policy with its adapter disabled), the reward model
+(`reward_model_path`: an `align reward` output with its own tokenizer and stored offset) and the value model
+(`value_model_path`, else a copy of the reward model as InstructGPT, or the policy with a fresh head:
+`value_model_init`). Prompts: tiny-world instructions (train split), or your file (`prompt` column, or `messages`
+ending in a user turn). On the tiny world the policy and its SFT parent answer the held-out prompts `align sft` used
+and the gold labeler scores both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from align.config import log_config, parse_config, recipe_dict
+from align.errors import AlignError
+from align.io import parent_of, read_stage_info, resume_checkpoint, write_stage_info
+
+logger = logging.getLogger(__name__)
+
+TINYWORLD = "tinyworld"
+# `reward` and `kl` in align_stage.json: means over the last tenth of the updates (at least one logged entry), where
+# the policy has settled; the first updates would mostly measure the SFT model.
+FINAL_SHARE = 0.1
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config("ppo", argv)
+    run(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _prompt_text(row: dict[str, Any], where: str) -> str:
+    """The single-turn prompt of a row: `prompt` (str, or a message list ending in a user turn) or `messages`."""
+    value = row["prompt"] if "prompt" in row else row["messages"]
+    column = "prompt" if "prompt" in row else "messages"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        users = [m for m in value if m.get("role") == "user"]
+        if column == "messages" and value[-1].get("role") == "assistant":
+            value = value[:-1]  # a demonstration: PPO answers its prompt itself
+        if len(users) == 1 and value[-1].get("role") == "user" and isinstance(value[-1].get("content"), str):
+            return value[-1]["content"]
+        raise AlignError(
+            f"{where}: '{column}' is not a single user turn ({len(users)} user messages); PPO prompts are "
+            "single-turn. Keep one user message per row."
+        )
+    raise AlignError(
+        f"{where}: '{column}' is {type(value).__name__}, expected a string or a list of {{role, content}}."
+    )
+
+
+def load_prompts(cfg) -> tuple[Any, Any, dict[str, Any]]:
+    """Train prompts, held-out prompts (or None) as datasets with one column `prompt` (str), and the lineage entry."""
+    import datasets
+
+    if cfg.dataset_name == TINYWORLD:
+        from align.data import tinyworld
+
+        train = tinyworld.instruction_prompts(cfg.tinyworld_prompts, seed=cfg.tinyworld_seed, split="train")
+        train = train.select_columns(["prompt"])
+        info = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "fingerprint": train._fingerprint, "rows": len(train)}
+        return train, None, info
+
+    from align.data import load as dl
+
+    source = cfg.dataset_name
+    dd = dl.load_data(source, config=cfg.dataset_config)
+    train, test = dl.train_test(
+        dd,
+        train_split=cfg.dataset_train_split,
+        test_split=cfg.dataset_test_split,
+        test_size=cfg.dataset_test_size,
+        seed=cfg.seed,
+        source=source,
+    )
+    out = []
+    for part in (train, test):
+        if part is None:
+            out.append(None)
+            continue
+        if cfg.dataset_column_mapping:
+            part = dl.apply_column_mapping(part, cfg.dataset_column_mapping, source=source)
+        columns = list(part.column_names)
+        if "prompt" not in columns and "messages" not in columns:
+            raise AlignError(
+                f"{source}: no 'prompt' or 'messages' column (columns present: {', '.join(columns)}). "
+                'Rename one with dataset_column_mapping, e.g. {"question": "prompt"}.'
+            )
+        keep = "prompt" if "prompt" in columns else "messages"
+        rows = part.select_columns([keep]).to_list()
+        prompts = [_prompt_text(r, f"{source}:{dl.source_row(part, i)}") for i, r in enumerate(rows)]
+        out.append(datasets.Dataset.from_dict({"prompt": prompts}))
+    train, test = out
+    if len(train) == 0:
+        raise AlignError(f"{source}: no prompts. Check the data and dataset_train_split.")
+    info = {"name": source, "config": cfg.dataset_config, "fingerprint": train._fingerprint, "rows": len(train),
+            "eval_rows": len(test) if test is not None else 0}  # fmt: skip
+    return train, test, info
+
+
+def load_ptx(cfg, tokenizer):
+    """PPO-ptx rows (column `text`), or None when ptx_coef is 0."""
+    if not cfg.ptx_coef:
+        return None
+    if cfg.ptx_dataset_name == TINYWORLD:
+        from align.data import tinyworld
+
+        # 4000 stories: far more than a short PPO run samples (micro-batch rows per optimizer step).
+        return tinyworld.pretrain_corpus(4000, seed=cfg.tinyworld_seed).select_columns(["text"])
+    from align.data import load as dl
+
+    dd = dl.load_data(cfg.ptx_dataset_name)
+    train, _ = dl.train_test(dd, train_split=cfg.dataset_train_split, test_size=0, source=cfg.ptx_dataset_name)
+    dl.require_columns(train, ["text"], cfg.ptx_dataset_name)
+    return train.select_columns(["text"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_reward_model(cfg):
+    """The frozen reward model and its own tokenizer; a one-line error when the path is not a scalar-head model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align import modeling
+
+    path = cfg.reward_model_path
+    info = read_stage_info(path)
+    if info is not None and info.get("stage") != "reward":
+        raise AlignError(
+            f"reward_model_path {path}: an align '{info.get('stage')}' stage, not a reward model. Point it at the "
+            "output of `align reward` (e.g. runs/tiny/reward)."
+        )
+    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/", "~"))):
+        raise AlignError(f"reward_model_path {path}: no such directory. Run `align reward` first, or fix the path.")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=cfg.dtype or "auto", trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AlignError(f"reward_model_path {path}: cannot load a sequence-classification model ({first}).") from e
+    if model.config.num_labels != 1:
+        raise AlignError(
+            f"reward_model_path {path}: the model has {model.config.num_labels} labels; a reward model has one "
+            "scalar output (num_labels=1)."
+        )
+    tokenizer = modeling.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def load_value_model(cfg):
+    if not cfg.value_model_path:
+        return None
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            cfg.value_model_path, dtype=cfg.dtype or "auto", trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AlignError(f"value_model_path {cfg.value_model_path}: cannot load a value model ({first}).") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gold evaluation (tiny world)
+
+
+def _gold(cfg, model, tokenizer, prompts: list[str]) -> dict[str, Any]:
+    from align.evaluation import gold_eval
+
+    return gold_eval(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.gold_eval_max_new_tokens,
+        temperature=cfg.eval_temperature,
+        batch_size=cfg.per_device_eval_batch_size,
+    )
+
+
+def parent_gold_settings(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The SFT stage's gold-eval settings (its recipe over `align sft`'s defaults), or None if it has no gold score."""
+    if not info or "gold_score" not in (info.get("metrics") or {}) or info.get("stage") != "sft":
+        return None
+    from align.config import config_class
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class("sft"))}
+    recipe = info.get("recipe") or {}
+    keys = ("dataset_name", "tinyworld_seed", "gold_eval_prompts", "gold_eval_max_new_tokens", "gold_eval_temperature")
+    return {k: recipe.get(k, defaults[k]) for k in keys}
+
+
+def parent_gold_score(cfg, model, tokenizer, prompts: list[str]) -> tuple[float, str]:
+    """The parent's gold score on `prompts`: read from the SFT stage when it used the same prompts and decoding, else
+    computed now (before training: the policy is trained in place). Returns (score, where it came from)."""
+    info = read_stage_info(cfg.model_name_or_path)
+    settings = parent_gold_settings(info)
+    ours = {
+        "dataset_name": TINYWORLD,
+        "tinyworld_seed": cfg.tinyworld_seed,
+        "gold_eval_prompts": cfg.gold_eval_prompts,
+        "gold_eval_max_new_tokens": cfg.gold_eval_max_new_tokens,
+        "gold_eval_temperature": cfg.eval_temperature,
+    }
+    if settings is not None and all(float(settings[k]) == float(v) if k != "dataset_name" else settings[k] == v
+                                    for k, v in ours.items()):  # fmt: skip
+        return float(info["metrics"]["gold_score"]), f"{cfg.model_name_or_path}/align_stage.json"
+    if settings is not None:
+        logger.info("ppo: the SFT stage's gold eval used other settings (%s); scoring the parent again.", settings)
+    return float(_gold(cfg, model, tokenizer, prompts)["gold_score"]), "computed"
+
+
+def final_mean(log_history: list[dict[str, Any]], key: str) -> float:
+    """Mean of `key` over the last FINAL_SHARE of the logged entries that have it (nan when none)."""
+    values = [h[key] for h in log_history if key in h]
+    if not values:
+        return math.nan
+    tail = values[-max(1, math.ceil(len(values) * FINAL_SHARE)) :]
+    return float(sum(tail) / len(tail))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage
+
+
+def run(cfg) -> Path:
+    from transformers import set_seed
+    from trl import get_peft_config
+
+    from align import modeling
+    from align.stages.sft import load_model_and_tokenizer
+    from align.trainers.ppo import PPOTrainer
+
+    set_seed(cfg.seed)
+    log_config(cfg)
+    output_dir = Path(cfg.output_dir)
+
+    # Data
+    train_ds, eval_ds, data_info = load_prompts(cfg)
+
+    # Model
+    reward_model, reward_tokenizer = load_reward_model(cfg)
+    policy, tokenizer = load_model_and_tokenizer(cfg)
+    value_model = load_value_model(cfg)
+    peft_config = get_peft_config(cfg)
+    ptx_ds = load_ptx(cfg, tokenizer)
+
+    gold = cfg.dataset_name == TINYWORLD and cfg.gold_eval_prompts > 0
+    metrics: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    eval_fn, eval_metric = None, "gold_score"
+    if gold:
+        from align.data import tinyworld
+        from align.evaluation import heldout_prompts
+
+        prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
+        # Before the trainer exists: the policy is trained in place (and a resumed run loads its checkpoint later).
+        metrics["parent_gold_score"], source = parent_gold_score(cfg, policy, tokenizer, prompts)
+        logger.info("Parent model (%s): gold score %.4f (%s).", cfg.model_name_or_path, metrics["parent_gold_score"],
+                    source)  # fmt: skip
+        eval_ds = [{"prompt": p} for p in prompts]
+
+        def eval_fn(ps: list[str], rs: list[str]) -> float:
+            return sum(tinyworld.score(p, r) for p, r in zip(ps, rs, strict=True)) / len(ps)
+
+    elif eval_ds is not None:
+        from align.trainers.reward import score
+
+        eval_metric = "reward"
+
+        def eval_fn(ps: list[str], rs: list[str]) -> float:
+            return float(score(reward_model, reward_tokenizer, ps, rs).mean())
+
+    # Train
+    # Trainer would push every checkpoint; align pushes the finished stage once, with lineage (as the SFT stage).
+    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    trainer = PPOTrainer(
+        args=cfg,
+        policy=policy,
+        reward_model=reward_model,
+        value_model=value_model,
+        processing_class=tokenizer,
+        reward_tokenizer=reward_tokenizer,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if eval_fn is not None else None,
+        peft_config=peft_config,
+        eval_fn=eval_fn,
+        eval_metric=eval_metric,
+        ptx_dataset=ptx_ds,
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    runtime = time.perf_counter() - start
+    history = trainer.state.log_history
+    metrics.update(
+        {
+            "reward": final_mean(history, "ppo/score"),
+            "kl": final_mean(history, "ppo/kl"),
+            "updates": float(result.global_step),
+            "train_runtime": runtime,
+        }
+    )
+    acc = trainer.accelerator
+
+    # Evaluate
+    if gold and acc.is_main_process:
+        this = _gold(cfg, trainer.policy, tokenizer, prompts)
+        metrics["gold_score"] = this["gold_score"]
+        extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"],
+                     gold_samples=this["samples"])  # fmt: skip
+        logger.info("Gold score on %d held-out prompts: %.4f (parent %.4f); reward %.4f, KL %.4f.", len(prompts),
+                    this["gold_score"], metrics["parent_gold_score"], metrics["reward"], metrics["kl"])  # fmt: skip
+
+    # Save
+    trainer.save_model(output_dir, merge_adapter=bool(cfg.use_peft and cfg.merge_adapter))
+    if acc.is_main_process:
+        if cfg.use_peft and cfg.merge_adapter:
+            trainer.policy.save_pretrained(output_dir / "adapter")
+            tokenizer.save_pretrained(output_dir / "adapter")
+        cfg.push_to_hub = push_to_hub  # recorded as the user set it
+        write_stage_info(
+            output_dir,
+            "ppo",
+            parent=parent_of(cfg.model_name_or_path),
+            recipe=recipe_dict(cfg),
+            data=data_info,
+            metrics={k: float(v) for k, v in metrics.items()},
+            reward_model=parent_of(cfg.reward_model_path),
+            value_model={
+                "init": "path" if cfg.value_model_path else cfg.value_model_init,
+                "path": cfg.value_model_path,
+                "saved": "value_model",
+            },  # fmt: skip
+            log_history=history,
+            samples=trainer.samples,
+            peft={"adapter": bool(peft_config), "merged": bool(cfg.use_peft and cfg.merge_adapter)},
+            num_processes=acc.num_processes,
+            **extra,
+        )
+        logger.info("ppo: wrote %s (%s parameters)", output_dir, f"{modeling.count_parameters(trainer.policy)[0]:,}")
+        if push_to_hub:
+            from align.hub import push_after_stage
+
+            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
+    acc.wait_for_everyone()
+    return output_dir

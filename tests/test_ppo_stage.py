@@ -1,0 +1,222 @@
+"""`align ppo`: the stage end to end on tiny in-test stage dirs (an "sft" policy and a "reward" model), auto-resume,
+one-line config errors, and (slow) two real CPU ranks under `accelerate launch`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from align.io import read_stage_info, write_stage_info
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_2PROC = ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+WORDS = "tom amy is in the park shop kitchen where ? . has a new red lamp write one sentence about read : question"
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> dict[str, Path]:
+    """A tiny llama policy saved as an "sft" stage and a tiny llama reward model as a "reward" stage (same tokenizer,
+    with align's chat template), both untrained: the stage must run, not learn, here."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from align import modeling
+
+    root = tmp_path_factory.mktemp("stages")
+    tok = modeling.wordlevel_tokenizer(WORDS.split() + [str(i) for i in range(10)])
+    modeling.ensure_chat_template(tok)
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    policy = modeling.new_causal_lm("llama", sizes, tok, max_length=128)
+    modeling.set_generation_defaults(policy, tok)
+    sft = root / "sft"
+    policy.save_pretrained(sft)
+    tok.save_pretrained(sft)
+    write_stage_info(sft, "sft", parent=None, recipe={"gold_eval_prompts": 8, "gold_eval_max_new_tokens": 8},
+                     data=None, metrics={"gold_score": 0.123})  # fmt: skip
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
+                                                    tie_word_embeddings=False, **sizes, **ids))  # fmt: skip
+    rm.config.align_reward_offset = 0.25
+    reward = root / "reward"
+    rm.save_pretrained(reward)
+    tok.save_pretrained(reward)
+    write_stage_info(reward, "reward", parent={"stage": "sft", "path": str(sft)}, recipe={}, data=None, metrics={})
+    return {"sft": sft, "reward": reward}
+
+
+def recipe(stages, out: Path, **over) -> dict:
+    base = {
+        "model_name_or_path": str(stages["sft"]),
+        "reward_model_path": str(stages["reward"]),
+        "output_dir": str(out),
+        "tinyworld_prompts": 64,
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "num_mini_batches": 2,
+        "num_ppo_epochs": 1,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "gold_eval_prompts": 8,
+        "gold_eval_max_new_tokens": 8,
+        "per_device_eval_batch_size": 8,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "num_sample_generations": 1,
+        "seed": 3,
+    }
+    return {**base, **over}
+
+
+def run_stage(stages, out: Path, **over) -> Path:
+    from align.config import parse_config
+    from align.stages.ppo import run
+
+    return run(parse_config("ppo", [], overrides=recipe(stages, out, **over)))
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align", "ppo", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=300)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_stage_writes_policy_value_model_and_lineage(tmp_path, stages):
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    out = run_stage(stages, tmp_path / "ppo")
+    info = read_stage_info(out)
+    assert info["stage"] == "ppo"
+    assert info["parent"] == {"stage": "sft", "path": str(stages["sft"].resolve())}
+    assert info["reward_model"] == {"stage": "reward", "path": str(stages["reward"].resolve())}
+    for key in ("gold_score", "parent_gold_score", "reward", "kl"):
+        assert isinstance(info["metrics"][key], float), key
+    # the SFT stage's stored gold score is reused: same prompts (8), answer length (8), greedy decoding
+    assert info["metrics"]["parent_gold_score"] == 0.123
+    assert 0.0 <= info["metrics"]["gold_score"] <= 1.0
+    steps = [h["step"] for h in info["log_history"] if "ppo/score" in h]
+    assert steps == [1, 2, 3]
+    assert any("eval/gold_score" in h for h in info["log_history"])
+    assert info["samples"] and info["num_processes"] == 1
+    assert info["data"]["name"] == "tinyworld" and info["data"]["rows"] == 64
+    assert info["recipe"]["max_steps"] == 3
+
+    # a plain causal LM with the chat template, loadable by pipeline(); the value model beside it
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    reply = gen([{"role": "user", "content": "where is tom ?"}], max_new_tokens=4, do_sample=False)
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"
+    value = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert value.config.num_labels == 1
+    assert not (out / "training_args.bin").exists()
+
+
+def test_stage_resumes_from_output_dir(tmp_path, stages):
+    # The trainer's own test (tests/test_ppo_trainer.py::test_resume_continues_step_count_and_kl_controller) checks
+    # that a resumed run equals an uninterrupted one; here: the stage finds output_dir's checkpoint by itself.
+    out = tmp_path / "ppo"
+    run_stage(stages, out, max_steps=2)
+    (out / "align_stage.json").unlink()  # as if killed after the checkpoint, before the stage finished
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    run_stage(stages, out, max_steps=4)
+    steps = [h["step"] for h in read_stage_info(out)["log_history"] if "ppo/score" in h]
+    assert steps == [1, 2, 3, 4]  # updates 1-2 come from the checkpoint's history, 3-4 from the resumed run
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_own_prompt_file_and_parent_scored_when_settings_differ(tmp_path, stages):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"where is {n} ?"}]})
+                              for n in ("tom", "amy") * 4) + "\n")  # fmt: skip
+    out = run_stage(stages, tmp_path / "own", dataset_name=str(data), max_steps=1, eval_strategy="no",
+                    save_strategy="no", dataset_test_size=2)  # fmt: skip
+    info = read_stage_info(out)
+    assert info["data"]["rows"] == 6 and info["data"]["eval_rows"] == 2
+    assert "gold_score" not in info["metrics"]  # no gold labeler outside the tiny world
+    assert any("eval/reward" in h for h in info["log_history"])  # held-out prompts scored by the reward model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path, stages):
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(recipe(stages, tmp_path / "out", kl_coef=-0.1)))
+    result = cli("--config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "kl_coef -0.1" in lines[0], result.stderr
+
+    path.write_text(yaml.safe_dump(recipe(stages, tmp_path / "out", kl_coeff=0.1)))
+    result = cli("--config", str(path))
+    assert result.returncode == 2 and "did you mean 'kl_coef'" in result.stderr
+
+
+def test_missing_reward_model_path_is_a_clear_error(tmp_path, stages):
+    r = recipe(stages, tmp_path / "out")
+    del r["reward_model_path"]
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(r))
+    result = cli("--config", str(path))
+    assert result.returncode == 2 and "reward_model_path is not set" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    result = cli("--config", str(path), "--reward_model_path", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "no such directory" in result.stderr, result.stderr
+
+
+def test_reward_model_path_pointing_at_another_stage_is_an_error(tmp_path, stages):
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match="not a reward model"):
+        run_stage(stages, tmp_path / "out", reward_model_path=str(stages["sft"]))
+
+
+def test_ptx_keys_must_agree():
+    from align.config import parse_config
+    from align.errors import AlignError
+
+    base = {"model_name_or_path": "m", "reward_model_path": "r", "output_dir": "o"}
+    with pytest.raises(AlignError, match="ptx_coef 0.5 > 0 but no ptx_dataset_name"):
+        parse_config("ppo", [], overrides={**base, "ptx_coef": 0.5})
+    with pytest.raises(AlignError, match="ptx_coef is 0"):
+        parse_config("ppo", [], overrides={**base, "ptx_dataset_name": "tinyworld"})
+
+
+def test_help_exits_0():
+    result = cli("--help")
+    assert result.returncode == 0 and "--reward_model_path" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@pytest.mark.slow
+def test_stage_on_two_cpu_ranks(tmp_path, stages):
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(recipe(stages, tmp_path / "ppo", max_steps=2, save_steps=1)))
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+           "-m", "align", "ppo", "--config", str(path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = read_stage_info(tmp_path / "ppo")
+    assert info["num_processes"] == 2  # a real 2-rank group, not two lone rank-0 processes
+    assert "(8 per process x 2)" in result.stderr  # the trainer's summary: 8 prompts per rollout on each rank
+    assert [h["step"] for h in info["log_history"] if "ppo/score" in h] == [1, 2]
+    assert "gold_score" in info["metrics"]
