@@ -65,3 +65,15 @@ def gold_eval(
             for p, r, s in list(zip(prompts, responses, scores, strict=True))[:num_samples]
         ],
     }
+
+
+def win_rate(scores: list[float], baseline: list[float]) -> float:
+    """Fraction of prompts where `scores` beats `baseline` (same prompts, same order), ties counted as half a win.
+
+    Args:
+        scores, baseline: per-prompt scores of two models, e.g. `gold_scores` of the PPO and SFT stages.
+    """
+    if len(scores) != len(baseline) or not scores:
+        raise ValueError(f"win_rate needs two equally long, non-empty score lists; got {len(scores)}, {len(baseline)}")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))
+    return wins / len(scores)

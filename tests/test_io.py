@@ -50,3 +50,13 @@ def test_corrupt_stage_file_names_the_file_and_the_fix(tmp_path):
     (tmp_path / "align_stage.json").write_text("{")
     with pytest.raises(AlignError, match=r"align_stage.json: not valid JSON .* Delete the file and rerun"):
         read_stage_info(tmp_path)
+
+
+def test_win_rate_counts_ties_as_half():
+    from align.evaluation import win_rate
+
+    # prompt 1: win, 2: tie (0.5), 3: loss, 4: tie (0.5) -> 2 / 4
+    assert win_rate([0.9, 0.5, 0.1, 1.0], [0.2, 0.5, 0.3, 1.0]) == 0.5
+    assert win_rate([1.0], [0.0]) == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        win_rate([1.0], [1.0, 0.0])

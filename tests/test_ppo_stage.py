@@ -11,12 +11,17 @@ import pytest
 import torch
 import yaml
 
+from align.evaluation import win_rate
 from align.io import read_stage_info, write_stage_info
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 WORDS = "tom amy is in the park shop kitchen where ? . has a new red lamp write one sentence about read : question"
+
+
+# Per-prompt gold scores of the "SFT" parent on the 8 held-out prompts (mean 0.125), as `align sft` records them.
+PARENT_GOLD = [0.0, 0.0, 0.25, 0.25, 0.5, 0.0, 0.0, 0.0]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,7 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     policy.save_pretrained(sft)
     tok.save_pretrained(sft)
     write_stage_info(sft, "sft", parent=None, recipe={"gold_eval_prompts": 8, "gold_eval_max_new_tokens": 8},
-                     data=None, metrics={"gold_score": 0.123})  # fmt: skip
+                     data=None, metrics={"gold_score": 0.125}, gold_scores=PARENT_GOLD)  # fmt: skip
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
@@ -106,8 +111,10 @@ def test_stage_writes_policy_value_model_and_lineage(tmp_path, stages):
     for key in ("gold_score", "parent_gold_score", "reward", "kl"):
         assert isinstance(info["metrics"][key], float), key
     # the SFT stage's stored gold score is reused: same prompts (8), answer length (8), greedy decoding
-    assert info["metrics"]["parent_gold_score"] == 0.123
+    assert info["metrics"]["parent_gold_score"] == 0.125
+    assert info["parent_gold_scores"] == PARENT_GOLD
     assert 0.0 <= info["metrics"]["gold_score"] <= 1.0
+    assert info["metrics"]["gold_win_rate"] == win_rate(info["gold_scores"], PARENT_GOLD)
     steps = [h["step"] for h in info["log_history"] if "ppo/score" in h]
     assert steps == [1, 2, 3]
     assert any("eval/gold_score" in h for h in info["log_history"])

@@ -210,9 +210,9 @@ def parent_gold_settings(info: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: recipe.get(k, defaults[k]) for k in keys}
 
 
-def parent_gold_score(cfg, model, tokenizer, prompts: list[str]) -> tuple[float, str]:
-    """The parent's gold score on `prompts`: read from the SFT stage when it used the same prompts and decoding, else
-    computed now (before training: the policy is trained in place). Returns (score, where it came from)."""
+def parent_gold_score(cfg, model, tokenizer, prompts: list[str]) -> tuple[list[float], str]:
+    """The parent's per-prompt gold scores on `prompts`: read from the SFT stage when it used the same prompts and
+    decoding, else computed now (before training: the policy is trained in place). Returns (scores, their source)."""
     info = read_stage_info(cfg.model_name_or_path)
     settings = parent_gold_settings(info)
     ours = {
@@ -224,10 +224,11 @@ def parent_gold_score(cfg, model, tokenizer, prompts: list[str]) -> tuple[float,
     }
     if settings is not None and all(float(settings[k]) == float(v) if k != "dataset_name" else settings[k] == v
                                     for k, v in ours.items()):  # fmt: skip
-        return float(info["metrics"]["gold_score"]), f"{cfg.model_name_or_path}/align_stage.json"
+        if len(info.get("gold_scores") or []) == len(prompts):
+            return [float(s) for s in info["gold_scores"]], f"{cfg.model_name_or_path}/align_stage.json"
     if settings is not None:
         logger.info("ppo: the SFT stage's gold eval used other settings (%s); scoring the parent again.", settings)
-    return float(_gold(cfg, model, tokenizer, prompts)["gold_score"]), "computed"
+    return [float(s) for s in _gold(cfg, model, tokenizer, prompts)["gold_scores"]], "computed"
 
 
 def final_mean(log_history: list[dict[str, Any]], key: str) -> float:
@@ -271,11 +272,13 @@ def run(cfg) -> Path:
     eval_fn, eval_metric = None, "gold_score"
     if gold:
         from align.data import tinyworld
-        from align.evaluation import heldout_prompts
+        from align.evaluation import heldout_prompts, win_rate
 
         prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
         # Before the trainer exists: the policy is trained in place (and a resumed run loads its checkpoint later).
-        metrics["parent_gold_score"], source = parent_gold_score(cfg, policy, tokenizer, prompts)
+        parent_scores, source = parent_gold_score(cfg, policy, tokenizer, prompts)
+        metrics["parent_gold_score"] = sum(parent_scores) / len(parent_scores)
+        extra["parent_gold_scores"] = parent_scores
         logger.info("Parent model (%s): gold score %.4f (%s).", cfg.model_name_or_path, metrics["parent_gold_score"],
                     source)  # fmt: skip
         eval_ds = [{"prompt": p} for p in prompts]
@@ -326,10 +329,18 @@ def run(cfg) -> Path:
     if gold and acc.is_main_process:
         this = _gold(cfg, trainer.policy, tokenizer, prompts)
         metrics["gold_score"] = this["gold_score"]
+        metrics["gold_win_rate"] = win_rate(this["gold_scores"], parent_scores)
         extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"],
                      gold_samples=this["samples"])  # fmt: skip
-        logger.info("Gold score on %d held-out prompts: %.4f (parent %.4f); reward %.4f, KL %.4f.", len(prompts),
-                    this["gold_score"], metrics["parent_gold_score"], metrics["reward"], metrics["kl"])  # fmt: skip
+        logger.info(
+            "Gold score on %d held-out prompts: %.4f (parent %.4f), win-rate over it %.3f; reward %.4f, KL %.4f.",
+            len(prompts),
+            this["gold_score"],
+            metrics["parent_gold_score"],
+            metrics["gold_win_rate"],
+            metrics["reward"],
+            metrics["kl"],
+        )
 
     # Save
     trainer.save_model(output_dir, merge_adapter=bool(cfg.use_peft and cfg.merge_adapter))

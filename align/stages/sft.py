@@ -154,7 +154,7 @@ def run(cfg) -> Path:
     metrics: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     if gold:
-        from align.evaluation import heldout_prompts
+        from align.evaluation import heldout_prompts, win_rate
 
         prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
         parent_eval = _gold(cfg, model, tokenizer, prompts)
@@ -201,12 +201,14 @@ def run(cfg) -> Path:
     if gold:
         this = _gold(cfg, trainer.model, tokenizer, prompts)
         metrics["gold_score"] = this["gold_score"]
+        metrics["gold_win_rate"] = win_rate(this["gold_scores"], extra["parent_gold_scores"])
         extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"])
         logger.info(
-            "Gold score on %d held-out prompts: %.4f (parent %.4f).",
+            "Gold score on %d held-out prompts: %.4f (parent %.4f); win-rate over the parent %.3f.",
             len(prompts),
             this["gold_score"],
             metrics["parent_gold_score"],
+            metrics["gold_win_rate"],
         )
 
     # Save
