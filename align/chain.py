@@ -1,0 +1,500 @@
+"""`align run CHAIN.yaml`: the whole InstructGPT chain, pretrain -> sft -> rank -> reward -> ppo, then a report.
+
+    align run recipes/tiny/chain.yaml
+    align run recipes/tiny/chain.yaml --from reward          # rerun reward and ppo
+    align run recipes/tiny/chain.yaml --only sft --sft.learning_rate 5e-4
+    align run recipes/tiny/chain.yaml --report_only          # rebuild report.{md,html,json} from the stage dirs
+
+A chain recipe sets shared keys once and lists the stages, each a stage recipe (path relative to the chain file)
+and/or inline keys:
+
+    output_root: runs/tiny
+    seed: 42                      # any other top-level key goes to every stage whose config has it
+    stages:
+      pretrain: pretrain.yaml
+      sft: {recipe: sft.yaml, learning_rate: 1.0e-3}
+    report: {examples: 6}         # prompts answered side by side by each model
+
+The runner sets each stage's `output_dir` to `<output_root>/<stage>` and wires parents: sft <- pretrain; rank policy
+<- sft; reward model <- sft, data <- rank; ppo policy <- sft, reward_model_path <- reward. The resolved recipe of each
+stage is written to `<output_root>/recipes/<stage>.yaml` (rerun one stage alone with `align <stage> --config` it).
+
+Each stage runs as its own `python -m align <stage>` process: its memory (models, optimizer, CUDA context) is returned
+to the OS before the next stage, its logs and progress bar stream unchanged, and a kill leaves exactly what a killed
+`align <stage>` leaves (checkpoints, no `align_stage.json`), which the next run resumes from. The price is one
+interpreter start per stage (seconds).
+
+Skipping: a stage is done when its `align_stage.json` exists, its recorded recipe equals the resolved one (paths
+aside: `output_dir` and the wired parent keys say where, not what), and its parent is the one it was trained from
+(`<output_root>/chain_state.json` keeps a hash of each parent's `align_stage.json`). Otherwise it runs; a stage dir
+left by a different recipe is removed first, so no stale checkpoint is resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, read_stage_info
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "chain_state.json"
+CHAIN_KEYS = ("output_root", "stages", "report")
+# stage -> {key: parent stage whose output dir the key points at}, when that parent is in the chain.
+WIRING: dict[str, dict[str, str]] = {
+    "pretrain": {},
+    "sft": {"model_name_or_path": "pretrain"},
+    "rank": {"model_name_or_path": "sft"},
+    "reward": {"model_name_or_path": "sft", "dataset_name": "rank"},
+    "ppo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+}
+# Keys that say where a stage writes, not what it computes: left out of its fingerprint.
+LOCATION_KEYS = ("output_dir", "logging_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chain recipe
+
+
+@dataclass
+class StagePlan:
+    """One stage of a chain: its resolved recipe (stage file < shared keys < inline < command line < wiring)."""
+
+    stage: str
+    recipe: dict[str, Any]
+    source: str  # where the stage's keys came from, for messages
+    parents: list[str] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe["output_dir"])
+
+
+@dataclass
+class Chain:
+    path: Path
+    output_root: Path
+    stages: list[StagePlan]
+    report: dict[str, Any]
+
+    def plan(self, stage: str) -> StagePlan:
+        return next(p for p in self.stages if p.stage == stage)
+
+
+def _config_fields(stage: str) -> set[str] | None:
+    """The keys a stage's config accepts, or None when that stage's module is not installed yet."""
+    from align.config import config_class
+
+    try:
+        cls = config_class(stage)
+    except (ImportError, AttributeError):
+        return None
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def load_chain(
+    path: str | os.PathLike,
+    *,
+    output_root: str | None = None,
+    shared: dict[str, Any] | None = None,
+    per_stage: dict[str, dict[str, Any]] | None = None,
+    check_keys: bool = True,
+) -> Chain:
+    """Read a chain recipe and resolve every stage's recipe. Errors name the chain file and the key."""
+    from align.config import _closest, load_recipe
+
+    path = Path(path)
+    data = load_recipe(path)
+    stages_raw = data.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise AlignError(
+            f"{path}: 'stages' is missing or empty. List stages as a mapping, e.g. `stages: {{pretrain: "
+            "pretrain.yaml, sft: sft.yaml}}`."
+        )
+    names = list(stages_raw)
+    for name in names:
+        if name not in STAGES:
+            raise AlignError(f"{path}: unknown stage '{name}'{_closest(name, list(STAGES))}")
+    order = [s for s in STAGES if s in names]
+    if names != order:
+        raise AlignError(f"{path}: stages are listed as {names}; the chain runs in order {order}. Reorder them.")
+    for name in per_stage or {}:
+        if name not in names:
+            raise AlignError(f"command line: stage '{name}' is not in {path} (stages: {', '.join(names)}).")
+    root = Path(output_root or data.get("output_root") or "")
+    if not str(root) or str(root) == ".":
+        raise AlignError(f"{path}: 'output_root' is not set; add `output_root: runs/<name>` or pass --output_root.")
+    report = data.get("report") or {}
+    if not isinstance(report, dict):
+        raise AlignError(f"{path}: 'report' is a {type(report).__name__}, expected a mapping like {{examples: 6}}.")
+    from align.report import check_options
+
+    check_options(report, str(path))
+    shared_keys = {k: v for k, v in data.items() if k not in CHAIN_KEYS}
+    shared_keys.update(shared or {})
+
+    fields = {s: _config_fields(s) for s in names}
+    used: set[str] = set()
+    plans = []
+    for stage in names:
+        entry = stages_raw[stage]
+        if entry is None:
+            entry = {}
+        if isinstance(entry, str):
+            entry = {"recipe": entry}
+        if not isinstance(entry, dict):
+            raise AlignError(f"{path}: stage '{stage}' is a {type(entry).__name__}; give a recipe path or a mapping.")
+        entry = dict(entry)
+        recipe: dict[str, Any] = {}
+        source = f"{path} (stages.{stage})"
+        if entry.get("recipe"):
+            file = (path.parent / entry.pop("recipe")).resolve()
+            recipe = load_recipe(file)
+            source = str(_rel(file))
+        entry.pop("recipe", None)
+        valid = fields[stage]
+        for key, value in shared_keys.items():
+            if valid is None or key in valid:
+                recipe[key] = value
+                used.add(key)
+        recipe.update(entry)
+        recipe.update((per_stage or {}).get(stage, {}))
+        for key in LOCATION_KEYS[:1]:
+            if key in entry:
+                raise AlignError(
+                    f"{path}: stages.{stage} sets '{key}', but the chain puts each stage in <output_root>/<stage>. "
+                    "Remove it, or change output_root."
+                )
+        recipe["output_dir"] = str(root / stage)
+        parents = []
+        for key, parent in WIRING[stage].items():
+            if parent in names:
+                recipe[key] = str(root / parent)
+                if parent not in parents:
+                    parents.append(parent)
+        if check_keys and valid is not None:
+            for key in recipe:
+                if key not in valid:
+                    raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{_closest(key, sorted(valid))}")
+        plans.append(StagePlan(stage, recipe, source, parents))
+    if check_keys:
+        unused = set(shared_keys) - used
+        known = all(f is not None for f in fields.values())
+        if unused and known:
+            key = sorted(unused)[0]
+            every = sorted(set().union(*[f for f in fields.values() if f]))
+            raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{_closest(key, every)}")
+    return Chain(path=path, output_root=root, stages=plans, report=report)
+
+
+def _rel(path: Path) -> Path:
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fingerprints and state
+
+
+def _what(plan: StagePlan, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without the keys that only say where things are (output_dir, paths wired to parent stages)."""
+    drop = set(LOCATION_KEYS) | {k for k, parent in WIRING[plan.stage].items() if parent in plan.parents}
+    return {k: v for k, v in recipe.items() if k not in drop}
+
+
+def resolved_recipe(plan: StagePlan) -> dict[str, Any]:
+    """The recipe as the stage will record it (`recipe_dict` after parsing: types and enums normalized)."""
+    from align.config import parse_config, recipe_dict
+
+    if _config_fields(plan.stage) is None:
+        return json.loads(json.dumps(plan.recipe, default=str))
+    cfg = parse_config(plan.stage, [], overrides=plan.recipe)
+    return recipe_dict(cfg)
+
+
+def fingerprint(plan: StagePlan, recipe: dict[str, Any]) -> str:
+    """What a stage computes, independent of where its dirs are (so a copied or moved run still skips)."""
+    from align.io import recipe_sha256
+
+    return recipe_sha256(_what(plan, recipe))
+
+
+def _file_sha(path: Path) -> str | None:
+    file = path / STAGE_FILE
+    return hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None
+
+
+def lineage(chain: Chain, plan: StagePlan) -> dict[str, str | None]:
+    """Hashes of the parents' `align_stage.json`: a parent that reran (new weights, same recipe) changes them."""
+    return {p: _file_sha(chain.plan(p).output_dir) for p in plan.parents}
+
+
+def read_state(root: Path) -> dict[str, Any]:
+    file = root / STATE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        logger.warning("%s is not valid JSON; ignoring it (stages are re-checked from their align_stage.json).", file)
+        return {}
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    changed = [
+        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys if old.get(k) != new.get(k)
+    ]
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def done_reason(chain: Chain, plan: StagePlan, fp: str, state: dict[str, Any]) -> tuple[bool, str]:
+    """(is the stage done and current, why not / why yes) for the log."""
+    info = read_stage_info(plan.output_dir)
+    if info is None:
+        return False, "not finished" if plan.output_dir.exists() else "not run yet"
+    if info.get("stage") != plan.stage:
+        return False, f"{plan.output_dir} holds a '{info.get('stage')}' stage"
+    recorded = info.get("recipe") or {}
+    if fingerprint(plan, recorded) != fp:
+        return False, f"recipe changed ({_diff(_what(plan, recorded), _what(plan, resolved_recipe(plan)))})"
+    entry = state.get(plan.stage) or {}
+    if entry.get("lineage") is not None and entry.get("lineage") != lineage(chain, plan):
+        changed = [p for p, h in lineage(chain, plan).items() if entry["lineage"].get(p) != h]
+        return False, f"parent {', '.join(changed)} was rerun since"
+    return True, "done, recipe unchanged"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _write_stage_recipe(chain: Chain, plan: StagePlan) -> Path:
+    import yaml
+
+    file = chain.output_root / "recipes" / f"{plan.stage}.yaml"
+    head = (
+        f"# Resolved by `align run {_rel(chain.path)}` from {plan.source}.\n"
+        f"# Rerun this stage alone: align {plan.stage} --config {file}\n"
+    )
+    atomic_write_text(file, head + yaml.safe_dump(plan.recipe, sort_keys=False))
+    return file
+
+
+def _run_stage(chain: Chain, plan: StagePlan) -> None:
+    """`python -m align <stage> --config <resolved recipe>`: output streams through, the last error line is kept."""
+    recipe_file = _write_stage_recipe(chain, plan)
+    cmd = [sys.executable, "-m", "align", plan.stage, "--config", str(recipe_file)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    tail = b""
+    try:
+        assert proc.stderr is not None
+        while True:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-8192:]
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
+    if rc != 0:
+        lines = [ln for ln in tail.decode("utf-8", "replace").splitlines() if ln.startswith("error: ")]
+        why = lines[-1].removeprefix("error: ") if lines else f"exit code {rc}; see the traceback above"
+        raise AlignError(f"chain stopped at stage {plan.stage}: {why}. Fix it and rerun `align run` to resume.")
+
+
+def _banner(text: str) -> None:
+    logger.info("%s", "=" * 100)
+    logger.info("%s", text)
+    logger.info("%s", "=" * 100)
+
+
+def _headline(stage: str, metrics: dict[str, Any]) -> str:
+    keys = {
+        "pretrain": ("eval_loss", "entropy_floor", "perplexity"),
+        "sft": ("gold_score", "parent_gold_score", "eval_loss"),
+        "rank": (),
+        "reward": ("pair_accuracy", "kendall_tau", "gold_agreement"),
+        "ppo": ("gold_score", "parent_gold_score", "reward", "kl"),
+    }[stage]
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
+
+
+def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
+    """Run (or skip) each stage in order; returns one summary row per stage."""
+    names = [p.stage for p in chain.stages]
+    for flag, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in names:
+            raise AlignError(f"{flag} {value}: not a stage of {chain.path} (stages: {', '.join(names)}).")
+    forced = set(names[names.index(start) :]) if start else set()
+    selected = {only} if only else set(names)
+    chain.output_root.mkdir(parents=True, exist_ok=True)
+    state = read_state(chain.output_root)
+    summary: list[dict[str, Any]] = []
+    invalidated_by: str | None = None
+    for i, plan in enumerate(chain.stages, 1):
+        fp = fingerprint(plan, resolved_recipe(plan))
+        title = f"[{i}/{len(chain.stages)}] {plan.stage}  ->  {plan.output_dir}"
+        if plan.stage not in selected:
+            ok, why = done_reason(chain, plan, fp, state)
+            status = "done" if ok else f"not run ({why})"
+            summary.append({"stage": plan.stage, "status": status, "seconds": 0.0, "dir": str(plan.output_dir)})
+            continue
+        for parent in plan.parents:
+            if read_stage_info(chain.plan(parent).output_dir) is None:
+                raise AlignError(
+                    f"stage {plan.stage} needs {parent} in {chain.plan(parent).output_dir}, which is not finished. "
+                    f"Run `align run {_rel(chain.path)} --from {parent}`."
+                )
+        ok, why = done_reason(chain, plan, fp, state)
+        if plan.stage in forced:
+            ok, why = False, f"rerun asked (--{'only' if only else 'from'})"
+        elif invalidated_by is not None and ok:
+            ok, why = False, f"invalidated: {invalidated_by} ran again before it"
+        if ok:
+            _banner(f"{title}: skipped ({why})")
+            info = read_stage_info(plan.output_dir) or {}
+            state[plan.stage] = {**state.get(plan.stage, {}), "fingerprint": fp, "lineage": lineage(chain, plan)}
+            atomic_write_json(chain.output_root / STATE_FILE, state)
+            summary.append({"stage": plan.stage, "status": "skipped", "seconds": 0.0, "dir": str(plan.output_dir),
+                            "headline": _headline(plan.stage, info.get("metrics") or {})})  # fmt: skip
+            continue
+        started = state.get(plan.stage) or {}
+        stale = plan.output_dir.exists() and (
+            read_stage_info(plan.output_dir) is not None or started.get("fingerprint") not in (None, fp)
+        )
+        resuming = plan.output_dir.exists() and not stale
+        if stale:
+            logger.warning("%s: %s; removing %s so no stale checkpoint is resumed.", plan.stage, why, plan.output_dir)
+            later = names[names.index(plan.stage) + 1 :]
+            if later:
+                logger.warning("%s: later stages (%s) are invalidated and will rerun.", plan.stage, ", ".join(later))
+            shutil.rmtree(plan.output_dir)
+        _banner(f"{title}: {'resuming' if resuming else 'running'} ({why})")
+        state[plan.stage] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "running"}
+        atomic_write_json(chain.output_root / STATE_FILE, state)
+        t0 = time.perf_counter()
+        _run_stage(chain, plan)
+        seconds = time.perf_counter() - t0
+        info = read_stage_info(plan.output_dir)
+        if info is None:
+            raise AlignError(f"stage {plan.stage} exited without writing {plan.output_dir / STAGE_FILE}; see above.")
+        state[plan.stage] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "done",
+                             "seconds": round(seconds, 1), "stage_sha256": _file_sha(plan.output_dir)}  # fmt: skip
+        atomic_write_json(chain.output_root / STATE_FILE, state)
+        invalidated_by = invalidated_by or plan.stage
+        headline = _headline(plan.stage, info.get("metrics") or {})
+        logger.info("%s finished in %s: %s", plan.stage, _clock(seconds), headline or "no metrics")
+        summary.append({"stage": plan.stage, "status": "resumed" if resuming else "ran", "seconds": seconds,
+                        "dir": str(plan.output_dir), "headline": headline})  # fmt: skip
+    return summary
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    head = ("stage", "status", "time", "dir", "metrics")
+    body = [(r["stage"], r["status"], _clock(r["seconds"]), r["dir"], r.get("headline", "")) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise AlignError(f"align run: {message}. See `align run --help`.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="align run",
+        description="Run a chain recipe (pretrain -> sft -> rank -> reward -> ppo), resumably, then write the report.",
+        epilog="Any other --key VALUE sets a shared key for every stage that has it (e.g. --seed 1); "
+        "--STAGE.key VALUE sets one stage's key (e.g. --ppo.max_steps 20). Values are YAML (1e-3, true, [a, b]).",
+    )
+    p.add_argument("chain", help="Chain recipe, e.g. recipes/tiny/chain.yaml.")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")
+    p.add_argument("--only", metavar="STAGE", help="Run only this stage (its parents must be finished).")
+    p.add_argument("--output_root", help="Where the stage dirs and the report go (default: the chain's).")
+    p.add_argument("--report_only", action="store_true", help="Rebuild the report from the stage dirs; train nothing.")
+    p.add_argument("--no_report", action="store_true", help="Run the stages but do not write the report.")
+    return p
+
+
+def _split_overrides(rest: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    import yaml
+
+    shared: dict[str, Any] = {}
+    per_stage: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or arg == "--":
+            raise AlignError(f"align run: unexpected argument {arg!r}; keys are passed as --key VALUE.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise AlignError(f"align run: --{key} needs a value (e.g. --{key} 1 or --{key} true).")
+            value = rest[i + 1]
+            i += 1
+        i += 1
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if "." in key:
+            stage, _, k = key.partition(".")
+            if stage not in STAGES:
+                from align.config import _closest
+
+                raise AlignError(f"align run: --{key}: unknown stage '{stage}'{_closest(stage, list(STAGES))}")
+            per_stage.setdefault(stage, {})[k] = parsed
+        else:
+            shared[key] = parsed
+    return shared, per_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    if args.start and args.only:
+        raise AlignError("align run: --from and --only conflict; use --from STAGE (it and later) or --only STAGE.")
+    shared, per_stage = _split_overrides(rest)
+    chain = load_chain(args.chain, output_root=args.output_root, shared=shared, per_stage=per_stage)
+    t0 = time.perf_counter()
+    if not args.report_only:
+        rows = run_chain(chain, start=args.start, only=args.only)
+        logger.info("Chain %s finished in %s:\n%s", _rel(chain.path), _clock(time.perf_counter() - t0),
+                    summary_table(rows))  # fmt: skip
+    if not args.no_report:
+        from align.report import write_report
+
+        files = write_report(chain.output_root, chain.report)
+        logger.info("Report: %s", ", ".join(str(f) for f in files))
+    return 0

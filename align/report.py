@@ -1,0 +1,488 @@
+"""The run report: `report.md`, a self-contained `report.html` (plots embedded as PNG) and `report.json`.
+
+    align run recipes/tiny/chain.yaml                  # writes the report after the last stage
+    align run recipes/tiny/chain.yaml --report_only    # rebuilds it from the stage dirs
+
+Everything comes from the stages' `align_stage.json` files, so the report agrees with them by construction:
+- a metrics table per stage (pretraining loss vs the entropy floor, SFT and PPO gold scores, reward-model accuracy);
+- training curves (pretraining and SFT loss, reward-model held-out accuracy, PPO reward / KL / gold score per update);
+- headline numbers: the gold labeler's win-rate of SFT over the pretrained model and of PPO over SFT, per held-out
+  prompt (ties count half; `align.evaluation.win_rate`), from the per-prompt scores each stage recorded on the same
+  prompts with the same greedy decoding, next to PPO's KL;
+- the lecture's comparison made concrete: the first `examples` held-out prompts answered by the pretrained, SFT and
+  PPO models side by side, each answer with its gold score and reward-model score (generated here, greedily).
+
+Report options (the `report:` mapping of a chain recipe): `examples` (prompts shown side by side, default 6; 0 = none)
+and `prompts_file` (own data: a file with a `prompt` column to take them from; tiny world: its held-out prompts).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
+
+logger = logging.getLogger(__name__)
+
+OPTIONS = {"examples": int, "prompts_file": str}
+# Stage -> (metric, label) rows of the metrics table, in this order, when present.
+TABLE: dict[str, list[tuple[str, str]]] = {
+    "pretrain": [
+        ("eval_loss", "held-out loss (nats/token)"),
+        ("entropy_floor", "entropy floor (nats/token)"),
+        ("eval_loss_above_floor", "loss above the floor"),
+        ("perplexity", "perplexity"),
+        ("tokens_per_second", "training tokens/s"),
+    ],
+    "sft": [
+        ("eval_loss", "held-out loss"),
+        ("parent_gold_score", "gold score of the parent (pretrained)"),
+        ("gold_score", "gold score"),
+        ("gold_win_rate", "gold win-rate over the parent"),
+    ],
+    "rank": [
+        ("num_groups", "ranked groups"),
+        ("k", "responses per prompt (K)"),
+        ("gold_agreement", "pairwise agreement with the gold labeler"),
+        ("tie_rate", "tied pairs"),
+    ],
+    "reward": [
+        ("pair_accuracy", "held-out pair accuracy"),
+        ("top1_accuracy", "held-out top-1 accuracy"),
+        ("kendall_tau", "held-out Kendall tau"),
+        ("gold_agreement", "pair accuracy against the gold labeler"),
+        ("reward_offset", "reward offset (mean raw score of SFT samples)"),
+    ],
+    "ppo": [
+        ("reward", "reward-model score (last 10% of updates)"),
+        ("kl", "KL to the SFT model (last 10% of updates)"),
+        ("parent_gold_score", "gold score of the parent (SFT)"),
+        ("gold_score", "gold score"),
+        ("gold_win_rate", "gold win-rate over the parent"),
+        ("updates", "PPO updates"),
+    ],
+}
+MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
+LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "rankings", "reward": "reward model"}
+
+
+def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validated report options (see the module docstring); errors name `where` and the key."""
+    from align.config import _closest
+
+    out = {"examples": 6, "prompts_file": None}
+    for key, value in options.items():
+        if key not in OPTIONS:
+            raise AlignError(f"{where}: unknown report key '{key}'{_closest(key, list(OPTIONS))}")
+        kind = OPTIONS[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise AlignError(f"{where}: report.{key} is {value!r}, expected {kind.__name__}.")
+        if key == "examples" and value < 0:
+            raise AlignError(f"{where}: report.examples is {value}; use 0 (none) or more.")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def load_stages(root: Path) -> dict[str, dict[str, Any]]:
+    """`{stage: align_stage.json}` of the finished stages in `root/<stage>`, in chain order."""
+    found = {}
+    for stage in STAGES:
+        info = read_stage_info(root / stage)
+        if info is not None:
+            found[stage] = info
+    return found
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and Path(str(a)).resolve() == Path(str(b)).resolve()
+
+
+def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Gold scores per model, win-rates (from the per-prompt scores the stages recorded) and PPO's KL."""
+    from align.evaluation import win_rate
+
+    out: dict[str, Any] = {"gold_score": {}}
+    sft, ppo = stages.get("sft"), stages.get("ppo")
+    if sft and "gold_scores" in sft:
+        out["gold_score"]["pretrain"] = sft["metrics"]["parent_gold_score"]
+        out["gold_score"]["sft"] = sft["metrics"]["gold_score"]
+        out["gold_win_rate_sft_vs_pretrain"] = win_rate(sft["gold_scores"], sft["parent_gold_scores"])
+        out["held_out_prompts"] = {"sft_vs_pretrain": len(sft["gold_scores"])}
+    if ppo and "gold_scores" in ppo:
+        if not _same((ppo.get("parent") or {}).get("path"), root / "sft"):
+            logger.warning(
+                "report: the PPO stage was not trained from %s; its win-rate is over its own parent.", root / "sft"
+            )
+        out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
+        out["gold_win_rate_ppo_vs_sft"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
+        out.setdefault("held_out_prompts", {})["ppo_vs_sft"] = len(ppo["gold_scores"])
+    if ppo:
+        out["ppo_reward"] = ppo["metrics"].get("reward")
+        out["ppo_kl"] = ppo["metrics"].get("kl")
+    if "reward" in stages:
+        out["reward_pair_accuracy"] = stages["reward"]["metrics"].get("pair_accuracy")
+    if not out["gold_score"]:
+        del out["gold_score"]
+    return out
+
+
+def metrics_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows `{stage, metric, label, value}` of the per-stage table."""
+    rows = []
+    for stage, info in stages.items():
+        metrics = info.get("metrics") or {}
+        for key, label in TABLE.get(stage, []):
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                rows.append({"stage": stage, "metric": key, "label": label, "value": float(value)})
+        runtime = metrics.get("train_runtime") or metrics.get("runtime")
+        if isinstance(runtime, (int, float)):
+            rows.append({"stage": stage, "metric": "train_runtime", "label": "training time (s)", "value": runtime})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Side by side
+
+
+def example_prompts(stages: dict[str, dict[str, Any]], options: dict[str, Any]) -> list[str]:
+    n = options["examples"]
+    if n == 0:
+        return []
+    if options["prompts_file"]:
+        from align.data.load import load_data, require_columns
+
+        ds = load_data(options["prompts_file"], split="train")
+        require_columns(ds, ["prompt"], options["prompts_file"])
+        return [str(p) for p in ds["prompt"][:n]]
+    for stage in ("ppo", "sft"):
+        recipe = (stages.get(stage) or {}).get("recipe") or {}
+        if stage in stages and recipe.get("dataset_name") == "tinyworld":
+            from align.evaluation import heldout_prompts
+
+            return heldout_prompts(n, seed=int(recipe.get("tinyworld_seed", 0)))
+    return []
+
+
+def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
+    """Each prompt answered greedily by each model stage present; gold score (tiny world) and reward-model score."""
+    if not prompts:
+        return []
+    from align.data import tinyworld
+    from align.generate import generate
+    from align.modeling import load_causal_lm, load_tokenizer
+
+    gold = all(
+        (stages.get(s) or {}).get("recipe", {}).get("dataset_name") == "tinyworld"
+        for s in ("sft", "ppo")
+        if s in stages
+    )
+    ppo_recipe = (stages.get("ppo") or {}).get("recipe") or {}
+    sft_recipe = (stages.get("sft") or {}).get("recipe") or {}
+    max_new_tokens = int(
+        ppo_recipe.get("gold_eval_max_new_tokens") or sft_recipe.get("gold_eval_max_new_tokens") or 64
+    )
+    answers: dict[str, list[str]] = {}
+    for stage in MODELS:
+        if stage not in stages:
+            continue
+        path = str(root / stage)
+        tokenizer = load_tokenizer(path)
+        if not tokenizer.chat_template:
+            logger.info("report: %s has no chat template; its answers are left out.", path)
+            continue
+        model = load_causal_lm(path, dtype="float32")
+        answers[stage] = [
+            r[0]
+            for r in generate(model, tokenizer, prompts, chat=True, max_new_tokens=max_new_tokens, temperature=0.0)
+        ]
+        del model
+    rm_scores: dict[str, list[float]] = {}
+    if "reward" in stages:
+        from align.score import load_scorer
+
+        scorer = load_scorer(str(root / "reward"), device="cpu")
+        for stage, responses in answers.items():
+            rm_scores[stage] = scorer(prompts, responses)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row: dict[str, Any] = {"prompt": prompt, "answers": {}}
+        for stage, responses in answers.items():
+            entry: dict[str, Any] = {"response": responses[i]}
+            if gold:
+                entry["gold_score"] = tinyworld.score(prompt, responses[i])
+            if stage in rm_scores:
+                entry["reward"] = rm_scores[stage][i]
+            row["answers"][stage] = entry
+        if gold:
+            row["gold_response"] = tinyworld.gold_response(prompt)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(h["step"], h[key]) for h in history or [] if isinstance(h.get(key), (int, float)) and "step" in h]
+    pts = [(x, y) for x, y in pts if math.isfinite(y)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _figure(ncols: int, title: str):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.4 * ncols, 3.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    if ncols > 1:  # one panel carries its own title
+        fig.suptitle(title, fontsize=11)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _panel(ax, history, keys: list[tuple[str, str]], title: str, hline: tuple[float, str] | None = None) -> bool:
+    drawn = False
+    for key, label in keys:
+        xs, ys = _series(history, key)
+        if xs:
+            ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, markersize=3, label=label)
+            drawn = True
+    if hline is not None and hline[0] is not None:
+        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1, label=hline[1])
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+    """`{name: (caption, png)}` for each plot that has data."""
+    out: dict[str, tuple[str, bytes]] = {}
+    for stage, keys, caption in (
+        ("pretrain", [("loss", "train"), ("eval_loss", "held-out")], "Pretraining loss (nats/token)"),
+        ("sft", [("loss", "train"), ("eval_loss", "held-out")], "SFT loss on demonstrations"),
+    ):
+        if stage in stages:
+            fig, (ax,) = _figure(1, caption)
+            floor = (stages[stage]["metrics"].get("entropy_floor"), "entropy floor") if stage == "pretrain" else None
+            if _panel(ax, stages[stage].get("log_history"), keys, caption, floor):
+                out[f"{stage}_loss"] = (caption, _png(fig))
+    if "reward" in stages:
+        history = stages["reward"].get("log_history")
+        fig, (ax1, ax2) = _figure(2, "Reward model")
+        a = _panel(ax1, history, [("loss", "train")], "ranking loss")
+        b = _panel(
+            ax2,
+            history,
+            [
+                ("eval_pair_accuracy", "pair accuracy"),
+                ("eval_top1_accuracy", "top-1 accuracy"),
+                ("eval_gold_agreement", "agreement with gold"),
+            ],
+            "held-out accuracy",
+        )
+        if a or b:
+            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", _png(fig))
+    if "ppo" in stages:
+        history = stages["ppo"].get("log_history")
+        sft_gold = (top.get("gold_score") or {}).get("sft")
+        fig, axes = _figure(3, "PPO, per update")
+        drawn = [
+            _panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
+            _panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
+            _panel(
+                axes[2],
+                history,
+                [("eval/gold_score", "PPO")],
+                "gold score, held-out prompts",
+                (sft_gold, "SFT") if sft_gold is not None else None,
+            ),
+        ]
+        if any(drawn):
+            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", _png(fig))
+    gold = top.get("gold_score") or {}
+    if gold:
+        fig, (ax,) = _figure(1, "Gold labeler, held-out prompts")
+        names = [LABELS[s] for s in gold]
+        bars = ax.bar(names, list(gold.values()), color=["#9e9e9e", "#5c8ddb", "#e07b39"][: len(gold)])
+        for bar, v in zip(bars, gold.values(), strict=True):
+            ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("Gold labeler, held-out prompts", fontsize=9)
+        ax.set_ylabel("mean gold score", fontsize=8)
+        ax.tick_params(labelsize=8)
+        out["gold_scores"] = ("Mean gold score of each model on the same held-out prompts", _png(fig))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    return str(v)
+
+
+def _headline_lines(top: dict[str, Any]) -> list[str]:
+    lines = []
+    if "gold_win_rate_ppo_vs_sft" in top:
+        kl = top.get("ppo_kl")
+        at_kl = f", at KL {kl:.3f} nats." if kl is not None else "."
+        rate, n = top["gold_win_rate_ppo_vs_sft"], top["held_out_prompts"]["ppo_vs_sft"]
+        lines.append(f"PPO beats SFT on {rate:.1%} of {n} held-out prompts (gold labeler, ties count half){at_kl}")
+    if "gold_win_rate_sft_vs_pretrain" in top:
+        rate, n = top["gold_win_rate_sft_vs_pretrain"], top["held_out_prompts"]["sft_vs_pretrain"]
+        lines.append(f"SFT beats the pretrained model on {rate:.1%} of the {n} held-out prompts.")
+    gold = top.get("gold_score") or {}
+    if gold:
+        lines.append("Mean gold score: " + ", ".join(f"{LABELS[s]} {v:.3f}" for s, v in gold.items()) + ".")
+    return lines
+
+
+def _markdown(root: Path, stages, top, table, examples, figures) -> str:
+    out = [f"# align run report: `{root}`", ""]
+    out += [f"- {line}" for line in _headline_lines(top)] + [""]
+    out += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
+    out += [f"| {r['stage']} | {r['label']} | {_fmt(r['value'])} |" for r in table]
+    out += ["", "## Training curves", ""]
+    for name, (caption, _) in figures.items():
+        out += [f"![{caption}](report_files/{name}.png)", "", f"*{caption}*", ""]
+    if examples:
+        models = [s for s in MODELS if s in examples[0]["answers"]]
+        out += ["## The same prompts, answered by each model", ""]
+        out += ["| prompt | " + " | ".join(LABELS[s] for s in models) + " |", "|---" * (len(models) + 1) + "|"]
+        for row in examples:
+            cells = [_cell_md(row["answers"][s]) for s in models]
+            out.append(f"| {_md_escape(row['prompt'])} | " + " | ".join(cells) + " |")
+        out += ["", "Scores: gold = the hidden gold labeler (0-1); RM = the reward model (0 = SFT's average).", ""]
+    out += ["## Stages", ""]
+    for stage, info in stages.items():
+        out.append(f"- **{stage}**: `{root / stage}` (recipe sha256 `{info.get('recipe_sha256', '')[:12]}`)")
+    return "\n".join(out) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _scores(entry: dict[str, Any]) -> str:
+    parts = []
+    if "gold_score" in entry:
+        parts.append(f"gold {entry['gold_score']:.2f}")
+    if "reward" in entry:
+        parts.append(f"RM {entry['reward']:+.2f}")
+    return " · ".join(parts)
+
+
+def _cell_md(entry: dict[str, Any]) -> str:
+    return f"{_md_escape(entry['response']) or '(empty)'} <br>*{_scores(entry)}*"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.35em .6em;vertical-align:top;
+text-align:left;font-size:.92em}th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
+.head li{font-size:1.1em;margin:.3em 0}.score{color:#666;font-size:.85em}figure{margin:1em 0}
+figcaption{color:#555;font-size:.9em}img{max-width:100%}"""
+
+
+def _html(root: Path, stages, top, table, examples, figures) -> str:
+    e = html.escape
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>align report: {e(str(root))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>align run report: <code>{e(str(root))}</code></h1>",
+        "<ul class='head'>",
+    ]
+    out += [f"<li>{e(line)}</li>" for line in _headline_lines(top)] + ["</ul>"]
+    out += ["<h2>Metrics</h2><table><tr><th>stage</th><th>metric</th><th>value</th></tr>"]
+    out += [
+        f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(_fmt(r['value']))}</td></tr>"
+        for r in table
+    ]
+    out += ["</table><h2>Training curves</h2>"]
+    for caption, png in figures.values():
+        data = base64.b64encode(png).decode("ascii")
+        out.append(
+            f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{e(caption)}</figcaption></figure>"
+        )
+    if examples:
+        models = [s for s in MODELS if s in examples[0]["answers"]]
+        out += ["<h2>The same prompts, answered by each model</h2><table><tr><th>prompt</th>"]
+        out += [f"<th>{e(LABELS[s])}</th>" for s in models] + ["</tr>"]
+        for row in examples:
+            cells = "".join(
+                f"<td>{e(row['answers'][s]['response']) or '<i>(empty)</i>'}<br>"
+                f"<span class='score'>{e(_scores(row['answers'][s]))}</span></td>"
+                for s in models
+            )
+            out.append(f"<tr><td>{e(row['prompt'])}</td>{cells}</tr>")
+        out += [
+            "</table><p class='score'>gold = the hidden gold labeler (0-1); RM = the reward model, centered so "
+            "SFT samples average 0.</p>"
+        ]
+    out += ["<h2>Stages</h2><ul>"]
+    out += [f"<li><b>{e(s)}</b>: <code>{e(str(root / s))}</code></li>" for s in stages] + ["</ul></body></html>"]
+    return "\n".join(out) + "\n"
+
+
+def write_report(root: str | os.PathLike, options: dict[str, Any] | None = None) -> list[Path]:
+    """Write `report.md`, `report.html`, `report.json` (and `report_files/*.png` for the markdown) in `root`."""
+    root = Path(root)
+    options = check_options(options or {}, "report")
+    stages = load_stages(root)
+    if not stages:
+        raise AlignError(f"{root}: no finished stage (no */align_stage.json) to report on. Run the chain first.")
+    top = headline(root, stages)
+    table = metrics_table(stages)
+    examples = side_by_side(root, stages, example_prompts(stages, options))
+    figures = plots(stages, top)
+    files = root / "report_files"
+    for name, (_, png) in figures.items():
+        atomic_write_bytes(files / f"{name}.png", png)
+    data = {
+        "output_root": str(root),
+        **{k: top[k] for k in ("gold_win_rate_ppo_vs_sft", "gold_win_rate_sft_vs_pretrain") if k in top},
+        "headline": top,
+        "metrics": table,
+        "stages": {
+            s: {"dir": str(root / s), "recipe_sha256": i.get("recipe_sha256"), "metrics": i.get("metrics")}
+            for s, i in stages.items()
+        },
+        "examples": examples,
+        "plots": {
+            name: {"caption": caption, "file": f"report_files/{name}.png"} for name, (caption, _) in figures.items()
+        },
+    }
+    out = [root / "report.md", root / "report.html", root / "report.json"]
+    atomic_write_text(out[0], _markdown(root, stages, top, table, examples, figures))
+    atomic_write_text(out[1], _html(root, stages, top, table, examples, figures))
+    atomic_write_json(out[2], json.loads(json.dumps(data, default=float)))
+    for line in _headline_lines(top):
+        logger.info("%s", line)
+    return out

@@ -1,0 +1,215 @@
+"""`align run`: chain recipes resolve and wire stages; finished stages are skipped, changed ones rerun, a killed stage
+resumes; the report agrees with each stage's align_stage.json."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.chain import load_chain
+from align.errors import AlignError
+from align.evaluation import win_rate
+from align.io import read_stage_info
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+CHAIN_RECIPES = sorted((ROOT / "recipes").rglob("chain.yaml"))
+
+TINY_PRETRAIN = {
+    "model_type": "llama",
+    "model_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    "tinyworld_stories": 300,
+    "max_length": 64,
+    "max_steps": 6,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 3e-3,
+    "logging_steps": 2,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "num_samples": 0,
+    "disable_tqdm": True,
+}
+TINY_SFT = {
+    "dataset_name": "tinyworld",
+    "tinyworld_demos": 96,
+    "dataset_test_size": 16,
+    "max_length": 64,
+    "max_steps": 6,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "learning_rate": 3e-3,
+    "logging_steps": 2,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "gold_eval_prompts": 8,
+    "gold_eval_max_new_tokens": 8,
+    "disable_tqdm": True,
+}
+
+
+def write_chain(tmp_path: Path, sft: dict | None = None, **chain) -> Path:
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(TINY_PRETRAIN))
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({**TINY_SFT, **(sft or {})}))
+    data = {
+        "output_root": str(tmp_path / "run"),
+        "seed": 7,
+        "report_to": "none",
+        "stages": {"pretrain": "pretrain.yaml", "sft": "sft.yaml"},
+        "report": {"examples": 2},
+        **chain,
+    }
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def align_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "align", "run", *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600
+    )
+
+
+def _line(log: str, needle: str) -> str:
+    return next(line for line in log.splitlines() if needle in line)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@pytest.mark.parametrize("path", CHAIN_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_chain_recipes_resolve(path):
+    from align.chain import WIRING
+
+    chain = load_chain(path)  # every stage's keys checked against its config
+    names = [p.stage for p in chain.stages]
+    assert names[-3:] == ["rank", "reward", "ppo"]
+    for plan in chain.stages:
+        assert plan.recipe["output_dir"] == str(chain.output_root / plan.stage)
+        for key, parent in WIRING[plan.stage].items():
+            if parent in names:
+                assert plan.recipe[key] == str(chain.output_root / parent), (plan.stage, key)
+
+
+def test_there_are_chain_recipes():
+    assert {p.parent.name for p in CHAIN_RECIPES} >= {"tiny", "own-data", "gpt2-small"}
+
+
+def test_shared_inline_and_command_line_keys_in_that_order(tmp_path):
+    path = write_chain(tmp_path, stages={"pretrain": "pretrain.yaml", "sft": {"recipe": "sft.yaml", "max_steps": 3}})
+    chain = load_chain(path, shared={"seed": 9}, per_stage={"sft": {"learning_rate": 1e-4}})
+    sft = chain.plan("sft").recipe
+    assert (sft["seed"], sft["max_steps"], sft["learning_rate"]) == (9, 3, 1e-4)
+    assert sft["model_name_or_path"] == str(tmp_path / "run" / "pretrain")
+    assert chain.plan("pretrain").recipe["seed"] == 9
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": {"pretrian": "pretrain.yaml"}}, "unknown stage 'pretrian'; did you mean 'pretrain'"),
+        ({"stages": {"sft": "sft.yaml", "pretrain": "pretrain.yaml"}}, "Reorder them"),
+        ({"stages": {"sft": {"recipe": "sft.yaml", "output_dir": "x"}}}, "sets 'output_dir'"),
+        ({"stages": {"sft": {"recipe": "sft.yaml", "learning_rat": 1}}}, "did you mean 'learning_rate'"),
+        ({"seeed": 1}, "shared key 'seeed' is not a key of any stage; did you mean 'seed'"),
+        ({"report": {"exampels": 3}}, "unknown report key 'exampels'; did you mean 'examples'"),
+        ({"output_root": ""}, "'output_root' is not set"),
+    ],
+)
+def test_bad_chain_recipes_name_the_key(tmp_path, change, message):
+    path = write_chain(tmp_path, **change)
+    with pytest.raises(AlignError, match=message):
+        load_chain(path)
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path):
+    path = write_chain(tmp_path)
+    for args, message in ((["--only", "ppo"], "--only ppo: not a stage"), (["--sfd.max_steps", "2"], "did you mean")):
+        result = align_run(str(path), *args)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running: pretrain -> sft on tiny models
+
+
+def test_chain_runs_then_skips_then_reruns_what_changed(tmp_path):
+    path = write_chain(tmp_path)
+    run = tmp_path / "run"
+    first = align_run(str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    pretrain, sft = read_stage_info(run / "pretrain"), read_stage_info(run / "sft")
+    assert sft["parent"] == {"stage": "pretrain", "path": str((run / "pretrain").resolve())}
+    assert pretrain["recipe"]["seed"] == sft["recipe"]["seed"] == 7
+
+    # The report: the headline win-rate is the one the SFT stage's per-prompt gold scores give.
+    report = json.loads((run / "report.json").read_text())
+    expected = win_rate(sft["gold_scores"], sft["parent_gold_scores"])
+    assert report["gold_win_rate_sft_vs_pretrain"] == pytest.approx(expected)
+    assert report["headline"]["gold_score"] == {
+        "pretrain": pytest.approx(sft["metrics"]["parent_gold_score"]),
+        "sft": pytest.approx(sft["metrics"]["gold_score"]),
+    }
+    rows = {(r["stage"], r["metric"]): r["value"] for r in report["metrics"]}
+    assert rows[("pretrain", "eval_loss")] == pytest.approx(pretrain["metrics"]["eval_loss"])
+    assert [set(e["answers"]) for e in report["examples"]] == [{"pretrain", "sft"}] * 2
+    assert all(0 <= a["gold_score"] <= 1 for e in report["examples"] for a in e["answers"].values())
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(report["plots"]) >= 2
+    assert "SFT beats the pretrained model" in (run / "report.md").read_text()
+    assert (run / "recipes" / "sft.yaml").is_file()
+
+    # Unchanged: both skipped, nothing rewritten.
+    stamp = (run / "sft" / "align_stage.json").stat().st_mtime_ns
+    again = align_run(str(path), "--no_report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(": skipped (done, recipe unchanged)") == 2
+    assert (run / "sft" / "align_stage.json").stat().st_mtime_ns == stamp
+
+    # A changed SFT key: pretrain skipped, sft reruns and says why.
+    changed = align_run(str(path), "--sft.learning_rate", "0.001", "--no_report")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "skipped" in _line(changed.stderr, "[1/2] pretrain")
+    assert "recipe changed (learning_rate: 0.003 -> 0.001)" in changed.stderr
+    assert read_stage_info(run / "sft")["recipe"]["learning_rate"] == 0.001
+
+
+def test_killed_chain_resumes_the_stage_and_skips_finished_ones(tmp_path):
+    # SFT long enough to be killed after a checkpoint and before it finishes.
+    path = write_chain(
+        tmp_path, sft={"max_steps": 400, "save_strategy": "steps", "save_steps": 5, "save_total_limit": 2}
+    )
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "run", str(path), "--no_report"],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    from align.io import last_checkpoint
+
+    deadline = time.monotonic() + 300
+    while last_checkpoint(run / "sft") is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the chain and its stage process, as a Ctrl-C'd terminal or a lost node
+    proc.wait()
+    assert read_stage_info(run / "pretrain") is not None
+    assert read_stage_info(run / "sft") is None, "sft finished before it could be killed; raise its max_steps"
+    killed_at = int(last_checkpoint(run / "sft").name.split("-")[1])
+
+    again = align_run(str(path), "--no_report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _line(again.stderr, "[1/2] pretrain").endswith(": skipped (done, recipe unchanged)")
+    assert _line(again.stderr, "[2/2] sft").endswith(": resuming (not finished)")
+    assert "Resuming from" in again.stderr
+    history = read_stage_info(run / "sft")["log_history"]
+    assert history[-1]["step"] == 400 and killed_at < 400
