@@ -205,6 +205,20 @@ def test_function_labeler_errors_name_the_function(tmp_path, monkeypatch, name, 
     assert f"bad_labeler_mod:{name}" in str(e.value)
 
 
+def test_labeler_from_a_file_path(tmp_path):
+    # The shipped example, by path: what recipes/own-data/rank.yaml uses.
+    example = Path(__file__).resolve().parents[1] / "recipes" / "own-data" / "my_labeler.py"
+    cfg = parse_config("rank", [f"--output_dir={tmp_path}", f"--labeler={example}:score"])
+    kind, label = rank.load_labeler(cfg)
+    twenty = " ".join(f"w{i}" for i in range(20))
+    # 20 distinct words: 0; 3 words: -17; 20 words with 19 repeats: -2 * 19 = -38
+    assert kind == "function"
+    assert label(["p"], [[twenty, "a b c", " ".join(["x"] * 20)]]) == [[0.0, -17.0, -38.0]]
+    cfg = parse_config("rank", [f"--output_dir={tmp_path}", f"--labeler={tmp_path / 'none.py'}:score"])
+    with pytest.raises(AlignError, match="no such file"):
+        rank.load_labeler(cfg)
+
+
 def test_unimportable_function_labeler(tmp_path):
     cfg = parse_config("rank", [f"--output_dir={tmp_path}", "--labeler=no_such_module_xyz:score"])
     with pytest.raises(AlignError, match="cannot import module 'no_such_module_xyz'"):

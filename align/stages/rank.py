@@ -263,17 +263,30 @@ def _flat(scorer: Callable[[Sequence[str], Sequence[str]], list[float]], name: s
 
 
 def _function_labeler(spec: str) -> Labeler:
-    """`package.module:function`, called as function(prompt, responses) -> K scores; each result is checked."""
+    """`package.module:function` or `path/to/file.py:function`, called as function(prompt, responses) -> K scores;
+    each result is checked."""
     import importlib
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise AlignError(f"labeler {spec!r}: expected 'package.module:function', 'gold' or a reward model path.")
+        raise AlignError(
+            f"labeler {spec!r}: expected 'package.module:function', 'path/to/file.py:function', 'gold' or a reward "
+            "model path."
+        )
     # `align` as a console script does not put the working directory on sys.path; `python -m align` does.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):  # a file: path/to/labeler.py:function
+            import importlib.util
+
+            if not Path(module_name).is_file():
+                raise ImportError(f"no such file {module_name}")
+            spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as e:
         raise AlignError(
             f"labeler {spec}: cannot import module '{module_name}' ({e}). Put it on PYTHONPATH or in the working "

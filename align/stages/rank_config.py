@@ -64,8 +64,9 @@ class RankConfig(ModelConfig, ScriptArguments):
     labeler: str = field(
         default=GOLD,
         metadata={
-            "help": "Who ranks the K responses: 'gold' (the tiny-world gold labeler), 'package.module:function' "
-            "(called as function(prompt, responses) -> K scores, higher = better), or a reward model dir / Hub id "
+            "help": "Who ranks the K responses: 'gold' (the tiny-world gold labeler), 'package.module:function' or "
+            "'path/to/file.py:function' (called as function(prompt, responses) -> K scores, higher = better), or a "
+            "reward model dir / Hub id "
             "(align reward output or any num_labels=1 sequence classifier). Equal scores are ties. For human "
             "labelers use `align rank export` and `align rank import`."
         },
