@@ -1,4 +1,4 @@
-"""pretrain and sft under `accelerate launch` with two real CPU ranks (a gloo group), not two lone rank-0 processes."""
+"""pretrain, sft and rank under `accelerate launch` with two real CPU ranks (a gloo group), not two lone rank-0s."""
 
 import json
 import os
@@ -25,7 +25,7 @@ def launch(stage: str, recipe: dict, tmp_path: Path) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-def test_pretrain_then_sft_on_two_cpu_ranks(tmp_path):
+def test_pretrain_sft_rank_on_two_cpu_ranks(tmp_path):
     pre = tmp_path / "pretrain"
     result = launch("pretrain", {**TINY_PRETRAIN, "output_dir": str(pre), "max_steps": 4}, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,3 +41,19 @@ def test_pretrain_then_sft_on_two_cpu_ranks(tmp_path):
     info = json.loads((sft / "align_stage.json").read_text())
     assert info["num_processes"] == 2 and info["parent"]["stage"] == "pretrain"
     assert "gold_score" in info["metrics"]
+
+    # rank: each process samples its share of 9 prompts (5 + 4); the main process gathers them in order and writes.
+    rank = tmp_path / "rank"
+    recipe = {"model_name_or_path": str(sft), "output_dir": str(rank), "num_prompts": 9, "max_new_tokens": 8,
+              "labeler_noise": 0.1}  # untrained answers all score 0: noise breaks the ties  # fmt: skip
+    result = launch("rank", recipe, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((rank / "align_stage.json").read_text())
+    assert info["num_processes"] == 2
+    from align.data import tinyworld
+
+    expected = tinyworld.instruction_prompts(9, seed=0, split="train")["prompt"]
+    rows = [json.loads(line) for line in (rank / "rankings.jsonl").read_text().splitlines()]
+    kept = [r["prompt"] for r in rows]
+    assert kept == [p for p in expected if p in kept]  # gathered back in prompt order
+    assert len(rows) + info["metrics"]["dropped_all_tied"] + info["metrics"]["dropped_empty"] == 9

@@ -186,7 +186,10 @@ def sampling_settings(cfg) -> dict[str, Any]:
 def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
     """K = num_generations sampled responses per prompt from the policy (chat template), and the tokenizer."""
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
+    from transformers import set_seed
 
     from align import modeling
     from align.generate import generate
@@ -194,9 +197,17 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
 
     if not cfg.model_name_or_path:
         raise AlignError("align rank: no model_name_or_path. Point it at the policy, usually the SFT stage dir.")
+    # Under `accelerate launch` each process samples its share of the prompts (its own seed), then all are gathered.
+    # cpu=True on a machine without CUDA: PartialState does not read ACCELERATE_USE_CPU, and without it a CPU launch
+    # yields lone rank-0 processes (measured with a rank probe under recipes/accelerate_configs/cpu_2proc.yaml).
+    state = PartialState(cpu=cfg.use_cpu or not torch.cuda.is_available())
+    set_seed(cfg.seed + state.process_index)
     model, tokenizer = load_model_and_tokenizer(cfg)
-    device = "cuda" if torch.cuda.is_available() and not cfg.use_cpu else "cpu"
+    device = state.device if torch.cuda.is_available() and not cfg.use_cpu else "cpu"
     model.to(device)
+    all_prompts = prompts
+    with state.split_between_processes(list(range(len(prompts)))) as mine:
+        prompts = [all_prompts[i] for i in mine]
     logger.info(
         "rank: sampling %d x %d responses from %s (%s parameters, %s, %s); temperature %s, top_p %s, top_k %s, "
         "max_new_tokens %d.", len(prompts), cfg.num_generations, cfg.model_name_or_path,
@@ -217,11 +228,16 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
             num_return_sequences=cfg.num_generations,
             batch_size=step,
         )
+    if state.num_processes > 1:
+        pairs = sorted(gather_object(list(zip(mine, out, strict=True))))
+        out = [group for _, group in pairs]
     return out, tokenizer
 
 
 def _main_process() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -538,6 +554,9 @@ def run(cfg) -> Path:
     start = time.perf_counter()
     groups, tokenizer = sample(cfg, prompts)
     sample_seconds = time.perf_counter() - start
+    if not _main_process():  # the main process labels and writes; the others have done their share
+        _wait_for_everyone()
+        return output_dir
 
     # Rank
     start = time.perf_counter()
@@ -575,9 +594,23 @@ def run(cfg) -> Path:
             data=data_info,
             sampling=sampling_settings(cfg),
             labeler={"name": cfg.labeler, "kind": kind, "noise": cfg.labeler_noise},
+            num_processes=_num_processes(),
         )
         if cfg.push_to_hub:
             from align.hub import push_after_stage
 
             push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
+    _wait_for_everyone()
     return output_dir
+
+
+def _num_processes() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
