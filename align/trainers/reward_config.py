@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import RewardConfig
+from trl import ModelConfig, RewardConfig, ScriptArguments
+
+from align.config import _changed, _column_mapping_field, _post_init_common
 
 RANKING_LOSSES = ("pairwise", "plackett_luce")
 
@@ -38,3 +40,86 @@ class RankingRewardConfig(RewardConfig):
             raise ValueError(
                 f"ranking_loss={self.ranking_loss!r} is not a known loss; choose one of {', '.join(RANKING_LOSSES)}."
             )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `align reward`: the stage config
+
+
+@dataclass
+class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
+    """`align reward`: train a reward model on K-way rankings (InstructGPT step 2), RankingRewardTrainer underneath.
+
+    Changed defaults: `report_to="none"`, `save_total_limit=2`, `dtype="auto"`, `gradient_checkpointing` unset =
+    off (TRL turns it on; small models do not need it, GPU recipes set it), `bf16` = on only where the hardware has
+    fast bf16 (a CUDA GPU), `dataset_test_size=0.1`. `dataset_name` has no default: an `align rank` output dir, a
+    rankings or pairs file, a save_to_disk dir or a Hub id.
+    """
+
+    # Changed defaults
+    report_to: None | str | list[str] = _changed(RewardConfig, "report_to", "none")
+    save_total_limit: int | None = _changed(RewardConfig, "save_total_limit", 2)
+    dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+    # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
+    gradient_checkpointing: bool | None = _changed(RewardConfig, "gradient_checkpointing", None)
+    bf16: bool | None = _changed(RewardConfig, "bf16", None)
+    # Model
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer dir or Hub id, when not the model's own. It is saved with the reward model: scoring "
+            "always uses the reward model's own tokenizer and chat template, whatever the policy's are."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
+    )
+    # Data
+    dataset_column_mapping: dict | str | None = _column_mapping_field()
+    dataset_test_size: float = field(
+        default=0.1,
+        metadata={
+            "help": "When the data has no `dataset_test_split`, hold out this fraction (< 1) or number (>= 1) of "
+            "ranked groups for the held-out metrics (pair accuracy, top-1, Kendall tau, gold agreement) and the "
+            "reward offset. 0.1: ~50 groups (~250 pairs) of a 512-group tiny-world run, enough to tell 0.8 from 0.9."
+        },
+    )
+    ranking_as_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "Expand each ranked training group into its C(K,2) chosen/rejected pairs, each its own training "
+            "example, as pair-only frameworks (TRL's RewardTrainer) train; for comparison with the same labels. "
+            "Every response is then forwarded K-1 times per epoch. Evaluation stays on the ranked groups."
+        },
+    )
+    # Evaluation
+    gold_eval: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Report gold_agreement: held-out pair accuracy against the tiny-world gold labeler's ranking of "
+            "the same responses (gold ties skipped). None: on when every held-out prompt is a tiny-world prompt."
+        },
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+        _post_init_common(self, RankingRewardConfig)
+        errors = []
+        if not self.dataset_name:
+            errors.append(
+                "dataset_name is not set; point it at an `align rank` output (e.g. runs/tiny/rank), a rankings file "
+                "{prompt, responses, ranking} or a pairs file {prompt, chosen, rejected}"
+            )
+        if not self.model_name_or_path:
+            errors.append("model_name_or_path is not set; point it at the SFT stage (e.g. runs/tiny/sft) or a model")
+        if self.use_peft:
+            errors.append("use_peft: LoRA reward models are not supported yet; set use_peft: false")
+        if self.load_in_4bit or self.load_in_8bit:
+            errors.append("load_in_4bit/8bit: quantized reward models are not supported; remove the key")
+        if self.max_length is not None and self.max_length < 8:
+            errors.append(f"max_length {self.max_length} is too small; use at least 8 (e.g. 512) or null (no cut)")
+        if errors:
+            raise ValueError("reward: " + "; ".join(errors) + ".")

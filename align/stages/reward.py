@@ -1,0 +1,367 @@
+"""`align reward`: train a reward model on K-way rankings (InstructGPT step 2), with align's RankingRewardTrainer.
+
+    align reward --config recipes/tiny/reward.yaml
+    align reward --config recipes/own-data/reward.yaml --dataset_name data/rankings.jsonl --model_name_or_path DIR
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m align reward --config RECIPE
+
+The model is `AutoModelForSequenceClassification(num_labels=1)` from `model_name_or_path`: by default the SFT GPT
+with a new scalar head (GPT-1's discriminative fine-tuning), or any model with its own tokenizer, which is saved
+with it; scoring always formats text with the reward model's own tokenizer and chat template (`format_for_reward`).
+
+Data: an `align rank` output dir (its `dataset/`, else `rankings.jsonl`; recorded as the data's parent stage), a
+rankings file `{prompt, responses, ranking}`, a pairs file `{prompt, chosen, rejected[, margin]}` (the K = 2 case), a
+save_to_disk dir or a Hub id. Every row is checked before any work; errors name file:row.
+
+After training the reward is normalized as InstructGPT did (Sec. 3.5): the mean raw score of the held-out groups'
+responses (SFT samples when the data comes from `align rank` on the SFT model) is stored as
+`config.align_reward_offset`, so `align.trainers.reward.score` and `align score` center SFT samples at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from align.config import log_config, parse_config, recipe_dict
+from align.errors import AlignError
+from align.io import parent_of, read_stage_info, resume_checkpoint, write_stage_info
+
+logger = logging.getLogger(__name__)
+
+RANK_FILE = "rankings.jsonl"
+RANK_DATASET = "dataset"
+# Held-out metrics stored without Trainer's `eval_` prefix (the chain summary reads these names); `eval_loss` and
+# `eval_pair_accuracy` are kept as Trainer names them too.
+EVAL_METRICS = ("pair_accuracy", "top1_accuracy", "kendall_tau")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config("reward", argv)
+    run(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _resolve_source(name: str) -> tuple[str, dict[str, Any] | None]:
+    """(what to load, the rank stage's lineage entry or None) for `dataset_name`."""
+    info = read_stage_info(name) if Path(name).is_dir() else None
+    if info is None:
+        return name, None
+    if info.get("stage") != "rank":
+        raise AlignError(
+            f"dataset_name {name}: an align '{info.get('stage')}' stage, not rankings. Point it at the output of "
+            "`align rank` (e.g. runs/tiny/rank) or at a rankings/pairs file."
+        )
+    parent = {"stage": "rank", "path": str(Path(name).resolve())}
+    for candidate in (Path(name) / RANK_DATASET, Path(name) / RANK_FILE):
+        if candidate.exists():
+            return str(candidate), {**parent, "info": info}
+    raise AlignError(f"dataset_name {name}: a rank stage without {RANK_DATASET}/ or {RANK_FILE}. Rerun `align rank`.")
+
+
+def _validate(ds, source: str) -> int:
+    """Check every row (before splitting, so errors name the row of the file); returns the number of pairs."""
+    from align.data import load as dl
+    from align.trainers.reward import parse_ranking_row
+
+    columns = ds.column_names
+    if "prompt" not in columns or not ({"responses", "chosen"} & set(columns)):
+        raise AlignError(
+            f"{source}: needs columns prompt + responses + ranking (rankings) or prompt + chosen + rejected (pairs); "
+            f"the columns are {', '.join(columns)}. Rename yours with dataset_column_mapping."
+        )
+    pairs, start = 0, 0
+    for batch in ds.iter(batch_size=1000):
+        n = len(batch["prompt"])
+        for j in range(n):
+            row = {c: batch[c][j] for c in columns}
+            _, responses, ranks, _ = parse_ranking_row(row, where=f"{source}:{dl.source_row(ds, start + j)}")
+            pairs += sum(a < b for a in ranks for b in ranks)
+        start += n
+    return pairs
+
+
+def as_pairs(ds):
+    """Each ranked group -> its C(K,2) non-tied `{prompt, chosen, rejected}` rows (margins kept), as pair-only
+    trainers see the same labels. Rows must be valid (`_validate`)."""
+    import datasets
+
+    from align.trainers.reward import parse_ranking_row
+
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    has_margin = "margin" in ds.column_names
+    if has_margin:
+        out["margin"] = []
+    for i, row in enumerate(ds):
+        prompt, responses, ranks, margin = parse_ranking_row(row, where=f"row {i + 1}")
+        for w, rw in enumerate(ranks):
+            for b, rb in enumerate(ranks):
+                if rw < rb:
+                    out["prompt"].append(prompt)
+                    out["chosen"].append(responses[w])
+                    out["rejected"].append(responses[b])
+                    if has_margin:
+                        out["margin"].append(margin)
+    return datasets.Dataset.from_dict(out)
+
+
+def load_reward_data(cfg) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
+    """Train groups, held-out groups (or None), the lineage entry, and the rank stage the data came from (or None)."""
+    from align.data import load as dl
+
+    source, rank_parent = _resolve_source(cfg.dataset_name)
+    dd = dl.load_data(source, config=cfg.dataset_config)
+    if cfg.dataset_column_mapping:
+        dd = dl.apply_column_mapping(dd, cfg.dataset_column_mapping, source=source)
+    pairs = {}
+    for split, part in dd.items():
+        where = source if split == cfg.dataset_train_split and len(dd) == 1 else f"{source}[{split}]"
+        pairs[split] = _validate(part, where)
+    train, test = dl.train_test(
+        dd,
+        train_split=cfg.dataset_train_split,
+        test_split=cfg.dataset_test_split,
+        test_size=cfg.dataset_test_size,
+        seed=cfg.seed,
+        source=source,
+    )
+    info: dict[str, Any] = {"name": cfg.dataset_name, "config": cfg.dataset_config, "fingerprint": train._fingerprint,
+                            "rows": len(train), "eval_rows": len(test) if test is not None else 0,
+                            "pairs": sum(pairs.values())}  # fmt: skip
+    return train, test, info, rank_parent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def load_model_and_tokenizer(cfg):
+    """Scalar-head model (a new head on a causal LM, or an existing reward model) and its own tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align import modeling
+
+    tokenizer = modeling.load_tokenizer(
+        cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model_name_or_path,
+            num_labels=1,
+            revision=cfg.model_revision,
+            dtype=cfg.dtype or "auto",
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except (OSError, ValueError) as e:
+        msg = (f"{cfg.model_name_or_path}: cannot load it as a sequence-classification model "
+               f"({modeling._first_line(e)}). {modeling._where_fix(cfg.model_name_or_path)}")  # fmt: skip
+        raise AlignError(msg) from e
+    # The chat template is what separates prompt from response at scoring time; PPO and `align score` read it from
+    # the saved reward dir, so a tokenizer without one gets align's (and the embeddings grow to its tokens).
+    modeling.ensure_chat_template(tokenizer, model)
+    # A sequence-classification model reads the score at the last non-pad token: it must know the pad id.
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Held-out metrics
+
+
+def _flat(groups) -> tuple[list[str], list[str], list[int]]:
+    """(prompts, responses, group sizes) of valid ranked groups."""
+    from align.trainers.reward import parse_ranking_row
+
+    prompts, responses, sizes = [], [], []
+    for i, row in enumerate(groups):
+        prompt, rs, _, _ = parse_ranking_row(row, where=f"row {i + 1}")
+        prompts += [prompt] * len(rs)
+        responses += rs
+        sizes.append(len(rs))
+    return prompts, responses, sizes
+
+
+def _grid(values: list[float], sizes: list[int], fill: float):
+    """Flat per-response values -> `(G, K_max)` tensor, `fill` where a group has fewer responses."""
+    import torch
+
+    out = torch.full((len(sizes), max(sizes)), fill, dtype=torch.float)
+    at = 0
+    for g, k in enumerate(sizes):
+        out[g, :k] = torch.tensor(values[at : at + k], dtype=torch.float)
+        at += k
+    return out
+
+
+def gold_ranks(scores):
+    """`(G, K)` ranks (0 = best, equal scores share a rank, -1 where absent) from `(G, K)` gold scores (nan absent)."""
+    import torch
+
+    present = ~torch.isnan(scores)
+    # rank = number of present responses that score strictly higher: ties share it, order is all pair_mask needs
+    higher = (scores.unsqueeze(1) > scores.unsqueeze(2)) & present.unsqueeze(1)
+    ranks = higher.sum(-1)
+    return torch.where(present, ranks, torch.full_like(ranks, -1))
+
+
+def is_tinyworld(prompts: list[str]) -> bool:
+    from align.data import tinyworld_labeler
+
+    try:
+        for p in set(prompts):
+            tinyworld_labeler.parse_prompt(p)
+    except AlignError:
+        return False
+    return True
+
+
+def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: int, max_length: int | None):
+    """Raw scores of every held-out response -> reward offset and, on tiny world, gold agreement.
+
+    Returns `(metrics, extra)`: `reward_offset` (mean raw score), `gold_agreement` (pair accuracy against the gold
+    labeler's ranking of the same responses; gold ties are not pairs) when `gold` (None: when the prompts are
+    tiny-world prompts), and `extra` with counts for align_stage.json.
+    """
+    from align.rl.ranking import pair_accuracy, pair_mask
+    from align.trainers.reward import score
+
+    prompts, responses, sizes = _flat(groups)
+    raw = score(model, tokenizer, prompts, responses, batch_size=batch_size, offset=0.0, max_length=max_length)
+    metrics = {"reward_offset": raw.mean().item()}
+    extra: dict[str, Any] = {"reward_offset_samples": len(responses)}
+    if gold is None:
+        gold = is_tinyworld(prompts)
+    if gold:
+        from align.data import tinyworld
+
+        gold_scores = [tinyworld.score(p, r) for p, r in zip(prompts, responses, strict=True)]
+        ranks = gold_ranks(_grid(gold_scores, sizes, float("nan")))
+        rewards = _grid(raw.tolist(), sizes, float("nan"))
+        metrics["gold_agreement"] = pair_accuracy(rewards, ranks).item()
+        extra["gold_pairs"] = int(pair_mask(ranks).sum())
+    return metrics, extra
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage
+
+
+def run(cfg) -> Path:
+    from transformers import set_seed
+
+    from align import modeling
+    from align.trainers.reward import RankingRewardTrainer
+
+    set_seed(cfg.seed)
+    log_config(cfg)
+    output_dir = Path(cfg.output_dir)
+
+    # Data
+    train_ds, eval_ds, data_info, rank_parent = load_reward_data(cfg)
+    train_groups = train_ds
+    if cfg.ranking_as_pairs:
+        train_ds = as_pairs(train_ds)
+        data_info["train_pairs_as_rows"] = len(train_ds)
+    if eval_ds is None and cfg.eval_strategy != "no":
+        cfg.eval_strategy = "no"
+
+    # Model
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    total, _ = modeling.count_parameters(model)
+    logger.info(
+        "reward: %s (%.2fM parameters, %s), %d train groups%s / %d held-out groups, %s loss, batch %d x %d accum x %d "
+        "processes, %s",
+        cfg.model_name_or_path,
+        total / 1e6,
+        type(model).__name__,
+        len(train_groups),
+        f" as {len(train_ds)} pairs" if cfg.ranking_as_pairs else "",
+        len(eval_ds) if eval_ds is not None else 0,
+        cfg.ranking_loss,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.world_size,
+        modeling.precision_summary(cfg),
+    )
+
+    # Train
+    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
+    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    trainer = RankingRewardTrainer(
+        model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start}
+    extra: dict[str, Any] = {}
+
+    # Evaluate
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_pair_accuracy"] = ev["eval_pair_accuracy"]
+        metrics.update({k: ev[f"eval_{k}"] for k in EVAL_METRICS})
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero():
+        # Normalize (InstructGPT Sec. 3.5): SFT samples score 0 on average. The held-out groups' responses are SFT
+        # samples when the data comes from `align rank` on the SFT model; without held-out groups, the train groups'.
+        held, held_extra = heldout_metrics(
+            unwrapped,
+            tokenizer,
+            eval_ds if eval_ds is not None else train_groups,
+            gold=cfg.gold_eval,
+            batch_size=cfg.per_device_eval_batch_size,
+            max_length=cfg.max_length,
+        )
+        metrics.update(held)
+        extra.update(held_extra, reward_offset_source="held-out groups" if eval_ds is not None else "train groups")
+        unwrapped.config.align_reward_offset = held["reward_offset"]
+        if cfg.max_length is not None:
+            unwrapped.config.align_reward_max_length = cfg.max_length
+        logger.info(
+            "Held-out: pair accuracy %s, gold agreement %s, Kendall tau %s; reward offset %.4f (mean raw score of %d "
+            "responses, now stored in config.align_reward_offset).",
+            *(f"{metrics[k]:.4f}" if k in metrics else "n/a" for k in ("pair_accuracy", "gold_agreement",
+                                                                        "kendall_tau")),
+            held["reward_offset"],
+            held_extra["reward_offset_samples"],
+        )  # fmt: skip
+
+    # Save
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        cfg.push_to_hub = push_to_hub  # recorded as the user set it
+        lineage = {}
+        if rank_parent is not None:
+            lineage["data_parent"] = {"stage": "rank", "path": rank_parent["path"]}
+            rank_metrics = rank_parent["info"].get("metrics") or {}
+            if "gold_agreement" in rank_metrics:
+                metrics["labeler_gold_agreement"] = rank_metrics["gold_agreement"]
+        write_stage_info(
+            output_dir,
+            "reward",
+            parent=parent_of(cfg.model_name_or_path),
+            recipe=recipe_dict(cfg),
+            data=data_info,
+            metrics={k: float(v) for k, v in metrics.items()},
+            log_history=trainer.state.log_history,
+            num_processes=trainer.accelerator.num_processes,
+            **lineage,
+            **extra,
+        )
+        logger.info("reward: wrote %s", output_dir)
+        if push_to_hub:
+            from align.hub import push_after_stage
+
+            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
