@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The tiny chain, stage by stage (until `align run recipes/tiny/chain.yaml` lands). Reruns skip nothing yet but resume.
+# The tiny chain: pretrain -> sft -> rank -> reward -> ppo, then runs/tiny/report.{md,html,json}. Reruns skip finished
+# stages and resume an interrupted one.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/align pretrain --config recipes/tiny/pretrain.yaml
-	HF_HUB_OFFLINE=1 $(BIN)/align sft --config recipes/tiny/sft.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/align run recipes/tiny/chain.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

@@ -14,6 +14,7 @@ and/or inline keys:
       pretrain: pretrain.yaml
       sft: {recipe: sft.yaml, learning_rate: 1.0e-3}
     report: {examples: 6}         # prompts answered side by side by each model
+    accelerate_config: ../accelerate_configs/ddp.yaml   # optional: each stage under `accelerate launch`
 
 The runner sets each stage's `output_dir` to `<output_root>/<stage>` and wires parents: sft <- pretrain; rank policy
 <- sft; reward model <- sft, data <- rank; ppo policy <- sft, reward_model_path <- reward. The resolved recipe of each
@@ -52,7 +53,7 @@ from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, r
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "chain_state.json"
-CHAIN_KEYS = ("output_root", "stages", "report")
+CHAIN_KEYS = ("output_root", "stages", "report", "accelerate_config")
 # stage -> {key: parent stage whose output dir the key points at}, when that parent is in the chain.
 WIRING: dict[str, dict[str, str]] = {
     "pretrain": {},
@@ -89,6 +90,7 @@ class Chain:
     output_root: Path
     stages: list[StagePlan]
     report: dict[str, Any]
+    accelerate_config: Path | None = None  # each stage runs under `accelerate launch --config_file` this
 
     def plan(self, stage: str) -> StagePlan:
         return next(p for p in self.stages if p.stage == stage)
@@ -109,6 +111,7 @@ def load_chain(
     path: str | os.PathLike,
     *,
     output_root: str | None = None,
+    accelerate_config: str | None = None,
     shared: dict[str, Any] | None = None,
     per_stage: dict[str, dict[str, Any]] | None = None,
     check_keys: bool = True,
@@ -197,7 +200,12 @@ def load_chain(
             key = sorted(unused)[0]
             every = sorted(set().union(*[f for f in fields.values() if f]))
             raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{_closest(key, every)}")
-    return Chain(path=path, output_root=root, stages=plans, report=report)
+    launch = accelerate_config or data.get("accelerate_config")
+    if launch is not None:
+        launch = Path(launch) if accelerate_config else (path.parent / str(launch))
+        if not launch.is_file():
+            raise AlignError(f"{path}: accelerate_config {launch} does not exist. Give an accelerate config file.")
+    return Chain(path=path, output_root=root, stages=plans, report=report, accelerate_config=launch)
 
 
 def _rel(path: Path) -> Path:
@@ -299,7 +307,7 @@ def _write_stage_recipe(chain: Chain, plan: StagePlan) -> Path:
 def _run_stage(chain: Chain, plan: StagePlan) -> None:
     """`python -m align <stage> --config <resolved recipe>`: output streams through, the last error line is kept."""
     recipe_file = _write_stage_recipe(chain, plan)
-    cmd = [sys.executable, "-m", "align", plan.stage, "--config", str(recipe_file)]
+    cmd = stage_command(chain, plan, recipe_file)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     tail = b""
     try:
@@ -320,6 +328,15 @@ def _run_stage(chain: Chain, plan: StagePlan) -> None:
         lines = [ln for ln in tail.decode("utf-8", "replace").splitlines() if ln.startswith("error: ")]
         why = lines[-1].removeprefix("error: ") if lines else f"exit code {rc}; see the traceback above"
         raise AlignError(f"chain stopped at stage {plan.stage}: {why}. Fix it and rerun `align run` to resume.")
+
+
+def stage_command(chain: Chain, plan: StagePlan, recipe_file: Path) -> list[str]:
+    """`python -m align <stage> --config FILE`, under `accelerate launch` when the chain sets `accelerate_config`."""
+    align = ["-m", "align", plan.stage, "--config", str(recipe_file)]
+    if chain.accelerate_config is None:
+        return [sys.executable, *align]
+    launch = ["-m", "accelerate.commands.launch", "--config_file", str(chain.accelerate_config)]
+    return [sys.executable, *launch, *align]
 
 
 def _banner(text: str) -> None:
@@ -443,6 +460,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")
     p.add_argument("--only", metavar="STAGE", help="Run only this stage (its parents must be finished).")
     p.add_argument("--output_root", help="Where the stage dirs and the report go (default: the chain's).")
+    p.add_argument("--accelerate_config", help="Run each stage under `accelerate launch --config_file` this file.")
     p.add_argument("--report_only", action="store_true", help="Rebuild the report from the stage dirs; train nothing.")
     p.add_argument("--no_report", action="store_true", help="Run the stages but do not write the report.")
     return p
@@ -486,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.start and args.only:
         raise AlignError("align run: --from and --only conflict; use --from STAGE (it and later) or --only STAGE.")
     shared, per_stage = _split_overrides(rest)
-    chain = load_chain(args.chain, output_root=args.output_root, shared=shared, per_stage=per_stage)
+    chain = load_chain(args.chain, output_root=args.output_root, accelerate_config=args.accelerate_config,
+                       shared=shared, per_stage=per_stage)  # fmt: skip
     t0 = time.perf_counter()
     if not args.report_only:
         rows = run_chain(chain, start=args.start, only=args.only)

@@ -169,12 +169,29 @@ def example_prompts(stages: dict[str, dict[str, Any]], options: dict[str, Any]) 
         require_columns(ds, ["prompt"], options["prompts_file"])
         return [str(p) for p in ds["prompt"][:n]]
     for stage in ("ppo", "sft"):
-        recipe = (stages.get(stage) or {}).get("recipe") or {}
-        if stage in stages and recipe.get("dataset_name") == "tinyworld":
+        if _tinyworld(stages, stage):
             from align.evaluation import heldout_prompts
 
-            return heldout_prompts(n, seed=int(recipe.get("tinyworld_seed", 0)))
+            return heldout_prompts(n, seed=int(stages[stage]["data"].get("seed") or 0))
     return []
+
+
+def _resolved(stages: dict[str, dict[str, Any]], stage: str, key: str) -> Any:
+    """A stage's value of `key`: its recorded recipe (the keys the user set), else its config's default."""
+    import dataclasses
+
+    from align.config import config_class
+
+    recipe = (stages.get(stage) or {}).get("recipe") or {}
+    if key in recipe:
+        return recipe[key]
+    fields = {f.name: f.default for f in dataclasses.fields(config_class(stage))}
+    return fields.get(key)
+
+
+def _tinyworld(stages: dict[str, dict[str, Any]], stage: str) -> bool:
+    """Whether `stage` ran on tiny-world prompts (its lineage's data entry; recipes hold only the keys users set)."""
+    return ((stages.get(stage) or {}).get("data") or {}).get("name") == "tinyworld"
 
 
 def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
@@ -185,16 +202,9 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
     from align.generate import generate
     from align.modeling import load_causal_lm, load_tokenizer
 
-    gold = all(
-        (stages.get(s) or {}).get("recipe", {}).get("dataset_name") == "tinyworld"
-        for s in ("sft", "ppo")
-        if s in stages
-    )
-    ppo_recipe = (stages.get("ppo") or {}).get("recipe") or {}
-    sft_recipe = (stages.get("sft") or {}).get("recipe") or {}
-    max_new_tokens = int(
-        ppo_recipe.get("gold_eval_max_new_tokens") or sft_recipe.get("gold_eval_max_new_tokens") or 64
-    )
+    gold = all(_tinyworld(stages, s) for s in ("sft", "ppo") if s in stages)
+    last = "ppo" if "ppo" in stages else "sft"
+    max_new_tokens = int(_resolved(stages, last, "gold_eval_max_new_tokens") or 64)
     answers: dict[str, list[str]] = {}
     for stage in MODELS:
         if stage not in stages:

@@ -213,3 +213,104 @@ def test_killed_chain_resumes_the_stage_and_skips_finished_ones(tmp_path):
     assert "Resuming from" in again.stderr
     history = read_stage_info(run / "sft")["log_history"]
     assert history[-1]["step"] == 400 and killed_at < 400
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole chain on tiny models
+
+TINY_RANK = {"num_prompts": 24, "num_generations": 4, "max_new_tokens": 12, "labeler_noise": 0.1}
+TINY_REWARD = {
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "dataset_test_size": 0.25,
+    "max_length": 64,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "disable_tqdm": True,
+}
+TINY_PPO = {
+    "tinyworld_prompts": 32,
+    "max_steps": 3,
+    "per_device_train_batch_size": 4,
+    "num_mini_batches": 2,
+    "num_ppo_epochs": 1,
+    "max_new_tokens": 8,
+    "gold_eval_prompts": 8,
+    "gold_eval_max_new_tokens": 8,
+    "per_device_eval_batch_size": 8,
+    "eval_strategy": "steps",
+    "eval_steps": 2,
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "disable_tqdm": True,
+}
+
+
+@pytest.mark.slow
+def test_tiny_chain_end_to_end_report_matches_the_stages(tmp_path):
+    for name, recipe in (("rank", TINY_RANK), ("reward", TINY_REWARD), ("ppo", TINY_PPO)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    stages = {s: f"{s}.yaml" for s in ("pretrain", "sft", "rank", "reward", "ppo")}
+    path = write_chain(tmp_path, stages=stages, report={"examples": 3})
+    result = align_run(str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    info = {s: read_stage_info(run / s) for s in stages}
+    assert info["rank"]["parent"]["path"] == str((run / "sft").resolve())
+    assert info["reward"]["parent"]["path"] == str((run / "sft").resolve())
+    assert info["ppo"]["reward_model"]["path"] == str((run / "reward").resolve())
+
+    report = json.loads((run / "report.json").read_text())
+    # PPO and SFT answered the same 8 held-out prompts with the same decoding: PPO's parent scores are SFT's own.
+    assert info["ppo"]["parent_gold_scores"] == info["sft"]["gold_scores"]
+    assert report["gold_win_rate_ppo_vs_sft"] == pytest.approx(
+        win_rate(info["ppo"]["gold_scores"], info["sft"]["gold_scores"])
+    )
+    assert report["gold_win_rate_sft_vs_pretrain"] == pytest.approx(
+        win_rate(info["sft"]["gold_scores"], info["sft"]["parent_gold_scores"])
+    )
+    assert report["headline"]["gold_score"]["ppo"] == pytest.approx(info["ppo"]["metrics"]["gold_score"])
+    assert report["headline"]["ppo_kl"] == pytest.approx(info["ppo"]["metrics"]["kl"])
+    for row in report["metrics"]:
+        if row["metric"] != "train_runtime":
+            assert row["value"] == pytest.approx(info[row["stage"]]["metrics"][row["metric"]]), row
+    assert {("reward", "pair_accuracy"), ("ppo", "gold_score"), ("ppo", "kl")} <= {
+        (r["stage"], r["metric"]) for r in report["metrics"]
+    }
+    assert set(report["plots"]) >= {"pretrain_loss", "sft_loss", "ppo_curves", "gold_scores"}
+    for example in report["examples"]:
+        assert set(example["answers"]) == {"pretrain", "sft", "ppo"}
+        assert all({"gold_score", "reward"} <= set(a) for a in example["answers"].values())
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(report["plots"])
+    assert "PPO beats SFT on" in (run / "report.md").read_text()
+
+
+def test_accelerate_config_launches_every_stage_under_accelerate(tmp_path):
+    from align.chain import stage_command
+
+    config = ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+    chain = load_chain(write_chain(tmp_path, accelerate_config=str(config)))
+    cmd = stage_command(chain, chain.plan("sft"), tmp_path / "sft.yaml")
+    assert cmd[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "align",
+        "sft",
+        "--config",
+        str(tmp_path / "sft.yaml"),
+    ]
+    plain = load_chain(write_chain(tmp_path))
+    assert stage_command(plain, plain.plan("sft"), tmp_path / "x.yaml")[1:] == [
+        "-m",
+        "align",
+        "sft",
+        "--config",
+        str(tmp_path / "x.yaml"),
+    ]
+    with pytest.raises(AlignError, match="accelerate_config .* does not exist"):
+        load_chain(write_chain(tmp_path, accelerate_config="missing.yaml"))
