@@ -260,3 +260,26 @@ def _require_str(value: Any, field: str) -> None:
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def prompt_text(row: dict[str, Any], where: str, stage: str) -> str:
+    """The single-turn prompt of a prompts-file row (`align rank`, `align ppo`): `prompt` (a string, or messages ending
+    in a user turn) or `messages` (a trailing assistant turn is dropped). Errors name `where` and the `stage`."""
+    # A file may mix both forms: JSON loading fills the absent one with null.
+    column = "prompt" if row.get("prompt") is not None or row.get("messages") is None else "messages"
+    value = row.get(column)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        if column == "messages" and value[-1].get("role") == "assistant":
+            value = value[:-1]  # a demonstration: the policy answers its prompt itself
+        users = [m for m in value if m.get("role") == "user"]
+        if len(users) == 1 and value[-1].get("role") == "user" and isinstance(value[-1].get("content"), str):
+            return value[-1]["content"]
+        raise AlignError(
+            f"{where}: '{column}' is not a single user turn ({len(users)} user messages); {stage} prompts are "
+            "single-turn. Keep one user message per row."
+        )
+    raise AlignError(
+        f"{where}: '{column}' is {type(value).__name__}, expected a string or a list of {{role, content}}."
+    )

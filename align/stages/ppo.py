@@ -45,27 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 # Data
 
 
-def _prompt_text(row: dict[str, Any], where: str) -> str:
-    """The single-turn prompt of a row: `prompt` (str, or a message list ending in a user turn) or `messages`."""
-    value = row["prompt"] if "prompt" in row else row["messages"]
-    column = "prompt" if "prompt" in row else "messages"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        users = [m for m in value if m.get("role") == "user"]
-        if column == "messages" and value[-1].get("role") == "assistant":
-            value = value[:-1]  # a demonstration: PPO answers its prompt itself
-        if len(users) == 1 and value[-1].get("role") == "user" and isinstance(value[-1].get("content"), str):
-            return value[-1]["content"]
-        raise AlignError(
-            f"{where}: '{column}' is not a single user turn ({len(users)} user messages); PPO prompts are "
-            "single-turn. Keep one user message per row."
-        )
-    raise AlignError(
-        f"{where}: '{column}' is {type(value).__name__}, expected a string or a list of {{role, content}}."
-    )
-
-
 def load_prompts(cfg) -> tuple[Any, Any, dict[str, Any]]:
     """Train prompts, held-out prompts (or None) as datasets with one column `prompt` (str), and the lineage entry."""
     import datasets
@@ -78,6 +57,7 @@ def load_prompts(cfg) -> tuple[Any, Any, dict[str, Any]]:
         info = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "fingerprint": train._fingerprint, "rows": len(train)}
         return train, None, info
 
+    from align.data import formats
     from align.data import load as dl
 
     source = cfg.dataset_name
@@ -105,7 +85,7 @@ def load_prompts(cfg) -> tuple[Any, Any, dict[str, Any]]:
             )
         keep = "prompt" if "prompt" in columns else "messages"
         rows = part.select_columns([keep]).to_list()
-        prompts = [_prompt_text(r, f"{source}:{dl.source_row(part, i)}") for i, r in enumerate(rows)]
+        prompts = [formats.prompt_text(r, f"{source}:{dl.source_row(part, i)}", "PPO") for i, r in enumerate(rows)]
         out.append(datasets.Dataset.from_dict({"prompt": prompts}))
     train, test = out
     if len(train) == 0:

@@ -105,28 +105,6 @@ def _print_help() -> None:
 # Data
 
 
-def _prompt_text(row: dict[str, Any], where: str) -> str:
-    """The single-turn prompt of a row: `prompt` (str, or messages ending in a user turn) or `messages`."""
-    # A file may mix both forms: JSON loading fills the absent one with null.
-    column = "prompt" if row.get("prompt") is not None or row.get("messages") is None else "messages"
-    value = row.get(column)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        if column == "messages" and value[-1].get("role") == "assistant":
-            value = value[:-1]  # a demonstration: the policy answers its prompt itself
-        users = [m for m in value if m.get("role") == "user"]
-        if len(users) == 1 and value[-1].get("role") == "user" and isinstance(value[-1].get("content"), str):
-            return value[-1]["content"]
-        raise AlignError(
-            f"{where}: '{column}' is not a single user turn ({len(users)} user messages); rank prompts are "
-            "single-turn. Keep one user message per row."
-        )
-    raise AlignError(
-        f"{where}: '{column}' is {type(value).__name__}, expected a string or a list of {{role, content}}."
-    )
-
-
 def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
     """The prompts to rank (`num_prompts` of them) and the `data` entry of align_stage.json."""
     if cfg.dataset_name == TINYWORLD:
@@ -137,6 +115,7 @@ def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
         info = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "fingerprint": ds._fingerprint, "rows": len(ds)}
         return list(ds["prompt"]), info
 
+    from align.data import formats
     from align.data import load as dl
 
     source = cfg.dataset_name
@@ -154,7 +133,7 @@ def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
     if cfg.num_prompts is not None and cfg.num_prompts < len(ds):
         ds = ds.select(range(cfg.num_prompts))
     rows = ds.select_columns([c for c in ("prompt", "messages") if c in columns]).to_list()
-    prompts = [_prompt_text(r, f"{source}:{dl.source_row(ds, i)}") for i, r in enumerate(rows)]
+    prompts = [formats.prompt_text(r, f"{source}:{dl.source_row(ds, i)}", "rank") for i, r in enumerate(rows)]
     for i, p in enumerate(prompts):
         if not p.strip():
             raise AlignError(f"{source}:{dl.source_row(ds, i)}: the prompt is empty. Drop or fix the row.")
