@@ -349,7 +349,7 @@ def _headline(stage: str, metrics: dict[str, Any]) -> str:
     keys = {
         "pretrain": ("eval_loss", "entropy_floor", "perplexity"),
         "sft": ("gold_score", "parent_gold_score", "eval_loss"),
-        "rank": (),
+        "rank": ("num_groups", "gold_agreement", "tie_rate"),
         "reward": ("pair_accuracy", "kendall_tau", "gold_agreement"),
         "ppo": ("gold_score", "parent_gold_score", "reward", "kl"),
     }[stage]
