@@ -33,6 +33,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_pretrain.py
+	$(BIN)/python scripts/bench_reward.py
+	$(BIN)/python scripts/bench_ppo.py
 
 clean:
 	rm -rf runs .pytest_cache
