@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,7 @@ import torch
 from torch import nn
 
 from align.errors import AlignError
-from align.io import atomic_write_json, atomic_write_text, last_checkpoint
+from align.io import last_checkpoint
 from align.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -47,122 +43,31 @@ from align.rl.ppo import (
     response_mask,
     value_loss,
 )
+from align.trainers.ppo_checkpoint import PPOCheckpointMixin
 from align.trainers.ppo_config import PPOConfig
+from align.trainers.ppo_models import (
+    PolicyAndValue,
+    _encode_for_reward_fallback,
+    _max_positions,
+    _pad_left,
+    _pad_right,
+    fuse_gelu_new,
+    policy_logits,
+    value_head_forward,
+)
 
 logger = logging.getLogger(__name__)
 
-PPO_STATE = "ppo_state.json"  # step, episodes, KL controller: what TrainerState has no field for
-TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (align.io)
-VALUE_DIR = "value_model"
 # Old logprobs come from generate's own logits when they fit in this many bytes per rollout chunk (saves one full
 # policy forward per update); larger vocabularies fall back to a forward pass.
 GEN_LOGITS_BUDGET = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model pieces
-
-
-def value_head_forward(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
-    """Per-token values `(B, T)` of a `*ForSequenceClassification` model: backbone, then its `score` head on the
-    hidden state before each of the last `response_length` tokens (the state the token was sampled from)."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return model.score(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
-
-
-def policy_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
-    """Logits `(B, T, V)` that predicted the last `response_length` tokens (no LM-head work on prompt positions)."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=response_length + 1,
-        use_cache=False,
-    )
-    return out.logits[:, :-1]
-
-
-class PolicyAndValue(nn.Module):
-    """Policy and value model as one module, so DDP syncs both in one pass and one optimizer steps both (as TRL)."""
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-
-    def forward(self, input_ids, attention_mask, position_ids, response_length: int, ptx=None):
-        logits = policy_logits(self.policy, input_ids, attention_mask, position_ids, response_length)
-        values = value_head_forward(self.value_model, input_ids, attention_mask, position_ids, response_length)
-        ptx_loss = None
-        if ptx is not None:  # in the same forward call: DDP must see every parameter used once per backward
-            labels = ptx["input_ids"].masked_fill(ptx["attention_mask"] == 0, -100)
-            ptx_loss = self.policy(**ptx, labels=labels, use_cache=False).loss
-        return logits, values, ptx_loss
-
-
-def fuse_gelu_new(model: nn.Module) -> int:
-    """Replace GPT-2's `gelu_new` modules (8 elementwise ops, each its own kernel in forward and backward) by
-    `nn.GELU(approximate="tanh")`: the same function in one fused PyTorch kernel, equal up to float rounding (what
-    transformers' `gelu_pytorch_tanh` uses). Returns the number replaced. Saved models are unchanged (their config
-    still says gelu_new)."""
-    from transformers.activations import NewGELUActivation
-
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is NewGELUActivation]  # fmt: skip
-    for parent, name in targets:
-        setattr(parent, name, nn.GELU(approximate="tanh"))
-    return len(targets)
-
-
-def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, length - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-    return ids, mask
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def _encode_for_reward_fallback(tokenizer, prompt: str, response: str, max_length: int | None) -> list[int]:
-    """Used only if `align.trainers.reward` is missing; the same text as its `format_for_reward`."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt + " " + response + (tokenizer.eos_token or ""))["input_ids"]
-    return ids[-max_length:] if max_length else ids
-
-
-def _max_positions(config) -> int | None:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Trainer
 
 
-class PPOTrainer:
+class PPOTrainer(PPOCheckpointMixin):
     """PPO on an accelerate loop that mirrors Trainer's UX (tqdm, `report_to`, `logging_steps`, `save_steps`,
     `checkpoint-N` dirs, `train(resume_from_checkpoint=...)`, `save_model`).
 
@@ -944,119 +849,6 @@ class PPOTrainer:
         score = float(self.eval_fn([texts[i] for i, _ in pairs], [r for _, r in pairs]))
         return {f"eval/{self.eval_metric}": score}
 
-    # ---------------------------------------------------------------- checkpoints
-
-    def _save_checkpoint(self) -> Path:
-        """`output_dir/checkpoint-N/`: policy (HF format, or adapter), value model, optimizer, scheduler, RNG per
-        process, KL controller; `trainer_state.json` written last, so a crash mid-save leaves a dir that
-        `align.io.last_checkpoint` skips."""
-        acc = self.accelerator
-        step = self.state.global_step
-        ckpt = Path(self.args.output_dir) / f"checkpoint-{step}"
-        if acc.is_main_process:
-            if ckpt.exists():  # a leftover of a crashed save (or a re-run): never mix two saves
-                shutil.rmtree(ckpt)
-            ckpt.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.policy.save_pretrained(ckpt)
-            self.value_model.save_pretrained(ckpt / VALUE_DIR)
-            torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
-            atomic_write_json(
-                ckpt / PPO_STATE,
-                {
-                    "global_step": step,
-                    "episodes": self.episodes,
-                    "kl_controller": self.kl_ctl.state_dict(),
-                    "world_size": self.world_size,
-                },
-            )
-        torch.save(_rng_state(), ckpt / f"rng_state_{acc.process_index}.pth")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = dataclasses.asdict(self.state)
-            atomic_write_text(ckpt / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
-            self._rotate_checkpoints()
-            logger.info("ppo: saved %s", ckpt)
-        acc.wait_for_everyone()
-        self._callback("on_save")
-        return ckpt
-
-    def _rotate_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        root = Path(self.args.output_dir)
-        done = sorted(
-            (int(p.name.split("-")[1]), p)
-            for p in root.glob("checkpoint-*")
-            if p.name.split("-")[1].isdigit() and (p / TRAINER_STATE).is_file()
-        )
-        for _, path in done[:-limit]:
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _load_checkpoint(self, ckpt: Path) -> None:
-        from accelerate.utils import load_checkpoint_in_model
-        from transformers import TrainerState
-
-        if not (ckpt / TRAINER_STATE).is_file() or not (ckpt / PPO_STATE).is_file():
-            raise AlignError(
-                f"{ckpt}: not a complete PPO checkpoint (no {TRAINER_STATE} or {PPO_STATE}). "
-                "Resume from another checkpoint-N, or start over."
-            )
-        if self.is_peft:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.policy, load_file(ckpt / "adapter_model.safetensors"))
-        else:
-            load_checkpoint_in_model(self.policy, ckpt, strict=True)
-        load_checkpoint_in_model(self.value_model, ckpt / VALUE_DIR, strict=True)
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        ppo_state = json.loads((ckpt / PPO_STATE).read_text())
-        self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
-        self.episodes = int(ppo_state["episodes"])
-        saved = TrainerState.load_from_json(str(ckpt / TRAINER_STATE))
-        self.state.global_step = saved.global_step
-        self.state.epoch = saved.epoch
-        self.state.log_history = saved.log_history
-        rng = ckpt / f"rng_state_{self.accelerator.process_index}.pth"
-        if rng.is_file() and ppo_state.get("world_size") == self.world_size:
-            _set_rng_state(torch.load(rng, weights_only=False))  # our own file: python/numpy states are not tensors
-        else:
-            logger.warning(
-                "ppo: %s was saved with %s processes, now %d; sampling will not replay exactly.",
-                ckpt,
-                ppo_state.get("world_size"),
-                self.world_size,
-            )
-        logger.info("ppo: resumed from %s at update %d (kl_coef %.4g)", ckpt, saved.global_step, self.kl_ctl.value)
-
-    def save_model(self, output_dir: str | os.PathLike | None = None, merge_adapter: bool | None = None) -> None:
-        """Save the policy as a plain HF causal LM (pipeline-loadable) with tokenizer and a generation config that
-        stops at EOS; a LoRA policy is merged when `merge_adapter` (default: `args.merge_adapter` if the config has
-        it), else saved as an adapter. The value model goes to `output_dir/value_model/`."""
-        acc = self.accelerator
-        out = Path(output_dir or self.args.output_dir)
-        merge = merge_adapter if merge_adapter is not None else bool(getattr(self.args, "merge_adapter", False))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            tok = self.processing_class
-            policy = self.policy
-            if self.is_peft and merge:
-                policy = copy.deepcopy(policy).merge_and_unload()
-            gc = policy.generation_config
-            gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
-            if tok.bos_token_id is not None:
-                gc.bos_token_id = tok.bos_token_id
-            policy.save_pretrained(out)
-            tok.save_pretrained(out)
-            self.value_model.save_pretrained(out / VALUE_DIR)
-            tok.save_pretrained(out / VALUE_DIR)
-        acc.wait_for_everyone()
-
     # ---------------------------------------------------------------- misc
 
     def _callback(self, event: str, **kwargs) -> None:
@@ -1110,22 +902,3 @@ def _is_peft_model(model) -> bool:
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in d.items()}
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,104 @@
+"""The model pieces of align's PPO: value and policy forwards over a rollout, the policy+value wrapper that one DDP
+module trains, GPT-2's fused GELU, and padding helpers (used by `align.trainers.ppo.PPOTrainer`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def value_head_forward(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """Per-token values `(B, T)` of a `*ForSequenceClassification` model: backbone, then its `score` head on the
+    hidden state before each of the last `response_length` tokens (the state the token was sampled from)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return model.score(hidden[:, -response_length - 1 : -1]).squeeze(-1).float()
+
+
+def policy_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """Logits `(B, T, V)` that predicted the last `response_length` tokens (no LM-head work on prompt positions)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model as one module, so DDP syncs both in one pass and one optimizer steps both (as TRL)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int, ptx=None):
+        logits = policy_logits(self.policy, input_ids, attention_mask, position_ids, response_length)
+        values = value_head_forward(self.value_model, input_ids, attention_mask, position_ids, response_length)
+        ptx_loss = None
+        if ptx is not None:  # in the same forward call: DDP must see every parameter used once per backward
+            labels = ptx["input_ids"].masked_fill(ptx["attention_mask"] == 0, -100)
+            ptx_loss = self.policy(**ptx, labels=labels, use_cache=False).loss
+        return logits, values, ptx_loss
+
+
+def fuse_gelu_new(model: nn.Module) -> int:
+    """Replace GPT-2's `gelu_new` modules (8 elementwise ops, each its own kernel in forward and backward) by
+    `nn.GELU(approximate="tanh")`: the same function in one fused PyTorch kernel, equal up to float rounding (what
+    transformers' `gelu_pytorch_tanh` uses). Returns the number replaced. Saved models are unchanged (their config
+    still says gelu_new)."""
+    from transformers.activations import NewGELUActivation
+
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is NewGELUActivation]  # fmt: skip
+    for parent, name in targets:
+        setattr(parent, name, nn.GELU(approximate="tanh"))
+    return len(targets)
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, length - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _encode_for_reward_fallback(tokenizer, prompt: str, response: str, max_length: int | None) -> list[int]:
+    """Used only if `align.trainers.reward` is missing; the same text as its `format_for_reward`."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt + " " + response + (tokenizer.eos_token or ""))["input_ids"]
+    return ids[-max_length:] if max_length else ids
+
+
+def _max_positions(config) -> int | None:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
