@@ -1,6 +1,8 @@
 """Checkpoint lookup and atomic writes: what a resumed run trusts."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -44,6 +46,22 @@ def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
     atomic_write_json(target, {"stage": "ppo"})
     assert json.loads(target.read_text()) == {"stage": "ppo"}
     assert [p.name for p in target.parent.iterdir()] == ["align_stage.json"]
+
+
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    # mkstemp makes 0600 files; a report or align_stage.json must stay readable like any file the user writes.
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "report.md"
+        atomic_write_json(new, {})
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644
+        kept = tmp_path / "shared.json"
+        kept.write_text("{}")
+        kept.chmod(0o664)
+        atomic_write_json(kept, {"a": 1})
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
 
 
 def test_corrupt_stage_file_names_the_file_and_the_fix(tmp_path):
