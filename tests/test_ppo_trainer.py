@@ -1,6 +1,7 @@
 """PPOTrainer end to end on tiny GPT-2 models: learning, exact resume, LoRA reference, NaN guard, saved outputs."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -226,7 +227,7 @@ def test_value_init_from_reward_needs_the_policy_tokenizer(tmp_path, tok):
         )
 
 
-def test_ptx_eval_and_callbacks(tmp_path, tok):
+def test_ptx_eval_and_callbacks(tmp_path, tok, caplog):
     seen = []
 
     class Stop(TrainerCallback):
@@ -237,10 +238,14 @@ def test_ptx_eval_and_callbacks(tmp_path, tok):
             control.should_training_stop = state.global_step == 2
 
     ptx = [{"text": "a b c d e f"}, {"text": "good bad good"}]
-    args = make_args(tmp_path, max_steps=5, ptx_coef=0.5, eval_strategy="steps", eval_steps=1)
+    args = make_args(tmp_path, max_steps=5, ptx_coef=0.5, eval_strategy="steps", eval_steps=1, learning_rate=2e-5,
+                     logging_steps=1)  # fmt: skip
     trainer = make_trainer(tok, args, ptx_dataset=_ds(ptx), eval_dataset=PROMPTS[:5], callbacks=[Stop()],
                            eval_fn=lambda prompts, responses: float(len(prompts)))  # fmt: skip
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="align.trainers.ppo"):
+        trainer.train()
+    # linear decay over max_steps=5: 2e-5 * 4/5 after update 1; the log line keeps significant digits, not decimals
+    assert "'ppo/lr': 1.6e-05" in caplog.text
     assert trainer.state.global_step == 2  # the callback stopped it
     assert history(trainer, "eval/gold_score") == [5.0, 5.0]
     assert all(v > 0 for v in history(trainer, "ppo/ptx_loss"))

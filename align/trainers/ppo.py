@@ -816,7 +816,8 @@ class PPOTrainer(PPOCheckpointMixin):
         if self.accelerator.is_main_process:
             if self.args.report_to:
                 self.accelerator.log({k: v for k, v in out.items() if k != "step"}, step=self.state.global_step)
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+            # 4 significant digits, not 4 decimals: a learning rate of 2e-5 must not print as 0.0.
+            shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in out.items()}
             logger.info("%s", shown)
         self._callback("on_log", logs=out)
 
