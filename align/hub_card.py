@@ -1,12 +1,8 @@
 """Model and dataset cards for align stages: YAML metadata, prose, metrics, curves, samples, lineage.
 
 Everything here is pure: it reads a stage dir (`align_stage.json` and, for adapters, `adapter_config.json`) and returns
-a card or PNG bytes. Network and file writes live in `align/hub.py`.
-
-Lineage: a stage's `parent` is `{"stage", "path"}` (an align stage dir) or `{"model": <hub id or path>}` (a base
-model); ppo also lists `parents` (policy + reward model). We follow `parent` links through each dir's
-`align_stage.json` up to the base model, and link every stage we know a Hub repo for (pushed in this run, passed by the
-caller, or recorded in the stage's `align_hub.json` by an earlier push).
+a card or PNG bytes. Network and file writes live in `align/hub.py`. The lineage a card shows (parents, their Hub
+repos, the base model) is found by `align/hub_lineage.py`.
 """
 
 from __future__ import annotations
@@ -16,16 +12,14 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.hub_lineage import Link, adapter_base, base_model_of, is_hub_id, known_repo, lineage, resolve_parent_path
 from align.io import STAGE_FILE, read_stage_info
 
-HUB_RECORD = "align_hub.json"  # written into a stage dir after a successful push: {"repo_id", "repo_type", ...}
 CURVES_FILE = "training_curves.png"
-_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow", ".safetensors", ".bin"}
 
 PIPELINE_TAG = {
     "pretrain": "text-generation",
@@ -75,129 +69,6 @@ METRIC_HELP = {
     "eval_mean_token_accuracy": "held-out next-token accuracy on the trained tokens",
     "train_loss": "mean training loss over the run",
 }
-
-
-@dataclass(frozen=True)
-class Link:
-    """One step of a lineage: an align stage (`stage`, `path`) or a base model (`model`); `repo_id` if on the Hub."""
-
-    stage: str | None = None
-    path: Path | None = None
-    model: str | None = None
-    repo_id: str | None = None
-    found: bool = True
-
-
-# Lineage and Hub ids
-
-
-def is_hub_id(name: Any) -> bool:
-    """True for `org/name` Hub ids: one slash, a valid repo id, not a local path (existing, absolute, a file)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(name, str) or name.count("/") != 1 or os.path.isabs(name) or Path(name).exists():
-        return False
-    if Path(name).suffix.lower() in _FILE_SUFFIXES:  # `data/sft.jsonl` is a file that moved, not a repo
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def hub_record(path: Path, endpoint: str) -> dict[str, Any] | None:
-    """What an earlier push of `path` recorded (`align_hub.json`), if it went to the same endpoint."""
-    file = Path(path) / HUB_RECORD
-    if not file.is_file():
-        return None
-    try:
-        rec = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(rec, dict) or rec.get("endpoint", "").rstrip("/") != endpoint.rstrip("/"):
-        return None
-    return rec
-
-
-def known_repo(path: Path | None, pushed: Mapping[str, str], endpoint: str) -> str | None:
-    """The Hub repo of a local stage dir: pushed in this session (`pushed`: resolved path -> repo id) or recorded."""
-    if path is None:
-        return None
-    key = str(Path(path).resolve())
-    if key in pushed:
-        return pushed[key]
-    rec = hub_record(Path(path), endpoint)
-    return rec.get("repo_id") if rec else None
-
-
-def resolve_parent_path(child_dir: Path, parent: Mapping[str, Any]) -> Path | None:
-    """The dir of an align parent stage: its recorded path, or a sibling of the same name (run dir moved)."""
-    recorded = Path(str(parent.get("path", "")))
-    if (recorded / STAGE_FILE).is_file():
-        return recorded
-    sibling = Path(child_dir).resolve().parent / recorded.name
-    if recorded.name and (sibling / STAGE_FILE).is_file():
-        info = read_stage_info(sibling)
-        if info is not None and info.get("stage") == parent.get("stage"):
-            return sibling
-    return None
-
-
-def lineage(
-    stage_dir: Path, pushed: Mapping[str, str], endpoint: str, *, parent_repo_id: str | None = None
-) -> list[Link]:
-    """The chain that led to `stage_dir`, oldest first, ending with the stage itself.
-
-    Follows `parent` (for ppo: the policy), reading each parent's `align_stage.json`. `parent_repo_id` overrides the
-    Hub repo of the immediate parent.
-    """
-    chain: list[Link] = []
-    seen: set[str] = set()
-    here: Path | None = Path(stage_dir)
-    while here is not None and len(chain) < 64:
-        info = read_stage_info(here)
-        key = str(here.resolve())
-        if info is None or key in seen:  # a cycle can only come from hand-edited files: stop, don't loop
-            break
-        seen.add(key)
-        is_parent = len(chain) == 1
-        repo = parent_repo_id if is_parent and parent_repo_id else known_repo(here, pushed, endpoint)
-        chain.append(Link(stage=info.get("stage"), path=here, repo_id=repo))
-        override = parent_repo_id if len(chain) == 1 else None  # the next link is the immediate parent
-        parent, here = info.get("parent"), None
-        if isinstance(parent, Mapping) and "path" in parent:
-            here = resolve_parent_path(chain[-1].path, parent)
-            if here is None:
-                missing = Path(str(parent["path"]))
-                chain.append(Link(stage=parent.get("stage"), path=missing, repo_id=override, found=False))
-        elif isinstance(parent, Mapping) and parent.get("model"):
-            model = str(parent["model"])
-            chain.append(Link(model=model, repo_id=override or (model if is_hub_id(model) else None)))
-    chain.reverse()
-    return chain
-
-
-def base_model_of(chain: list[Link]) -> str | None:
-    """The Hub id `base_model` should name: the nearest ancestor on the Hub (the parent when pushed), else None.
-
-    None means trained from scratch, or from local models nobody pushed: the card then has no `base_model`.
-    """
-    for link in reversed(chain[:-1]):
-        if link.repo_id:
-            return link.repo_id
-    return None
-
-
-def adapter_base(stage_dir: Path) -> str | None:
-    """`base_model_name_or_path` of a PEFT adapter dir, or None."""
-    file = Path(stage_dir) / "adapter_config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except json.JSONDecodeError as e:
-        raise AlignError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}). Re-save the adapter.") from None
 
 
 # Training curves

@@ -139,13 +139,13 @@ def test_curve_panels_pair_train_with_eval():
      ("a/b/c", False), ("bad--name/x", False)],
 )  # fmt: skip
 def test_is_hub_id(name, hub):
-    from align.hub_card import is_hub_id
+    from align.hub_lineage import is_hub_id
 
     assert is_hub_id(name) is hub
 
 
 def test_find_stages_orders_parents_first(tmp_path, model_template):
-    from align.hub import find_stages
+    from align.push import find_stages
 
     # Names sort the wrong way on purpose: "a-ppo" < "b-sft" < "c-pretrain"; parents must still come first.
     pre = make_stage(tmp_path, "c-pretrain", "pretrain", model_template)
@@ -242,7 +242,7 @@ def _chain(root: Path, template: Path) -> dict[str, Path]:
 def test_push_run_pushes_parents_first_and_links_cards(hub, tmp_path, model_template):
     from huggingface_hub import DatasetCard
 
-    from align.hub import push_run
+    from align.push import push_run
 
     _chain(tmp_path / "made", model_template)
     # The run dir moved after training: recorded parent paths are stale, siblings of the same name are found.
@@ -284,7 +284,7 @@ def test_push_run_pushes_parents_first_and_links_cards(hub, tmp_path, model_temp
 
 
 def test_push_run_failure_midway_reports_what_landed(online, monkeypatch, tmp_path, model_template):
-    from align.hub import push_run
+    from align.push import push_run
 
     root = tmp_path / "run"
     pre = make_stage(root, "pretrain", "pretrain", model_template, parent=None)
@@ -364,7 +364,7 @@ def test_lfs_upload_when_xet_is_off(hub, monkeypatch, tmp_path, model_template):
 
 
 def test_push_after_stage_names_repo_like_trainer(hub, tmp_path, model_template):
-    from align.hub import push_after_stage
+    from align.push import push_after_stage
 
     pre = make_stage(tmp_path, "tiny-pretrain", "pretrain", model_template)
     url = push_after_stage(pre, None, private=False, revision=None)
@@ -377,7 +377,7 @@ def test_push_after_stage_names_repo_like_trainer(hub, tmp_path, model_template)
 
 
 def test_dry_run_writes_the_folder_without_network_or_token(online, monkeypatch, tmp_path, model_template, capsys):
-    from align.hub import main
+    from align.push import main
 
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
@@ -400,7 +400,7 @@ def test_dry_run_writes_the_folder_without_network_or_token(online, monkeypatch,
 
 
 def test_cli_help_and_usage_errors(tmp_path, model_template, capsys):
-    from align.hub import main
+    from align.push import main
 
     assert main(["--help"]) == 0
     assert "--repo_prefix" in capsys.readouterr().out
@@ -477,7 +477,7 @@ def test_incomplete_stage_dirs(tmp_path, model_template):
 
 
 def test_token_never_appears_in_logs_or_output(online, monkeypatch, tmp_path, model_template, caplog, capsys):
-    from align.hub import main
+    from align.push import main
 
     caplog.set_level(logging.DEBUG)
     pre = make_stage(tmp_path, "pretrain", "pretrain", model_template)

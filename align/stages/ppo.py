@@ -350,7 +350,7 @@ def run(cfg) -> Path:
         )
         logger.info("ppo: wrote %s (%s parameters)", output_dir, f"{modeling.count_parameters(trainer.policy)[0]:,}")
         if push_to_hub:
-            from align.hub import push_after_stage
+            from align.push import push_after_stage
 
             push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
     acc.wait_for_everyone()

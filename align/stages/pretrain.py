@@ -239,7 +239,7 @@ def run(cfg) -> Path:
         )
         _log_result(metrics)
         if push_to_hub:
-            from align.hub import push_after_stage
+            from align.push import push_after_stage
 
             push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
     trainer.accelerator.wait_for_everyone()
