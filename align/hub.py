@@ -139,7 +139,7 @@ def check_repo_id(repo_id: str, flag: str = "repo_id") -> None:
         ) from None
 
 
-def _check_revision(revision: str | None) -> None:
+def check_revision(revision: str | None) -> None:
     if revision is None:
         return
     if not re.fullmatch(r"[A-Za-z0-9._/-]+", revision) or ".." in revision or revision.startswith(("-", "/", "refs/")):
@@ -169,7 +169,7 @@ def resolve_token(token: str | None = None) -> str:
     return found
 
 
-def _check_online(endpoint: str) -> None:
+def check_online(endpoint: str) -> None:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
@@ -458,7 +458,7 @@ def push_stage(
     stage_dir = Path(stage_dir)
     check_stage(stage_dir)
     check_repo_id(repo_id)
-    _check_revision(revision)
+    check_revision(revision)
     if parent_repo_id is not None:
         check_repo_id(parent_repo_id, "parent_repo_id")
     endpoint = hub_endpoint()
@@ -472,7 +472,7 @@ def push_stage(
             pushed[str(stage_dir.resolve())] = repo_id
         return str(dry_run_dir)
     token = resolve_token(token)
-    _check_online(endpoint)
+    check_online(endpoint)
     plan = plan_push(stage_dir, repo_id, parent_repo_id=parent_repo_id, pushed=pushed, endpoint=endpoint)
     full_id, url = _upload(
         plan,

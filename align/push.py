@@ -14,9 +14,9 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.hub import (
-    _check_online,
-    _check_revision,
+    check_online,
     check_repo_id,
+    check_revision,
     check_stage,
     hub_endpoint,
     push_stage,
@@ -86,10 +86,10 @@ def push_run(
         check_stage(path)
         repos[path] = f"{repo_prefix}-{path.name}"
         check_repo_id(repos[path], "repo_prefix")
-    _check_revision(revision)
+    check_revision(revision)
     if dry_run_dir is None:
         token = resolve_token(token)
-        _check_online(hub_endpoint())
+        check_online(hub_endpoint())
     pushed: dict[str, str] = {}
     done: dict[str, str] = {}
     for i, path in enumerate(stages):
