@@ -142,7 +142,8 @@ def _pretrain_class():
             metadata={"help": "Block size: texts are joined with EOS and cut into blocks of this many tokens."},
         )
         tinyworld_stories: int = field(
-            default=20_000, metadata={"help": "Number of generated stories (dataset_name: tinyworld)."}
+            default=20_000,
+            metadata={"help": "Number of generated documents, one story each (dataset_name: tinyworld)."},
         )
         tinyworld_seed: int = _tinyworld_seed_field()
         # Output

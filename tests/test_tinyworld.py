@@ -138,14 +138,61 @@ def test_generated_stories_are_grammatical_and_consistent_for_the_labeler():
 
 
 def test_pretrain_corpus_columns_and_determinism():
-    a, b, c = tw.pretrain_corpus(200, seed=0), tw.pretrain_corpus(200, seed=0), tw.pretrain_corpus(200, seed=1)
-    assert a.column_names == ["text", "nats", "n_words"]
+    a, b, c = tw.pretrain_corpus(300, seed=0), tw.pretrain_corpus(300, seed=0), tw.pretrain_corpus(300, seed=1)
+    assert a.column_names == ["text", "nats", "n_words", "kind"]
     assert a.to_dict() == b.to_dict()
     assert a["text"] != c["text"]
+    assert set(a["kind"]) == {"story", "titled", "questions"}
     for row in a:
         assert row["n_words"] == len(row["text"].split())
-        assert abs(tw.story_nll(row["text"]) - row["nats"]) < 1e-9
-        assert 10 <= row["n_words"] <= 60
+        assert 10 <= row["n_words"] <= 75
+
+
+def test_document_nll_equals_nats_recorded_while_sampling():
+    ds = tw.pretrain_corpus(3000, seed=5)
+    for text, nats in zip(ds["text"], ds["nats"], strict=True):
+        assert abs(tw.document_nll(text) - nats) < 1e-9, text
+
+
+def test_document_nll_by_hand():
+    story = "tom is in the park . he feels happy ."
+    nll = tw.story_nll(story)
+    # a plain story: the kind (0.4), then the story
+    assert tw.document_nll(story) == pytest.approx(nll - math.log(0.4))
+    # titled (0.3); the story's only other entity is its place: named (0.75) or not (0.25)
+    assert tw.document_nll(f"tom in the park : {story}") == pytest.approx(nll - math.log(0.3 * 0.75))
+    assert tw.document_nll(f"tom : {story}") == pytest.approx(nll - math.log(0.3 * 0.25))
+    # questions (0.3): two kinds have a target (where: tom, feel: tom), one target each; the answer is determined
+    doc = f"{story} where is tom ? tom is in the park ."
+    assert tw.document_nll(doc) == pytest.approx(nll - math.log(0.3 / 2))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tom and the red ball : tom is in the park . he feels happy .",  # the title names what the story lacks
+        "tom in the zoo : tom is in the park . he feels happy .",
+        "tom is in the park . he feels happy . where is tom ? tom is in the zoo .",  # a wrong answer
+        "tom is in the park . he feels happy . what color is the ball ? the ball is red .",  # no ball in the story
+        "tom is in the park . she feels happy . where is tom ? tom is in the park .",  # not a story
+    ],
+)
+def test_document_nll_is_inf_for_documents_the_generator_cannot_produce(text):
+    assert tw.document_nll(text) == math.inf
+
+
+def test_corpus_documents_relate_titles_and_questions_to_their_story():
+    ds = tw.pretrain_corpus(500, seed=2)
+    for text, kind in zip(ds["text"], ds["kind"], strict=True):
+        if kind == "titled":
+            title, story = text.split(" : ")
+            assert title.split()[0] == story.split()[0]  # the hero
+            for word in title.split()[1:]:
+                assert word in {"the", "in", "and", ","} or word in story.split()
+        elif kind == "questions":
+            i = min(text.index(f" {w} ") for w in ("where", "what", "who", "how") if f" {w} " in text)
+            prompt = f"read : {text[:i]} question : {text[i + 1 :].split(' ? ')[0]} ?"
+            assert tw.score_details(prompt, text.split(" ? ")[1])["task"] == 1.0  # the gold labeler's answer
 
 
 def test_entropy_floor_by_hand():

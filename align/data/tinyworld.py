@@ -15,6 +15,7 @@ The grammar lives in `tinyworld_grammar`, the instructions and labeler in `tinyw
 from __future__ import annotations
 
 import logging
+import math
 import random
 import zlib
 
@@ -37,6 +38,7 @@ from align.data.tinyworld_labeler import (
     KINDS,
     Spec,
     gold_answer,
+    join_items,
     parse_prompt,
     qa_answers,
     render,
@@ -68,22 +70,136 @@ QA_MAX_WORDS = 40  # keeps a QA prompt under ~50 words, prompt + answer well und
 
 # Pretraining corpus
 
+# A document is a story, alone or related to a short text by it, as web text relates titles and reading exercises to
+# the text they belong to. Plain stories never reward copying a color or a place from one part of a text into
+# another, and a model pretrained on them alone learns no such copying before SFT: it then cannot write about what a
+# prompt names or answer from the prompt's story (measured, SFT greedy on held-out prompts: all requested entities
+# named in 11% of `mention` prompts, `qa` answered in 11%).
+DOC_KINDS = (("story", 0.4), ("titled", 0.3), ("questions", 0.3))
+TITLE_ENTITY_PROB = 0.75  # a titled story's title names each of its other entities with this probability
+QUESTION_WORDS = ("where", "what", "who", "how")  # no story word: a question starts where its story ends
+
+
+def _title_entities(words: list[str]) -> list[tuple[str, str]]:
+    """The entities a title can name besides the hero, in title order: the first friend met, the first object
+    (`the <color> <noun>`) and the first place of the story, each only if the story has one."""
+    found: dict[str, str] = {}
+    for i, w in enumerate(words):
+        if w == "meets":
+            found.setdefault("friend", words[i + 1])
+        elif w in COLORS and i + 1 < len(words) and words[i + 1] in NOUNS:
+            found.setdefault("obj", f"the {w} {words[i + 1]}")
+        elif w in PLACES:
+            found.setdefault("place", w)
+    return [(k, found[k]) for k in ("friend", "obj", "place") if k in found]
+
+
+def _title(hero: str, named: list[tuple[str, str]]) -> str:
+    items = [hero] + [v for k, v in named if k != "place"]
+    place = "".join(f" in the {v}" for k, v in named if k == "place")
+    return f"{join_items(items)}{place} :"
+
+
+def _question_options(story_words: list[str]) -> dict[str, list[str]]:
+    """The questions a story answers: kind -> sorted targets (kinds without a target left out)."""
+    world = World()
+    for s in split_sentences(story_words)[0]:
+        world.apply(parse_sentence(s))
+    people = world.people
+    options = {
+        "where": [x for x, p in people.items() if p.loc is not None],
+        "have": [x for x, p in people.items() if p.holds is not None],
+        "color": list(world.objects),
+        "who": [n for n in world.objects if world.holder(n) is not None],
+        "feel": [x for x, p in people.items() if p.mood is not None],
+    }
+    return {q: sorted(t) for q, t in options.items() if t}
+
+
+def _question_and_answer(story: str, question: str, target: str) -> str:
+    """`<question> ? <answer>`: the question as an instruction prompt words it, and its full-sentence answer."""
+    spec = Spec("qa", story=story, question=question, target=target)
+    return f"{render(spec).split(' question : ')[1]} {gold_answer(spec)}"
+
+
+def _document(rng: random.Random) -> tuple[str, float, str]:
+    """One document, its exact NLL (nats) under this generator, and its kind."""
+    kind = _pick(rng, DOC_KINDS)
+    story, nats = sample_story(rng)
+    nats -= math.log(dict(DOC_KINDS)[kind])
+    words = story.split()
+    if kind == "titled":
+        named = []
+        for entity in _title_entities(words):
+            keep = rng.random() < TITLE_ENTITY_PROB
+            nats -= math.log(TITLE_ENTITY_PROB if keep else 1.0 - TITLE_ENTITY_PROB)
+            named += [entity] if keep else []
+        return f"{_title(words[0], named)} {story}", nats, kind
+    if kind == "questions":
+        options = _question_options(words)
+        question = rng.choice(list(options))
+        target = rng.choice(options[question])
+        nats += math.log(len(options)) + math.log(len(options[question]))
+        return f"{story} {_question_and_answer(story, question, target)}", nats, kind
+    return story, nats, kind
+
+
+def document_nll(text: str) -> float:
+    """Exact NLL (nats) of a `pretrain_corpus` document under its generator; `math.inf` if it cannot occur.
+
+    The inverse of `_document`, read back from the words alone (as `story_nll` is for stories), so tests can check
+    that the recorded `nats`, and with them `entropy_floor`, are exact.
+    """
+    words = text.split()
+    p_kind = dict(DOC_KINDS)
+    if ":" in words:  # titled: `<title> : <story>`
+        i = words.index(":")
+        story = " ".join(words[i + 1 :])
+        nll = story_nll(story)
+        if nll == math.inf:
+            return nll
+        entities = _title_entities(words[i + 1 :])
+        for mask in range(1 << len(entities)):
+            named = [e for j, e in enumerate(entities) if mask >> j & 1]
+            if _title(words[i + 1], named) == " ".join(words[: i + 1]):
+                named_nats = -len(named) * math.log(TITLE_ENTITY_PROB)
+                unnamed_nats = -(len(entities) - len(named)) * math.log(1.0 - TITLE_ENTITY_PROB)
+                return nll - math.log(p_kind["titled"]) + named_nats + unnamed_nats
+        return math.inf
+    starts = [j for j, w in enumerate(words) if w in QUESTION_WORDS]
+    if not starts:
+        return story_nll(text) - math.log(p_kind["story"])
+    story = " ".join(words[: starts[0]])
+    nll = story_nll(story)
+    if nll == math.inf:
+        return nll
+    options = _question_options(story.split())
+    for question, targets in options.items():
+        for target in targets:
+            if f"{story} {_question_and_answer(story, question, target)}" == " ".join(words):
+                return nll - math.log(p_kind["questions"]) + math.log(len(options)) + math.log(len(targets))
+    return math.inf
+
 
 def pretrain_corpus(n_stories: int = 20_000, seed: int = 0):
-    """`n_stories` generated stories.
+    """`n_stories` generated documents, one story each: plain (40%), under a title naming its hero and some of its
+    entities (30%: `tom and the red ball in the park : tom finds ...`), or followed by a question about it and the
+    answer (30%: `... where is tom ? tom is in the park .`).
 
-    Columns: `text`, `nats` (exact -log p of the story under the generator, end event included), `n_words`.
+    Columns: `text`, `nats` (exact -log p of the document under the generator, end event included), `n_words`,
+    `kind` (`story`, `titled`, `questions`).
     """
     import datasets
 
-    rng = random.Random(f"tinyworld-stories-{seed}")
-    texts, nats, n_words = [], [], []
+    rng = random.Random(f"tinyworld-documents-{seed}")
+    rows: dict[str, list] = {"text": [], "nats": [], "n_words": [], "kind": []}
     for _ in range(n_stories):
-        text, nll = sample_story(rng)
-        texts.append(text)
-        nats.append(nll)
-        n_words.append(text.count(" ") + 1)
-    return datasets.Dataset.from_dict({"text": texts, "nats": nats, "n_words": n_words})
+        text, nats, kind = _document(rng)
+        rows["text"].append(text)
+        rows["nats"].append(nats)
+        rows["n_words"].append(text.count(" ") + 1)
+        rows["kind"].append(kind)
+    return datasets.Dataset.from_dict(rows)
 
 
 def entropy_floor(ds) -> float:
@@ -128,20 +244,9 @@ def _qa_spec(rng: random.Random) -> Spec | None:
     words = forced_story(rng, {("end", j): j == k for j in range(1, k + 1)})
     if len(words) > QA_MAX_WORDS:
         return None
-    world = World()
-    for s in split_sentences(words)[0]:
-        world.apply(parse_sentence(s))
-    people = world.people
-    options = {
-        "where": [x for x, p in people.items() if p.loc is not None],
-        "have": [x for x, p in people.items() if p.holds is not None],
-        "color": list(world.objects),
-        "who": [n for n in world.objects if world.holder(n) is not None],
-        "feel": [x for x, p in people.items() if p.mood is not None],
-    }
-    kinds = [q for q in options if options[q]]
-    q = rng.choice(kinds)
-    return Spec("qa", story=" ".join(words), question=q, target=rng.choice(sorted(options[q])))
+    options = _question_options(words)
+    q = rng.choice(list(options))
+    return Spec("qa", story=" ".join(words), question=q, target=rng.choice(options[q]))
 
 
 def _sample_spec(rng: random.Random) -> Spec:

@@ -73,7 +73,8 @@ class Spec:
     target: str = ""  # qa: the person or noun asked about
 
 
-def _join(items: list[str]) -> str:
+def join_items(items: list[str]) -> str:
+    """`a`, `a and b`, `a , b and c`: how instructions (and corpus titles) list entities."""
     return items[0] if len(items) == 1 else " , ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -83,7 +84,7 @@ def render(spec: Spec) -> str:
         items = [spec.name] + ([spec.friend] if spec.friend else [])
         items += [f"the {spec.obj[0]} {spec.obj[1]}"] if spec.obj else []
         place = f" in the {spec.place}" if spec.place else ""
-        return f"write a story about {_join(items)}{place} ."
+        return f"write a story about {join_items(items)}{place} ."
     if spec.kind == "count":
         num, noun = NUMBERS[spec.n - 1], "sentence" if spec.n == 1 else "sentences"
         if spec.style == 0:
