@@ -1,8 +1,9 @@
 """The tiny world: align's embedded, self-generated data for running the whole InstructGPT chain offline.
 
 Because we generate the world we can measure honestly:
-- `pretrain_corpus`: stories from a probabilistic grammar that records the exact NLL of each story, so
-  `entropy_floor` is the best mean loss any causal LM can reach on it;
+- `pretrain_corpus`: documents (a story from a probabilistic grammar, alone, under a title or followed by a question
+  and its answer) whose exact NLL is recorded (`document_nll` reads it back), so `entropy_floor` is the best mean
+  loss any causal LM can reach on it;
 - `instruction_prompts`: instructions with checkable constraints (kinds `mention`, `count`, `qa`, `end`);
 - `score` / `score_details`: the hidden gold labeler (stand-in for human labelers; ranks and evaluates, never
   trains directly);
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "KINDS",
     "demonstrations",
+    "document_nll",
     "entropy_floor",
     "gold_response",
     "instruction_prompts",

@@ -102,7 +102,7 @@ def load_ptx(cfg, tokenizer):
     if cfg.ptx_dataset_name == TINYWORLD:
         from align.data import tinyworld
 
-        # 4000 stories: far more than a short PPO run samples (micro-batch rows per optimizer step).
+        # 4000 documents: far more than a short PPO run samples (micro-batch rows per optimizer step).
         return tinyworld.pretrain_corpus(4000, seed=cfg.tinyworld_seed).select_columns(["text"])
     from align.data import load as dl
 
