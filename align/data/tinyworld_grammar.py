@@ -48,7 +48,7 @@ END_PROB = {1: 0.0, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5, 6: 1.0}
 THEN_PROB = 0.2  # optional "then" opening a later sentence
 PRONOUN_PROB = 0.7  # later sentences name the hero by pronoun (else by name)
 SIZE_PROBS = ((None, 0.5), ("big", 0.125), ("small", 0.125), ("little", 0.125), ("new", 0.125))
-TAIL_PROB = 0.5  # "finds a ... in the P ." when the hero's place is still unknown
+TAIL_PROB = 0.75  # "finds a ... in the P .", "meets anna in the P .": P is the hero's place once known (a copy)
 # Unnormalized action weights; an action is offered only when the world allows it (`_actions`).
 ACTION_WEIGHTS = {
     "goes": 1.5,
@@ -92,7 +92,7 @@ class _Chooser:
     """Makes (sampling, forcing) or reads back (parsing) the generator's choices and sums their -log p in nats.
 
     Options are `(key, p, value)`: `key` is the word that follows the choice (`EOS` for the end of the text, None
-    for "any other word"), which is what makes parsing possible.
+    for "any other word", a tuple for the next few words), which is what makes parsing possible.
     """
 
     __slots__ = ("rng", "words", "pos", "nats", "force", "k", "parse")
@@ -119,10 +119,11 @@ class _Chooser:
             nxt = self.words[self.pos] if self.pos < len(self.words) else EOS
             chosen = None
             for opt in options:
-                if opt[0] == nxt:
+                key = opt[0]
+                if key == nxt or (isinstance(key, tuple) and tuple(self.words[self.pos : self.pos + len(key)]) == key):
                     chosen = opt
                     break
-                if opt[0] is None:
+                if key is None:
                     chosen = opt
             if chosen is None or chosen[1] <= 0.0:
                 raise NoParse
@@ -185,6 +186,7 @@ class _Hero:
     nouns: list[str] = field(default_factory=list)  # nouns already in the story: objects stay distinguishable
     dropped: dict[str, str | None] = field(default_factory=dict)  # noun -> place where it lies
     last: str = "is"  # last action, conditions the mood
+    colors: dict[str, str] = field(default_factory=dict)  # noun -> color: `the red ball` names it again
 
 
 def _np(ch: _Chooser, st: _Hero) -> None:
@@ -192,11 +194,34 @@ def _np(ch: _Chooser, st: _Hero) -> None:
     size = ch.pick("size", _SIZE_OPTS)
     if size is not None:
         ch.emit(size)
-    ch.emit(ch.pick("color", _COLOR_OPTS))
+    color = ch.pick("color", _COLOR_OPTS)
+    ch.emit(color)
     noun = ch.pick("noun", _uniform(n for n in NOUNS if n not in st.nouns))
     ch.emit(noun)
     st.nouns.append(noun)
+    st.colors[noun] = color
     st.held = noun
+
+
+def _the(ch: _Chooser, st: _Hero, noun: str) -> None:
+    """`the <color> <noun>`: an object of the story named again, with the color it was introduced with. Copying
+    the color is how the model learns to look back in a text (measured: without these copies, a model pretrained
+    on the corpus put chance probability on a color or place it had read; with them copying forms)."""
+    ch.emit("the")
+    ch.emit(st.colors[noun])
+    ch.emit(noun)
+
+
+def _tail(ch: _Chooser, st: _Hero) -> None:
+    """Optional `in the P` after `finds a ...` or `meets X`: a new place while the hero's place is unknown, else
+    that place again (copied from earlier in the text, as colors are by `_the`)."""
+    if ch.pick("tail", (("in", TAIL_PROB, True), (".", 1.0 - TAIL_PROB, False))):
+        ch.emit("in")
+        if st.loc is None:
+            _place(ch, st)
+        else:
+            ch.emit("the")
+            ch.emit(st.loc)
 
 
 def _place(ch: _Chooser, st: _Hero) -> None:
@@ -243,37 +268,35 @@ def _sentence(ch: _Chooser, st: _Hero) -> None:
     elif act == "finds":
         ch.emit("a")
         _np(ch, st)
-        if st.loc is None and ch.pick("tail", (("in", TAIL_PROB, True), (".", 1.0 - TAIL_PROB, False))):
-            ch.emit("in")
-            _place(ch, st)
+        _tail(ch, st)
     elif act == "meets":
         friend = ch.pick("meet", _uniform(n for n in NAMES if n != st.name))
         ch.emit(friend)
+        _tail(ch, st)
         st.present.append(friend)
     elif act == "gives":
-        ch.emit("the")
-        ch.emit(st.held)
+        _the(ch, st, st.held)
         ch.emit("to")
         ch.emit(ch.pick("give_to", _uniform(st.present)))
         st.held = None
     elif act == "drops":
-        ch.emit("the")
-        ch.emit(st.held)
+        _the(ch, st, st.held)
         st.dropped[st.held] = st.loc
         st.held = None
     elif act == "takes":
-        ch.emit("the")
-        noun = ch.pick("take", _uniform(n for n, place in st.dropped.items() if place == st.loc))
-        ch.emit(noun)
+        here = [n for n, place in st.dropped.items() if place == st.loc]
+        noun = ch.pick("take", tuple((("the", st.colors[n], n), 1.0 / len(here), n) for n in here))
+        _the(ch, st, noun)
         del st.dropped[noun]
         st.held = noun
     elif act == "plays":
         ch.emit("with")
         opts = (["the"] if st.held is not None else []) + st.present
         what = ch.pick("play", _uniform(opts))
-        ch.emit(what)
         if what == "the":
-            ch.emit(st.held)
+            _the(ch, st, st.held)
+        else:
+            ch.emit(what)
     else:  # feels
         ch.emit(ch.pick("mood", _MOOD_OPTS[st.last]))
     st.last = act
@@ -294,9 +317,8 @@ def _intro(ch: _Chooser, st: _Hero) -> None:
     else:
         ch.emit("a")
         _np(ch, st)
-        if act == "finds" and ch.pick("tail", (("in", TAIL_PROB, True), (".", 1.0 - TAIL_PROB, False))):
-            ch.emit("in")
-            _place(ch, st)
+        if act == "finds":
+            _tail(ch, st)
     st.last = act
     ch.emit(".")
 
@@ -358,10 +380,20 @@ def _parse_np(w: tuple) -> tuple | None:
     return None
 
 
+def _parse_the(w: tuple) -> tuple | None:
+    """`the [color] noun` -> (noun, color | None): an object named again (stories always say its color)."""
+    if len(w) == 3 and w[0] == "the" and w[1] in COLORS and w[2] in NOUNS:
+        return (w[2], w[1])
+    if len(w) == 2 and w[0] == "the" and w[1] in NOUNS:
+        return (w[1], None)
+    return None
+
+
 def parse_sentence(w: tuple, fragments: bool = False) -> tuple | None:
     """Recognize one sentence (its words without the final `.`); None when it is not a sentence of the world.
 
-    Story sentences return `(verb, subject, *args)`; with `fragments`, answer forms are recognized too:
+    Story sentences return `(verb, subject, *args)`; an object named again (`the red ball` or `the ball`) gives
+    `noun, color | None` among the args. With `fragments`, answer forms are recognized too:
     `("color_is", noun | "it", color)` for `the ball is red` / `it is red`, `("frag_place", p)` for `in the park`,
     `("frag_np", np)` for `a red ball`, `("frag", word)` for a lone color, name or mood.
     """
@@ -389,21 +421,23 @@ def parse_sentence(w: tuple, fragments: bool = False) -> tuple | None:
             if w[2] == "a":
                 np = _parse_np(w[3:])
                 return ("has", s, np) if np else None
-            if n == 4 and w[2] == "the" and w[3] in NOUNS:
-                return ("has_the", s, w[3])
-            return None
-        if v == "meets" and n == 3 and w[2] in NAMES:
-            return ("meets", s, w[2])
-        if v == "gives" and n == 6 and w[2] == "the" and w[3] in NOUNS and w[4] == "to" and w[5] in NAMES:
-            return ("gives", s, w[3], w[5])
-        if v in ("drops", "takes") and n == 4 and w[2] == "the" and w[3] in NOUNS:
-            return (v, s, w[3])
+            obj = _parse_the(w[2:])
+            return ("has_the", s, *obj) if obj else None
+        if v == "meets" and w[2:3] and w[2] in NAMES:
+            if n == 3:
+                return ("meets", s, w[2], None)
+            return ("meets", s, w[2], w[5]) if n == 6 and w[3:5] == ("in", "the") and w[5] in PLACES else None
+        if v == "gives" and n >= 6 and w[-2] == "to" and w[-1] in NAMES:
+            obj = _parse_the(w[2:-2])
+            return ("gives", s, obj[0], w[-1], obj[1]) if obj else None
+        if v in ("drops", "takes"):
+            obj = _parse_the(w[2:])
+            return (v, s, *obj) if obj else None
         if v == "plays" and n >= 4 and w[2] == "with":
-            if n == 5 and w[3] == "the" and w[4] in NOUNS:
-                return ("plays", s, "the", w[4])
             if n == 4 and w[3] in NAMES:
-                return ("plays", s, w[3], None)
-            return None
+                return ("plays", s, w[3], None, None)
+            obj = _parse_the(w[3:])
+            return ("plays", s, "the", *obj) if obj else None
         if v == "feels" and n == 3 and w[2] in MOODS:
             return ("feels", s, w[2])
     if not fragments:
@@ -434,7 +468,8 @@ class World:
     """What a story has established: people (place, held object, mood), objects (size, color, holder).
 
     `apply(parsed)` checks one parsed sentence against the world's rules and updates the world when it holds:
-    a pronoun refers to the last named subject and must agree with it; `the noun` is an object the subject holds;
+    a pronoun refers to the last named subject and must agree with it; `the [color] noun` is an object the subject
+    holds (of that color);
     nobody goes where they already are, finds a thing while holding one, gives to someone not met here, or takes
     a thing that was not dropped here; the same person does not `feel` twice in a row; every object has its own noun.
     """
@@ -464,7 +499,7 @@ class World:
         if verb.startswith("frag") or verb == "color_is":
             return False
         x = self.resolve(parsed[1])
-        if x is None:
+        if x is None or not self._color_ok(parsed):
             return False
         me = self.person(x)
         if verb == "is":
@@ -490,9 +525,15 @@ class World:
             if me.holds != parsed[2]:
                 return False
         elif verb == "meets":
-            other = parsed[2]
+            other, place = parsed[2], parsed[3]
             if other == x or other in me.met:
                 return False
+            if place is not None:
+                if me.loc is not None and me.loc != place:
+                    return False
+                if me.loc is None:
+                    me.met = set()
+                me.loc = place
             me.met.add(other)
             self.person(other).loc = me.loc
         elif verb == "gives":
@@ -527,6 +568,14 @@ class World:
         self.last_subject = x
         self.last_act = (x, verb)
         return True
+
+    def _color_ok(self, parsed: tuple) -> bool:
+        """An object named again with a color must be the color it was introduced with."""
+        verb = parsed[0]
+        if verb not in ("has_the", "gives", "drops", "takes", "plays") or parsed[-1] is None:
+            return True
+        noun = parsed[-2] if verb != "gives" else parsed[2]
+        return noun in self.objects and self.objects[noun][1] == parsed[-1]
 
     def holder(self, noun: str) -> str | None:
         for name, p in self.people.items():

@@ -200,7 +200,7 @@ def qa_answers(spec: Spec) -> _QA | None:
         acc = [("the", t, "is", key), ("it", "is", key), (key,)]
     elif q == "who" and world.holder(t) is not None:
         key = world.holder(t)
-        acc = [(key, "has", "the", t), (key,)]
+        acc = [(key, "has", "the", t), (key, "has", "the", world.objects[t][1], t), (key,)]
     elif q == "feel" and p is not None and p.mood is not None:
         key = p.mood
         acc = [(t, "feels", key), (NAMES[t], "feels", key), (key,)]
@@ -246,8 +246,8 @@ def _true(qa: _QA, s: tuple, parsed: tuple) -> bool:
         size, color, noun = parsed[2]
         obj = qa.world.objects.get(noun)
         return p.holds == noun and obj[1] == color and size in (None, obj[0])
-    if verb == "has_the":
-        return p.holds == parsed[2]
+    if verb == "has_the":  # `he has the ball`, or with its color: `he has the red ball`
+        return p.holds == parsed[2] and parsed[3] in (None, qa.world.objects[parsed[2]][1])
     if verb == "feels":
         return p.mood == parsed[2]
     return False
