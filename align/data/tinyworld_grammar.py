@@ -423,7 +423,7 @@ def parse_sentence(w: tuple, fragments: bool = False) -> tuple | None:
                 return ("has", s, np) if np else None
             obj = _parse_the(w[2:])
             return ("has_the", s, *obj) if obj else None
-        if v == "meets" and w[2:3] and w[2] in NAMES:
+        if v == "meets" and n >= 3 and w[2] in NAMES:
             if n == 3:
                 return ("meets", s, w[2], None)
             return ("meets", s, w[2], w[5]) if n == 6 and w[3:5] == ("in", "the") and w[5] in PLACES else None
@@ -499,7 +499,7 @@ class World:
         if verb.startswith("frag") or verb == "color_is":
             return False
         x = self.resolve(parsed[1])
-        if x is None or not self._color_ok(parsed):
+        if x is None or not self.color_ok(parsed):
             return False
         me = self.person(x)
         if verb == "is":
@@ -569,8 +569,8 @@ class World:
         self.last_act = (x, verb)
         return True
 
-    def _color_ok(self, parsed: tuple) -> bool:
-        """An object named again with a color must be the color it was introduced with."""
+    def color_ok(self, parsed: tuple) -> bool:
+        """An object named again with a color (in a parsed sentence) must be the color it was introduced with."""
         verb = parsed[0]
         if verb not in ("has_the", "gives", "drops", "takes", "plays") or parsed[-1] is None:
             return True

@@ -247,7 +247,7 @@ def _true(qa: _QA, s: tuple, parsed: tuple) -> bool:
         obj = qa.world.objects.get(noun)
         return p.holds == noun and obj[1] == color and size in (None, obj[0])
     if verb == "has_the":  # `he has the ball`, or with its color: `he has the red ball`
-        return p.holds == parsed[2] and parsed[3] in (None, qa.world.objects[parsed[2]][1])
+        return p.holds == parsed[2] and qa.world.color_ok(parsed)
     if verb == "feels":
         return p.mood == parsed[2]
     return False
