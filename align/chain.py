@@ -351,7 +351,7 @@ def _headline(stage: str, metrics: dict[str, Any]) -> str:
         "sft": ("gold_score", "parent_gold_score", "eval_loss"),
         "rank": ("num_groups", "gold_agreement", "tie_rate"),
         "reward": ("pair_accuracy", "kendall_tau", "gold_agreement"),
-        "ppo": ("gold_score", "parent_gold_score", "reward", "kl"),
+        "ppo": ("gold_score", "parent_gold_score", "gold_score_sampled", "reward", "kl"),
     }[stage]
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
 

@@ -229,6 +229,14 @@ def _sft_class():
             default=0.0,
             metadata={"help": "Decoding for the gold evaluation; 0 = greedy, deterministic and comparable."},
         )
+        gold_eval_samples: int = field(
+            default=4,
+            metadata={
+                "help": "Also answer each gold-eval prompt this many times at temperature 1 and score the mean "
+                "(gold_score_sampled): the model as a distribution, which PPO optimizes and greedy decoding hides. "
+                "0 = off."
+            },
+        )
 
         def __post_init__(self):
             if self.bf16 is None:
@@ -236,6 +244,8 @@ def _sft_class():
 
                 self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
             _post_init_common(self, SFTConfig)
+            if self.gold_eval_samples < 0:
+                raise ValueError(f"gold_eval_samples {self.gold_eval_samples} is negative; use 0 to turn it off.")
             if not 0.0 <= self.tinyworld_error_rate <= 1.0:
                 raise ValueError(f"tinyworld_error_rate {self.tinyworld_error_rate} is not in [0, 1].")
             if self.merge_adapter and not self.use_peft:

@@ -66,6 +66,9 @@ METRIC_HELP = {
     "eval_loss_above_floor": "eval_loss - entropy_floor (0 is perfect)",
     "gold_score": "mean gold-labeler score of this model's responses to held-out prompts",
     "parent_gold_score": "the same, for the parent model",
+    "gold_score_sampled": "gold_score with each prompt answered several times at temperature 1 (the mean)",
+    "parent_gold_score_sampled": "the same, for the parent model",
+    "gold_win_rate_sampled": "share of held-out prompts where this model's sampled score beats the parent's",
     "eval_mean_token_accuracy": "held-out next-token accuracy on the trained tokens",
     "train_loss": "mean training loss over the run",
 }

@@ -48,6 +48,7 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("parent_gold_score", "gold score of the parent (pretrained)"),
         ("gold_score", "gold score"),
         ("gold_win_rate", "gold win-rate over the parent"),
+        ("gold_score_sampled", "gold score, sampled (temperature 1)"),
     ],
     "rank": [
         ("num_groups", "ranked groups"),
@@ -68,6 +69,9 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("parent_gold_score", "gold score of the parent (SFT)"),
         ("gold_score", "gold score"),
         ("gold_win_rate", "gold win-rate over the parent"),
+        ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
+        ("gold_score_sampled", "gold score, sampled (temperature 1)"),
+        ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
         ("updates", "PPO updates"),
     ],
 }
@@ -129,6 +133,15 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
         out["gold_win_rate_ppo_vs_sft"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
         out.setdefault("held_out_prompts", {})["ppo_vs_sft"] = len(ppo["gold_scores"])
+        if "gold_scores_sampled" in ppo:
+            out["gold_score_sampled"] = {
+                "sft": ppo["metrics"]["parent_gold_score_sampled"],
+                "ppo": ppo["metrics"]["gold_score_sampled"],
+            }
+            out["gold_win_rate_ppo_vs_sft_sampled"] = win_rate(
+                ppo["gold_scores_sampled"], ppo["parent_gold_scores_sampled"]
+            )
+            out["gold_eval_samples"] = _resolved(stages, "ppo", "gold_eval_samples")
     if ppo:
         out["ppo_reward"] = ppo["metrics"].get("reward")
         out["ppo_kl"] = ppo["metrics"].get("kl")
@@ -335,15 +348,23 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
     gold = top.get("gold_score") or {}
     if gold:
         fig, (ax,) = _figure(1, "Gold labeler, held-out prompts")
-        names = [LABELS[s] for s in gold]
-        bars = ax.bar(names, list(gold.values()), color=["#9e9e9e", "#5c8ddb", "#e07b39"][: len(gold)])
-        for bar, v in zip(bars, gold.values(), strict=True):
+        colors = {"pretrain": "#9e9e9e", "sft": "#5c8ddb", "ppo": "#e07b39"}
+        sampled = top.get("gold_score_sampled") or {}
+        names = [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled]
+        values = list(gold.values()) + list(sampled.values())
+        bars = ax.bar(names, values, color=[colors[s] for s in gold] + [colors[s] for s in sampled])
+        for bar in bars[len(gold) :]:
+            bar.set_alpha(0.55)
+        for bar, v in zip(bars, values, strict=True):
             ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title("Gold labeler, held-out prompts", fontsize=9)
         ax.set_ylabel("mean gold score", fontsize=8)
         ax.tick_params(labelsize=8)
-        out["gold_scores"] = ("Mean gold score of each model on the same held-out prompts", _png(fig))
+        caption = "Mean gold score of each model on the same held-out prompts"
+        if sampled:
+            caption += " (greedy; `sampled`: the mean over answers sampled at temperature 1)"
+        out["gold_scores"] = (caption, _png(fig))
     return out
 
 
@@ -364,6 +385,12 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
         at_kl = f", at KL {kl:.3f} nats." if kl is not None else "."
         rate, n = top["gold_win_rate_ppo_vs_sft"], top["held_out_prompts"]["ppo_vs_sft"]
         lines.append(f"PPO beats SFT on {rate:.1%} of {n} held-out prompts (gold labeler, ties count half){at_kl}")
+    if "gold_win_rate_ppo_vs_sft_sampled" in top:
+        rate, k, gold = top["gold_win_rate_ppo_vs_sft_sampled"], top["gold_eval_samples"], top["gold_score_sampled"]
+        lines.append(
+            f"Sampled at temperature 1 ({k} answers per prompt, each prompt scored by their mean), PPO beats SFT on "
+            f"{rate:.1%} of the prompts; mean gold score SFT {gold['sft']:.3f}, PPO {gold['ppo']:.3f}."
+        )
     if "gold_win_rate_sft_vs_pretrain" in top:
         rate, n = top["gold_win_rate_sft_vs_pretrain"], top["held_out_prompts"]["sft_vs_pretrain"]
         lines.append(f"SFT beats the pretrained model on {rate:.1%} of the {n} held-out prompts.")
@@ -477,7 +504,11 @@ def write_report(root: str | os.PathLike, options: dict[str, Any] | None = None)
         atomic_write_bytes(files / f"{name}.png", png)
     data = {
         "output_root": str(root),
-        **{k: top[k] for k in ("gold_win_rate_ppo_vs_sft", "gold_win_rate_sft_vs_pretrain") if k in top},
+        **{
+            k: top[k]
+            for k in ("gold_win_rate_ppo_vs_sft", "gold_win_rate_sft_vs_pretrain", "gold_win_rate_ppo_vs_sft_sampled")
+            if k in top
+        },
         "headline": top,
         "metrics": table,
         "stages": {

@@ -270,6 +270,15 @@ def test_tiny_chain_end_to_end_report_matches_the_stages(tmp_path):
     assert report["gold_win_rate_sft_vs_pretrain"] == pytest.approx(
         win_rate(info["sft"]["gold_scores"], info["sft"]["parent_gold_scores"])
     )
+    # sampled at temperature 1: the same reuse, and the report's sampled headline is the stages' numbers
+    assert info["ppo"]["parent_gold_scores_sampled"] == info["sft"]["gold_scores_sampled"]
+    assert report["gold_win_rate_ppo_vs_sft_sampled"] == pytest.approx(
+        win_rate(info["ppo"]["gold_scores_sampled"], info["sft"]["gold_scores_sampled"])
+    )
+    assert report["headline"]["gold_score_sampled"] == {
+        "sft": pytest.approx(info["sft"]["metrics"]["gold_score_sampled"]),
+        "ppo": pytest.approx(info["ppo"]["metrics"]["gold_score_sampled"]),
+    }
     assert report["headline"]["gold_score"]["ppo"] == pytest.approx(info["ppo"]["metrics"]["gold_score"])
     assert report["headline"]["ppo_kl"] == pytest.approx(info["ppo"]["metrics"]["kl"])
     for row in report["metrics"]:
@@ -285,6 +294,7 @@ def test_tiny_chain_end_to_end_report_matches_the_stages(tmp_path):
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(report["plots"])
     assert "PPO beats SFT on" in (run / "report.md").read_text()
+    assert "Sampled at temperature 1 (4 answers per prompt" in (run / "report.md").read_text()
 
 
 def test_accelerate_config_launches_every_stage_under_accelerate(tmp_path):

@@ -22,6 +22,8 @@ WORDS = "tom amy is in the park shop kitchen where ? . has a new red lamp write 
 
 # Per-prompt gold scores of the "SFT" parent on the 8 held-out prompts (mean 0.125), as `align sft` records them.
 PARENT_GOLD = [0.0, 0.0, 0.25, 0.25, 0.5, 0.0, 0.0, 0.0]
+# ... and its sampled scores (4 answers per prompt at temperature 1, each prompt scored by their mean).
+PARENT_GOLD_SAMPLED = [0.0, 0.125, 0.25, 0.0, 0.5, 0.0, 0.0, 0.0625]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     policy.save_pretrained(sft)
     tok.save_pretrained(sft)
     write_stage_info(sft, "sft", parent=None, recipe={"gold_eval_prompts": 8, "gold_eval_max_new_tokens": 8},
-                     data=None, metrics={"gold_score": 0.125}, gold_scores=PARENT_GOLD)  # fmt: skip
+                     data=None, metrics={"gold_score": 0.125}, gold_scores=PARENT_GOLD,
+                     gold_scores_sampled=PARENT_GOLD_SAMPLED)  # fmt: skip
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
@@ -115,6 +118,12 @@ def test_stage_writes_policy_value_model_and_lineage(tmp_path, stages):
     assert info["parent_gold_scores"] == PARENT_GOLD
     assert 0.0 <= info["metrics"]["gold_score"] <= 1.0
     assert info["metrics"]["gold_win_rate"] == win_rate(info["gold_scores"], PARENT_GOLD)
+    # sampled (`gold_eval_samples` 4, the default of both stages): the SFT stage's scores reused, PPO's own computed
+    assert info["parent_gold_scores_sampled"] == PARENT_GOLD_SAMPLED
+    assert info["metrics"]["parent_gold_score_sampled"] == pytest.approx(0.1171875)
+    assert len(info["gold_scores_sampled"]) == 8 and all(0.0 <= x <= 1.0 for x in info["gold_scores_sampled"])
+    assert info["metrics"]["gold_score_sampled"] == pytest.approx(sum(info["gold_scores_sampled"]) / 8)
+    assert info["metrics"]["gold_win_rate_sampled"] == win_rate(info["gold_scores_sampled"], PARENT_GOLD_SAMPLED)
     steps = [h["step"] for h in info["log_history"] if "ppo/score" in h]
     assert steps == [1, 2, 3]
     assert any("eval/gold_score" in h for h in info["log_history"])

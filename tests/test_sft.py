@@ -132,6 +132,9 @@ def test_sft_stage_lowers_loss_and_records_gold_scores(pretrained, tmp_path):
     m = info["metrics"]
     assert 0.0 <= m["gold_score"] <= 1.0 and 0.0 <= m["parent_gold_score"] <= 1.0 and "eval_loss" in m
     assert len(info["gold_scores"]) == len(info["parent_gold_scores"]) == 8
+    # and sampled: 4 answers per prompt at temperature 1, each prompt scored by their mean (PPO's baseline)
+    assert len(info["gold_scores_sampled"]) == 8
+    assert m["gold_score_sampled"] == pytest.approx(sum(info["gold_scores_sampled"]) / 8)
     assert not (out / "training_args.bin").exists()
     # Loads in a pipeline, and chats with the saved chat template.
     tok = AutoTokenizer.from_pretrained(out)

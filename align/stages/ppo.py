@@ -165,17 +165,24 @@ def load_value_model(cfg):
 # Gold evaluation (tiny world)
 
 
-def _gold(cfg, model, tokenizer, prompts: list[str]) -> dict[str, Any]:
-    from align.evaluation import gold_eval
+def _gold(cfg, model, tokenizer, prompts: list[str], samples: int = 0) -> dict[str, Any]:
+    """Gold eval: `eval_temperature` decoding, or (samples > 0) `samples` answers per prompt at SAMPLED_TEMPERATURE,
+    seeded with the stage's seed (as `align sft`'s)."""
+    from align.evaluation import SAMPLED_TEMPERATURE, gold_eval
 
     return gold_eval(
         model,
         tokenizer,
         prompts,
         max_new_tokens=cfg.gold_eval_max_new_tokens,
-        temperature=cfg.eval_temperature,
+        temperature=SAMPLED_TEMPERATURE if samples else cfg.eval_temperature,
         batch_size=cfg.per_device_eval_batch_size,
+        samples_per_prompt=max(samples, 1),
+        seed=cfg.seed,
     )
+
+
+GOLD_KEYS = ("dataset_name", "tinyworld_seed", "gold_eval_prompts", "gold_eval_max_new_tokens")
 
 
 def parent_gold_settings(info: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -186,13 +193,14 @@ def parent_gold_settings(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
     defaults = {f.name: f.default for f in dataclasses.fields(config_class("sft"))}
     recipe = info.get("recipe") or {}
-    keys = ("dataset_name", "tinyworld_seed", "gold_eval_prompts", "gold_eval_max_new_tokens", "gold_eval_temperature")
+    keys = (*GOLD_KEYS, "gold_eval_temperature", "gold_eval_samples")
     return {k: recipe.get(k, defaults[k]) for k in keys}
 
 
-def parent_gold_score(cfg, model, tokenizer, prompts: list[str]) -> tuple[list[float], str]:
-    """The parent's per-prompt gold scores on `prompts`: read from the SFT stage when it used the same prompts and
-    decoding, else computed now (before training: the policy is trained in place). Returns (scores, their source)."""
+def parent_gold_score(cfg, model, tokenizer, prompts: list[str], samples: int = 0) -> tuple[list[float], str]:
+    """The parent's per-prompt gold scores on `prompts` (greedy, or `samples` per prompt as `_gold`): read from the
+    SFT stage when it used the same prompts and decoding, else computed now (before training: the policy is trained
+    in place). Returns (scores, their source)."""
     info = read_stage_info(cfg.model_name_or_path)
     settings = parent_gold_settings(info)
     ours = {
@@ -200,15 +208,16 @@ def parent_gold_score(cfg, model, tokenizer, prompts: list[str]) -> tuple[list[f
         "tinyworld_seed": cfg.tinyworld_seed,
         "gold_eval_prompts": cfg.gold_eval_prompts,
         "gold_eval_max_new_tokens": cfg.gold_eval_max_new_tokens,
-        "gold_eval_temperature": cfg.eval_temperature,
     }
+    ours.update({"gold_eval_samples": samples} if samples else {"gold_eval_temperature": cfg.eval_temperature})
+    key = "gold_scores_sampled" if samples else "gold_scores"
     if settings is not None and all(float(settings[k]) == float(v) if k != "dataset_name" else settings[k] == v
                                     for k, v in ours.items()):  # fmt: skip
-        if len(info.get("gold_scores") or []) == len(prompts):
-            return [float(s) for s in info["gold_scores"]], f"{cfg.model_name_or_path}/align_stage.json"
+        if len(info.get(key) or []) == len(prompts):
+            return [float(s) for s in info[key]], f"{cfg.model_name_or_path}/align_stage.json"
     if settings is not None:
         logger.info("ppo: the SFT stage's gold eval used other settings (%s); scoring the parent again.", settings)
-    return [float(s) for s in _gold(cfg, model, tokenizer, prompts)["gold_scores"]], "computed"
+    return [float(s) for s in _gold(cfg, model, tokenizer, prompts, samples)["gold_scores"]], "computed"
 
 
 def final_mean(log_history: list[dict[str, Any]], key: str) -> float:
@@ -261,6 +270,12 @@ def run(cfg) -> Path:
         extra["parent_gold_scores"] = parent_scores
         logger.info("Parent model (%s): gold score %.4f (%s).", cfg.model_name_or_path, metrics["parent_gold_score"],
                     source)  # fmt: skip
+        if cfg.gold_eval_samples:
+            parent_sampled, source = parent_gold_score(cfg, policy, tokenizer, prompts, cfg.gold_eval_samples)
+            metrics["parent_gold_score_sampled"] = sum(parent_sampled) / len(parent_sampled)
+            extra["parent_gold_scores_sampled"] = parent_sampled
+            logger.info("Parent model: gold score sampled (%d per prompt) %.4f (%s).", cfg.gold_eval_samples,
+                        metrics["parent_gold_score_sampled"], source)  # fmt: skip
         eval_ds = [{"prompt": p} for p in prompts]
 
         def eval_fn(ps: list[str], rs: list[str]) -> float:
@@ -312,6 +327,14 @@ def run(cfg) -> Path:
         metrics["gold_win_rate"] = win_rate(this["gold_scores"], parent_scores)
         extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"],
                      gold_samples=this["samples"])  # fmt: skip
+        if cfg.gold_eval_samples:
+            sampled = _gold(cfg, trainer.policy, tokenizer, prompts, cfg.gold_eval_samples)
+            metrics["gold_score_sampled"] = sampled["gold_score"]
+            metrics["gold_win_rate_sampled"] = win_rate(sampled["gold_scores"], extra["parent_gold_scores_sampled"])
+            extra["gold_scores_sampled"] = sampled["gold_scores"]
+            logger.info("Gold score sampled (%d per prompt): %.4f (parent %.4f), win-rate over it %.3f.",
+                        cfg.gold_eval_samples, sampled["gold_score"], metrics["parent_gold_score_sampled"],
+                        metrics["gold_win_rate_sampled"])  # fmt: skip
         logger.info(
             "Gold score on %d held-out prompts: %.4f (parent %.4f), win-rate over it %.3f; reward %.4f, KL %.4f.",
             len(prompts),

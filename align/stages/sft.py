@@ -154,7 +154,7 @@ def run(cfg) -> Path:
     metrics: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     if gold:
-        from align.evaluation import heldout_prompts, win_rate
+        from align.evaluation import SAMPLED_TEMPERATURE, heldout_prompts, win_rate
 
         prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
         parent_eval = _gold(cfg, model, tokenizer, prompts)
@@ -203,6 +203,12 @@ def run(cfg) -> Path:
         metrics["gold_score"] = this["gold_score"]
         metrics["gold_win_rate"] = win_rate(this["gold_scores"], extra["parent_gold_scores"])
         extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"])
+        if cfg.gold_eval_samples:
+            sampled = _gold(cfg, trainer.model, tokenizer, prompts, samples=cfg.gold_eval_samples)
+            metrics["gold_score_sampled"] = sampled["gold_score"]
+            extra["gold_scores_sampled"] = sampled["gold_scores"]
+            logger.info("Gold score sampled (%d per prompt, temperature %g): %.4f.", cfg.gold_eval_samples,
+                        SAMPLED_TEMPERATURE, sampled["gold_score"])  # fmt: skip
         logger.info(
             "Gold score on %d held-out prompts: %.4f (parent %.4f); win-rate over the parent %.3f.",
             len(prompts),
@@ -235,16 +241,20 @@ def run(cfg) -> Path:
     return output_dir
 
 
-def _gold(cfg, model, tokenizer, prompts):
-    from align.evaluation import gold_eval
+def _gold(cfg, model, tokenizer, prompts, samples: int = 0):
+    """Gold eval: `gold_eval_temperature` decoding, or (samples > 0) `samples` answers per prompt at
+    SAMPLED_TEMPERATURE, seeded with the stage's seed."""
+    from align.evaluation import SAMPLED_TEMPERATURE, gold_eval
 
     return gold_eval(
         model,
         tokenizer,
         prompts,
         max_new_tokens=cfg.gold_eval_max_new_tokens,
-        temperature=cfg.gold_eval_temperature,
+        temperature=SAMPLED_TEMPERATURE if samples else cfg.gold_eval_temperature,
         batch_size=cfg.per_device_eval_batch_size,
+        samples_per_prompt=max(samples, 1),
+        seed=cfg.seed,
     )
 
 

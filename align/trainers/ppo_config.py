@@ -427,6 +427,14 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
         },
     )
     gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
+    gold_eval_samples: int = field(
+        default=4,
+        metadata={
+            "help": "Also answer each gold-eval prompt this many times at temperature 1, with the SFT parent "
+            "likewise, and score the means (gold_score_sampled, gold_win_rate_sampled): the policy as a distribution, "
+            "which PPO optimizes and greedy decoding hides. 0 = off."
+        },
+    )
 
     def __post_init__(self):
         _post_init_common(self, PPOConfig)
@@ -450,5 +458,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             errors.append(f"gold_eval_prompts {self.gold_eval_prompts} is negative; use 0 to turn it off")
         if self.gold_eval_max_new_tokens < 1:
             errors.append(f"gold_eval_max_new_tokens {self.gold_eval_max_new_tokens} must be >= 1")
+        if self.gold_eval_samples < 0:
+            errors.append(f"gold_eval_samples {self.gold_eval_samples} is negative; use 0 to turn it off")
         if errors:
             raise ValueError("ppo: " + "; ".join(errors) + ".")
