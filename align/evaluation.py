@@ -86,6 +86,21 @@ def gold_eval(
     }
 
 
+def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: float, samples: int = 0):
+    """`gold_eval` with a stage config's settings (`gold_eval_max_new_tokens`, `per_device_eval_batch_size`, `seed`):
+    answers decoded at `temperature`, or, with `samples` > 0, that many answers per prompt at SAMPLED_TEMPERATURE."""
+    return gold_eval(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.gold_eval_max_new_tokens,
+        temperature=SAMPLED_TEMPERATURE if samples else temperature,
+        batch_size=cfg.per_device_eval_batch_size,
+        samples_per_prompt=max(samples, 1),
+        seed=cfg.seed,
+    )
+
+
 def win_rate(scores: list[float], baseline: list[float]) -> float:
     """Fraction of prompts where `scores` beats `baseline` (same prompts, same order), ties counted as half a win.
 

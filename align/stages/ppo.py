@@ -166,20 +166,10 @@ def load_value_model(cfg):
 
 
 def _gold(cfg, model, tokenizer, prompts: list[str], samples: int = 0) -> dict[str, Any]:
-    """Gold eval: `eval_temperature` decoding, or (samples > 0) `samples` answers per prompt at SAMPLED_TEMPERATURE,
-    seeded with the stage's seed (as `align sft`'s)."""
-    from align.evaluation import SAMPLED_TEMPERATURE, gold_eval
+    """Gold eval at `eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`, as `align sft`)."""
+    from align.evaluation import stage_gold_eval
 
-    return gold_eval(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.gold_eval_max_new_tokens,
-        temperature=SAMPLED_TEMPERATURE if samples else cfg.eval_temperature,
-        batch_size=cfg.per_device_eval_batch_size,
-        samples_per_prompt=max(samples, 1),
-        seed=cfg.seed,
-    )
+    return stage_gold_eval(cfg, model, tokenizer, prompts, temperature=cfg.eval_temperature, samples=samples)
 
 
 GOLD_KEYS = ("dataset_name", "tinyworld_seed", "gold_eval_prompts", "gold_eval_max_new_tokens")
@@ -203,12 +193,7 @@ def parent_gold_score(cfg, model, tokenizer, prompts: list[str], samples: int = 
     in place). Returns (scores, their source)."""
     info = read_stage_info(cfg.model_name_or_path)
     settings = parent_gold_settings(info)
-    ours = {
-        "dataset_name": TINYWORLD,
-        "tinyworld_seed": cfg.tinyworld_seed,
-        "gold_eval_prompts": cfg.gold_eval_prompts,
-        "gold_eval_max_new_tokens": cfg.gold_eval_max_new_tokens,
-    }
+    ours = {k: getattr(cfg, k) for k in GOLD_KEYS}  # dataset_name is tinyworld: gold evals run only there
     ours.update({"gold_eval_samples": samples} if samples else {"gold_eval_temperature": cfg.eval_temperature})
     key = "gold_scores_sampled" if samples else "gold_scores"
     if settings is not None and all(float(settings[k]) == float(v) if k != "dataset_name" else settings[k] == v

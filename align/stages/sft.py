@@ -242,20 +242,10 @@ def run(cfg) -> Path:
 
 
 def _gold(cfg, model, tokenizer, prompts, samples: int = 0):
-    """Gold eval: `gold_eval_temperature` decoding, or (samples > 0) `samples` answers per prompt at
-    SAMPLED_TEMPERATURE, seeded with the stage's seed."""
-    from align.evaluation import SAMPLED_TEMPERATURE, gold_eval
+    """Gold eval at `gold_eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`)."""
+    from align.evaluation import stage_gold_eval
 
-    return gold_eval(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.gold_eval_max_new_tokens,
-        temperature=SAMPLED_TEMPERATURE if samples else cfg.gold_eval_temperature,
-        batch_size=cfg.per_device_eval_batch_size,
-        samples_per_prompt=max(samples, 1),
-        seed=cfg.seed,
-    )
+    return stage_gold_eval(cfg, model, tokenizer, prompts, temperature=cfg.gold_eval_temperature, samples=samples)
 
 
 def save(trainer, tokenizer, cfg, output_dir: Path) -> None:
