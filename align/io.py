@@ -103,8 +103,9 @@ def write_stage_info(
         metrics: numbers, e.g. `eval_loss` (nats per token), `perplexity`, `entropy_floor`.
         extra: stage-specific fields (e.g. `samples`, `log_history`).
 
-    The finished dir keeps no pickle: Trainer's `training_args.bin` is removed here (the resolved recipe is in this
-    file), so what is pushed or shared loads without unpickling. Checkpoints keep theirs for resuming.
+    The finished dir keeps no pickle: Trainer's `training_args.bin` is removed here, also from `adapter/` (the
+    resolved recipe is in this file), so what is pushed or shared loads without unpickling. Checkpoints keep theirs
+    for resuming.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -118,7 +119,8 @@ def write_stage_info(
         "metrics": metrics,
         **extra,
     }
-    (Path(output_dir) / "training_args.bin").unlink(missing_ok=True)
+    for where in (Path(output_dir), Path(output_dir) / "adapter"):  # a merged LoRA stage keeps its adapter there
+        (where / "training_args.bin").unlink(missing_ok=True)
     atomic_write_json(Path(output_dir) / STAGE_FILE, info)
     return info
 

@@ -201,6 +201,65 @@ def test_reward_model_with_its_own_tokenizer_on_pairs(sft, tmp_path):
     assert info["metrics"]["pair_accuracy"] > 0.5
 
 
+def test_lora_reward_model_is_saved_merged_with_its_adapter(sft, rank_dir, tmp_path):
+    """use_peft: adapters + the new score head train, base weights stay; the dir loads as a plain reward model whose
+    scores equal the adapter's on the base model (the merge kept the trained head)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    out = run_stage(sft, rank_dir, tmp_path / "lora", use_peft=True, lora_r=4, lora_alpha=8, num_train_epochs=2)
+    info = read_stage_info(out)
+    assert info["peft"] == {"adapter": True, "merged": True}
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    assert sorted(p.name for p in out.glob("**/training_args.bin")) == []  # no pickles in the finished stage
+
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.align_reward_offset == pytest.approx(info["metrics"]["reward_offset"])
+    base = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    base.config.pad_token_id = merged.config.pad_token_id
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+
+    sft_weights = load_file(sft / "model.safetensors")
+    merged_weights = merged.state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"  # a LoRA target: merged weight = base + B @ A
+    assert not torch.allclose(merged_weights[name], sft_weights[name])
+    name = "model.embed_tokens.weight"  # not a target: unchanged
+    torch.testing.assert_close(merged_weights[name], sft_weights[name])
+
+    ids = torch.tensor([[3, 5, 7, 9, 11, 1], [4, 6, 8, 10, 12, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert info["metrics"]["pair_accuracy"] > 0.5
+
+
+def test_lora_needs_the_seq_cls_task_type(tmp_path):
+    from align.config import parse_config
+
+    over = {"output_dir": str(tmp_path), "model_name_or_path": "x", "dataset_name": "y", "use_peft": True}
+    assert parse_config("reward", [], overrides=over).lora_task_type == "SEQ_CLS"  # the changed default
+    with pytest.raises(AlignError, match="lora_task_type 'CAUSAL_LM': a LoRA reward model needs SEQ_CLS"):
+        parse_config("reward", [], overrides={**over, "lora_task_type": "CAUSAL_LM"})
+
+
+def test_trainer_refuses_a_causal_lm_lora_config_and_a_peft_model_twice(sft, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from align.trainers.reward import RankingRewardTrainer
+    from align.trainers.reward_config import RankingRewardConfig
+
+    args = RankingRewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    tok = _tokenizer(WORDS)
+    model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    with pytest.raises(AlignError, match="task_type is 'CAUSAL_LM'; a reward model needs 'SEQ_CLS'"):
+        RankingRewardTrainer(model, args, processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", r=2))
+    wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=2))
+    with pytest.raises(AlignError, match="got a PeftModel and a peft_config"):
+        RankingRewardTrainer(wrapped, args, processing_class=tok, peft_config=LoraConfig(task_type="SEQ_CLS", r=2))
+
+
 def test_ranking_as_pairs_reports_the_same_metrics(sft, tmp_path):
     data = write_jsonl(tmp_path / "rankings.jsonl", red_rows(24, k=3))
     out = run_stage(sft, data, tmp_path / "pairs", ranking_as_pairs=True, num_train_epochs=1, dataset_test_size=8)
@@ -307,10 +366,11 @@ def test_missing_keys_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_ranks(sft, rank_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_cpu_ranks(sft, rank_dir, tmp_path, lora):
     path = tmp_path / "reward.yaml"
     out = tmp_path / "reward"
-    path.write_text(yaml.safe_dump(recipe(sft, rank_dir, out, num_train_epochs=1)))
+    path.write_text(yaml.safe_dump(recipe(sft, rank_dir, out, num_train_epochs=1, use_peft=lora, lora_r=4)))
     env = {**ENV, "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
            "-m", "align", "reward", "--config", str(path)]  # fmt: skip
@@ -319,3 +379,5 @@ def test_two_cpu_ranks(sft, rank_dir, tmp_path):
     info = read_stage_info(out)
     assert info["num_processes"] == 2 and "x 2 processes" in result.stderr
     assert "pair_accuracy" in info["metrics"] and "reward_offset" in info["metrics"]
+    assert info["peft"] == {"adapter": lora, "merged": lora}
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == lora

@@ -254,6 +254,18 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
 # Stage
 
 
+def save(trainer, output_dir: Path, *, adapter: bool) -> None:
+    """The reward model in `output_dir`; a LoRA one merged there (PPO, `align score` and the Hub load the dir as a
+    plain `AutoModelForSequenceClassification`) with its adapter and score head in `output_dir/adapter`."""
+    if not adapter:
+        trainer.save_model(str(output_dir))
+        return
+    trainer.save_model(str(output_dir / "adapter"))
+    if trainer.is_world_process_zero():
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(output_dir, safe_serialization=True)
+
+
 def run(cfg) -> Path:
     from transformers import set_seed
 
@@ -274,14 +286,18 @@ def run(cfg) -> Path:
         cfg.eval_strategy = "no"
 
     # Model
+    from trl import get_peft_config
+
     model, tokenizer = load_model_and_tokenizer(cfg)
+    peft_config = get_peft_config(cfg)
     total, _ = modeling.count_parameters(model)
     logger.info(
-        "reward: %s (%.2fM parameters, %s), %d train groups%s / %d held-out groups, %s loss, batch %d x %d accum x %d "
-        "processes, %s",
+        "reward: %s (%.2fM parameters, %s%s), %d train groups%s / %d held-out groups, %s loss, batch %d x %d accum x "
+        "%d processes, %s",
         cfg.model_name_or_path,
         total / 1e6,
         type(model).__name__,
+        f", LoRA r={cfg.lora_r}" if peft_config else "",
         len(train_groups),
         f" as {len(train_ds)} pairs" if cfg.ranking_as_pairs else "",
         len(eval_ds) if eval_ds is not None else 0,
@@ -296,7 +312,12 @@ def run(cfg) -> Path:
     # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
     push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
     trainer = RankingRewardTrainer(
-        model=model, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
+        model=model,
+        args=cfg,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
@@ -336,7 +357,7 @@ def run(cfg) -> Path:
         )  # fmt: skip
 
     # Save
-    trainer.save_model(str(output_dir))
+    save(trainer, output_dir, adapter=peft_config is not None)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         cfg.push_to_hub = push_to_hub  # recorded as the user set it
@@ -355,6 +376,7 @@ def run(cfg) -> Path:
             metrics={k: float(v) for k, v in metrics.items()},
             log_history=trainer.state.log_history,
             num_processes=trainer.accelerator.num_processes,
+            peft={"adapter": peft_config is not None, "merged": peft_config is not None},
             **lineage,
             **extra,
         )

@@ -248,12 +248,37 @@ def compute_ranking_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     }
 
 
+def _with_adapter(model, peft_config, args):
+    """`model` wrapped by peft for `peft_config` (as TRL's RewardTrainer): LoRA adapters + a trainable score head."""
+    from accelerate.utils import is_peft_model
+    from peft import get_peft_model
+
+    if is_peft_model(model):
+        raise AlignError(
+            "RankingRewardTrainer: got a PeftModel and a peft_config. Merge the model's adapter first "
+            "(merge_and_unload()), or pass no peft_config to train the adapter it has."
+        )
+    task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
+    if task_type != "SEQ_CLS":
+        raise AlignError(
+            f"RankingRewardTrainer: peft_config.task_type is {task_type!r}; a reward model needs 'SEQ_CLS', so that "
+            "peft trains and saves the new score head with the adapter (LoraConfig(task_type='SEQ_CLS', ...))."
+        )
+    if getattr(args, "gradient_checkpointing", False):
+        # The frozen embeddings' outputs need grads for checkpointed blocks to backpropagate into the adapters.
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
 class RankingRewardTrainer(Trainer):
     """`transformers.Trainer` for a reward model (sequence classification, num_labels=1) on K-way rankings.
 
     One batch element = one ranked group; `compute_loss` runs the model once on all present responses of the batch,
     reshapes the scores to `(G, K)` and applies `args.ranking_loss` (+ `center_rewards_coefficient` as in TRL).
     Datasets may be raw rankings/pairs (tokenized here with `tokenize_rankings`) or already tokenized.
+
+    `peft_config` (a `peft.LoraConfig` with task_type SEQ_CLS, as TRL's RewardTrainer takes it) trains LoRA adapters
+    and the score head instead of every weight.
 
     Gradient accumulation is exact: the loss is the sum of per-group losses divided by the number of groups in the
     whole accumulated batch (`num_items_in_batch`, counted by `_get_num_items_in_batch`), so micro-batches of unequal
@@ -275,6 +300,7 @@ class RankingRewardTrainer(Trainer):
         callbacks=None,
         optimizers=(None, None),
         preprocess_logits_for_metrics=None,
+        peft_config=None,
     ):
         if processing_class is None:
             raise ValueError("RankingRewardTrainer needs processing_class (the reward model's tokenizer)")
@@ -287,6 +313,8 @@ class RankingRewardTrainer(Trainer):
             # As TRL: a sequence-classification model finds the last real token by its pad id, so one must exist.
             processing_class.pad_token = processing_class.eos_token
         model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+        if peft_config is not None:
+            model = _with_adapter(model, peft_config, args)
         if getattr(args, "disable_dropout", True):
             # Dropout makes the K scores of a group noisy relative to each other (TRL disables it for reward models).
             for module in model.modules():

@@ -52,8 +52,9 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
 
     Changed defaults: `report_to="none"`, `save_total_limit=2`, `dtype="auto"`, `gradient_checkpointing` unset =
     off (TRL turns it on; small models do not need it, GPU recipes set it), `bf16` = on only where the hardware has
-    fast bf16 (a CUDA GPU), `dataset_test_size=0.1`. `dataset_name` has no default: an `align rank` output dir, a
-    rankings or pairs file, a save_to_disk dir or a Hub id.
+    fast bf16 (a CUDA GPU), `dataset_test_size=0.1`, `lora_task_type="SEQ_CLS"` (with `use_peft` the adapters and the
+    new score head train; the stage saves the model merged, the adapter beside it). `dataset_name` has no default: an
+    `align rank` output dir, a rankings or pairs file, a save_to_disk dir or a Hub id.
     """
 
     # Changed defaults
@@ -63,6 +64,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
     # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
     gradient_checkpointing: bool | None = _changed(RewardConfig, "gradient_checkpointing", None)
     bf16: bool | None = _changed(RewardConfig, "bf16", None)
+    lora_task_type: str = _changed(ModelConfig, "lora_task_type", "SEQ_CLS")
     # Model
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -115,10 +117,16 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
             )
         if not self.model_name_or_path:
             errors.append("model_name_or_path is not set; point it at the SFT stage (e.g. runs/tiny/sft) or a model")
-        if self.use_peft:
-            errors.append("use_peft: LoRA reward models are not supported yet; set use_peft: false")
+        if self.use_peft and self.lora_task_type != "SEQ_CLS":
+            errors.append(
+                f"lora_task_type {self.lora_task_type!r}: a LoRA reward model needs SEQ_CLS (peft then trains the new "
+                "score head too); remove the key"
+            )
         if self.load_in_4bit or self.load_in_8bit:
-            errors.append("load_in_4bit/8bit: quantized reward models are not supported; remove the key")
+            errors.append(
+                "load_in_4bit/8bit: quantized reward models are not supported (the stage saves the reward model "
+                "merged, for PPO and `align score`); use use_peft: true without them, or remove the key"
+            )
         if self.max_length is not None and self.max_length < 8:
             errors.append(f"max_length {self.max_length} is too small; use at least 8 (e.g. 512) or null (no cut)")
         if errors:
