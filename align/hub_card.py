@@ -278,7 +278,7 @@ def _versions_markdown(info: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: bool) -> str:
+def _usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: bool, likelihood: bool = False) -> str:
     if stage == "reward":
         if has_chat_template:
             text = """messages = [
@@ -288,8 +288,10 @@ def _usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: 
 text = tokenizer.apply_chat_template(messages, tokenize=False)  # the format the reward model was trained on"""
         else:
             text = 'text = "Tell me a story. Once upon a time..."  # prompt followed by response'
+        register = "import align.modeling_reward  # registers LikelihoodRewardModel (pip install align)\n"
+        register = register if likelihood else ""
         code = f'''import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+{register}from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")
@@ -299,6 +301,12 @@ with torch.no_grad():
     reward = model(**inputs).logits[0, 0].item()  # a scalar; compare rewards of responses to the same prompt
 print(reward)'''
         note = "The model outputs one scalar per (prompt, response): score responses in the format it was trained on."
+        if likelihood:
+            note += (
+                " It is align's LikelihoodRewardModel: a scalar head plus learned weights on its own language model's "
+                "mean/min log-probability of the response's tokens, so it loads once `align.modeling_reward` is "
+                "imported."
+            )
     elif adapter:
         code = f'''from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
@@ -322,6 +330,15 @@ generator = pipeline("text-generation", model="{repo_id}")
 print(generator("Once upon a time", max_new_tokens=64)[0]["generated_text"])'''
         note = ""
     return "\n".join(["## How to use", "", note, "", "```python", code, "```"]).replace("\n\n\n", "\n\n")
+
+
+def _is_likelihood_reward(stage_dir: Path) -> bool:
+    from align.modeling_reward import MODEL_TYPE
+
+    try:
+        return json.loads((stage_dir / "config.json").read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _has_chat_template(stage_dir: Path) -> bool:
@@ -443,7 +460,7 @@ def build_model_card(
         _metrics_markdown(info.get("metrics")),
         f"## Training curves\n\n![training curves]({CURVES_FILE})" if curves else "",
         _samples_markdown(info.get("samples")),
-        _usage_markdown(stage, repo_id, adapter, _has_chat_template(stage_dir)),
+        _usage_markdown(stage, repo_id, adapter, _has_chat_template(stage_dir), _is_likelihood_reward(stage_dir)),
         _data_markdown(info, dataset, endpoint, "datasets/"),
         _recipe_markdown(info),
         _versions_markdown(info),

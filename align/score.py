@@ -55,6 +55,7 @@ def load_scorer(
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
     from align.io import read_stage_info
     from align.modeling import _first_line, _where_fix, load_tokenizer
     from align.trainers.reward import score

@@ -1,5 +1,6 @@
 """PPOTrainer end to end on tiny GPT-2 models: learning, exact resume, LoRA reference, NaN guard, saved outputs."""
 
+import copy
 import json
 import logging
 import os
@@ -199,6 +200,37 @@ def test_reward_model_scores_with_its_own_format_and_offset(tmp_path, tok):
     expected = reward(input_ids=torch.tensor([ids])).logits[0, 0] - 0.5
     torch.testing.assert_close(trainer.score(["a b"], ["good c"])[0], expected)
     trainer.train()  # the reward-model path runs end to end
+
+
+def test_likelihood_reward_model_scores_and_gives_a_plain_value_model(tmp_path, tok):
+    """A LikelihoodRewardModel scores rollouts whole (head + likelihood terms); the value model starts from its body
+    and head only, as a plain GPT2ForSequenceClassification."""
+    from align.modeling import ensure_chat_template
+    from align.modeling_reward import LikelihoodRewardModel, response_marker
+    from align.trainers.reward import encode_for_reward
+
+    policy, _ = models(tok)
+    chat_tok = copy.deepcopy(tok)
+    ensure_chat_template(chat_tok)
+    torch.manual_seed(2)
+    lm = GPT2LMHeadModel(gpt2_config(chat_tok))
+    marker = response_marker(chat_tok)
+    reward = LikelihoodRewardModel.from_causal_lm(lm, features=["mean", "min"], response_marker=marker)
+    reward.config.get_text_config().pad_token_id = chat_tok.pad_token_id
+    args = make_args(tmp_path, max_steps=1)
+    trainer = PPOTrainer(args, policy, reward_model=reward, processing_class=tok, reward_tokenizer=chat_tok,
+                         train_dataset=PROMPTS)  # fmt: skip
+    assert type(trainer.value_model).__name__ == "GPT2ForSequenceClassification"
+    torch.testing.assert_close(trainer.value_model.score.weight, reward.score.weight)
+    torch.testing.assert_close(trainer.value_model.transformer.wte.weight, reward.model.wte.weight)
+    ids = encode_for_reward(chat_tok, "a b", "good c")
+    with torch.no_grad():
+        expected = reward(input_ids=torch.tensor([ids])).logits[0, 0]
+        feats = reward.features(torch.tensor([ids]), reward.model(torch.tensor([ids])).last_hidden_state,
+                                torch.tensor([len(ids) - 1]))  # fmt: skip
+    assert (feats < 0).all()  # the likelihood terms are in the score
+    torch.testing.assert_close(trainer.score(["a b"], ["good c"])[0], expected)
+    trainer.train()
 
 
 def test_value_init_from_reward_needs_the_policy_tokenizer(tmp_path, tok):

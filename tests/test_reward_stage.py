@@ -234,6 +234,40 @@ def test_lora_reward_model_is_saved_merged_with_its_adapter(sft, rank_dir, tmp_p
     assert info["metrics"]["pair_accuracy"] > 0.5
 
 
+def test_likelihood_features_train_save_and_score(sft, rank_dir, trained, tmp_path):
+    """likelihood_features: the SFT LM becomes a LikelihoodRewardModel; its feature weights learn; the dir loads
+    through AutoModelForSequenceClassification and `align score`; an existing head-only reward model is refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align.modeling_reward import LikelihoodRewardModel
+    from align.score import load_scorer
+
+    out = run_stage(sft, rank_dir, tmp_path / "lk", likelihood_features=["mean", "min"], num_train_epochs=2)
+    info = read_stage_info(out)
+    assert info["recipe"]["likelihood_features"] == ["mean", "min"]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert isinstance(model, LikelihoodRewardModel)
+    assert model.config.align_reward_offset == pytest.approx(info["metrics"]["reward_offset"])
+    assert not torch.allclose(model.likelihood_weights, torch.ones(2))  # trained from their start of 1.0
+    assert info["metrics"]["pair_accuracy"] > 0.75
+    scorer = load_scorer(str(out), device="cpu", raw=True)
+    scores = scorer(["rate this list : q1"] * 2, ["red red red", "blue cat dog"])
+    assert scores[0] > scores[1]
+
+    with pytest.raises(AlignError, match="likelihood_features need a causal LM"):
+        run_stage(trained, rank_dir, tmp_path / "again", likelihood_features=["mean"])
+
+
+def test_likelihood_features_config_errors(tmp_path):
+    from align.config import parse_config
+
+    over = {"output_dir": str(tmp_path), "model_name_or_path": "x", "dataset_name": "y"}
+    with pytest.raises(AlignError, match=r"likelihood_features \['max'\]: list mean and/or min"):
+        parse_config("reward", [], overrides={**over, "likelihood_features": ["max"]})
+    with pytest.raises(AlignError, match="likelihood_features with use_peft"):
+        parse_config("reward", [], overrides={**over, "likelihood_features": ["mean"], "use_peft": True})
+
+
 def test_lora_needs_the_seq_cls_task_type(tmp_path):
     from align.config import parse_config
 

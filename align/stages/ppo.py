@@ -120,7 +120,7 @@ def load_reward_model(cfg):
     """The frozen reward model and its own tokenizer; a one-line error when the path is not a scalar-head model."""
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling
+    from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
     path = cfg.reward_model_path
     info = read_stage_info(path)
@@ -151,6 +151,8 @@ def load_value_model(cfg):
     if not cfg.value_model_path:
         return None
     from transformers import AutoModelForSequenceClassification
+
+    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
     try:
         return AutoModelForSequenceClassification.from_pretrained(

@@ -7,6 +7,8 @@
 The model is `AutoModelForSequenceClassification(num_labels=1)` from `model_name_or_path`: by default the SFT GPT
 with a new scalar head (GPT-1's discriminative fine-tuning), or any model with its own tokenizer, which is saved
 with it; scoring always formats text with the reward model's own tokenizer and chat template (`format_for_reward`).
+With `likelihood_features` the model is a `LikelihoodRewardModel` (align.modeling_reward): the same head plus learned
+weights on its own LM's mean/min log-probability of the response's tokens.
 
 Data: an `align rank` output dir (its `dataset/`, else `rankings.jsonl`; recorded as the data's parent stage), a
 rankings file `{prompt, responses, ranking}`, a pairs file `{prompt, chosen, rejected[, margin]}` (the K = 2 case), a
@@ -144,13 +146,15 @@ def load_model_and_tokenizer(cfg):
     """Scalar-head model (a new head on a causal LM, or an existing reward model) and its own tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling
+    from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
     tokenizer = modeling.load_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
         revision=cfg.model_revision,
         trust_remote_code=cfg.trust_remote_code,
     )
+    if cfg.likelihood_features:
+        return _likelihood_model(cfg, tokenizer), tokenizer
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             cfg.model_name_or_path,
@@ -170,6 +174,46 @@ def load_model_and_tokenizer(cfg):
     # A sequence-classification model reads the score at the last non-pad token: it must know the pad id.
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _likelihood_model(cfg, tokenizer):
+    """`LikelihoodRewardModel` on the causal LM at `model_name_or_path` (or that model itself, trained further)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from align import modeling
+    from align.modeling_reward import MODEL_TYPE, LikelihoodRewardModel, response_marker
+
+    kwargs = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path, **kwargs)
+        if config.model_type == MODEL_TYPE:
+            if list(config.likelihood_features) != list(cfg.likelihood_features):
+                raise AlignError(
+                    f"{cfg.model_name_or_path}: a likelihood reward model with features {config.likelihood_features}, "
+                    f"not {cfg.likelihood_features}; set likelihood_features to match, or start from a causal LM."
+                )
+            model = LikelihoodRewardModel.from_pretrained(cfg.model_name_or_path, dtype=cfg.dtype or "auto", **kwargs)
+        else:
+            if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+                raise ValueError(f"it is a {config.architectures[0]}, whose LM head is gone")
+            lm = AutoModelForCausalLM.from_pretrained(
+                cfg.model_name_or_path,
+                dtype=cfg.dtype or "auto",
+                attn_implementation=cfg.attn_implementation,
+                **kwargs,
+            )
+            modeling.ensure_chat_template(tokenizer, lm)
+            model = LikelihoodRewardModel.from_causal_lm(
+                lm, features=cfg.likelihood_features, response_marker=response_marker(tokenizer),
+                likelihood_init=cfg.likelihood_init,
+            )  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise AlignError(
+            f"{cfg.model_name_or_path}: likelihood_features need a causal LM with its LM head (e.g. the SFT stage) "
+            f"and this is not one ({modeling._first_line(e)}). {modeling._where_fix(cfg.model_name_or_path)}"
+        ) from e
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
                     "the policy's tokens. Set value_model_init: policy (or pass a value_model)."
                 )
             value_model = self._init_value_model(policy, reward_model)
+        elif hasattr(value_model, "to_sequence_classifier"):  # a LikelihoodRewardModel: its body and head
+            value_model = value_model.to_sequence_classifier()
         if self.is_peft:
             if ref_policy is not None:
                 logger.info("ppo: ref_policy given with a peft policy; using it rather than the disabled adapter.")
@@ -241,7 +243,9 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
                     "ppo: value_model_init 'reward' but no reward_model (reward_fn given). Set value_model_init: "
                     "policy, or pass a value_model."
                 )
-            value = copy.deepcopy(reward_model)
+            # A LikelihoodRewardModel's value copy keeps its body and head only: values are read per token.
+            plain = getattr(reward_model, "to_sequence_classifier", None)
+            value = plain() if plain is not None else copy.deepcopy(reward_model)
         else:
             base = policy.get_base_model() if _is_peft_model(policy) else policy
             config = copy.deepcopy(base.config)

@@ -76,6 +76,20 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
     )
+    likelihood_features: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Add the model's own likelihood of the response to its score: reward = head(last token) + "
+            "sum of learned weights x features, the features being the 'mean' and/or 'min' log-probability of the "
+            "response's tokens under the model's LM head (kept, and trained with the rest). Needs a causal LM to "
+            "start from (the SFT stage) and a chat template with a generation prompt. Empty: InstructGPT's scalar "
+            "head only. Saved as LikelihoodRewardModel (align.modeling_reward), which `import align.modeling_reward` "
+            "registers with AutoModelForSequenceClassification.",
+        },
+    )
+    likelihood_init: float = field(
+        default=1.0, metadata={"help": "With likelihood_features: each feature's starting weight."}
+    )
     # Data
     dataset_column_mapping: dict | str | None = _column_mapping_field()
     dataset_test_size: float = field(
@@ -122,6 +136,16 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
                 f"lora_task_type {self.lora_task_type!r}: a LoRA reward model needs SEQ_CLS (peft then trains the new "
                 "score head too); remove the key"
             )
+        if self.likelihood_features:
+            from align.modeling_reward import FEATURES
+
+            bad = [f for f in self.likelihood_features if f not in FEATURES]
+            if bad or len(set(self.likelihood_features)) != len(self.likelihood_features):
+                errors.append(
+                    f"likelihood_features {self.likelihood_features}: list {' and/or '.join(FEATURES)}, each once"
+                )
+            if self.use_peft:
+                errors.append("likelihood_features with use_peft: not supported together; set one of them")
         if self.load_in_4bit or self.load_in_8bit:
             errors.append(
                 "load_in_4bit/8bit: quantized reward models are not supported (the stage saves the reward model "
