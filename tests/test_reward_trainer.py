@@ -144,13 +144,29 @@ def test_tokenize_rankings_rankings_pairs_and_ties(tokenizer, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ranked = load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
     out = tokenize_rankings(ranked, tokenizer, max_length=None)
-    assert out.column_names == ["input_ids", "ranks"]
-    assert out[0] == {"input_ids": [[Q, w(1), EOS], [Q, GOOD, EOS], [Q, w(2), EOS]], "ranks": [1, 0, 1]}
-    assert out[1] == {"input_ids": [[Q, w(1), EOS], [Q, GOOD, EOS]], "ranks": [1, 0]}
+    assert out.column_names == ["input_ids", "ranks", "length"]
+    assert out[0] == {"input_ids": [[Q, w(1), EOS], [Q, GOOD, EOS], [Q, w(2), EOS]], "ranks": [1, 0, 1], "length": 3}
+    assert out[1] == {"input_ids": [[Q, w(1), EOS], [Q, GOOD, EOS]], "ranks": [1, 0], "length": 3}
 
     pairs = Dataset.from_list([{"prompt": "q", "chosen": "good", "rejected": "w1", "margin": 2.0}])
     out = tokenize_rankings(pairs, tokenizer, max_length=None)
-    assert out[0] == {"input_ids": [[Q, GOOD, EOS], [Q, w(1), EOS]], "ranks": [0, 1], "margin": 2.0}
+    assert out[0] == {"input_ids": [[Q, GOOD, EOS], [Q, w(1), EOS]], "ranks": [0, 1], "length": 3, "margin": 2.0}
+
+
+def test_group_by_length_sees_each_groups_longest_sequence(tokenizer, tmp_path):
+    """Trainer's LengthGroupedSampler gets the group's longest sequence, not len(input_ids) = K; also for
+    pre-tokenized data without a length column, and under another `length_column_name`."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    rows = [{"prompt": "q", "responses": ["w1 " * n + "good", "w2"], "ranking": [0, 1]} for n in (5, 1, 3, 0)]
+    longest = [n + 3 for n in (5, 1, 3, 0)]  # Q, n x w1, good, EOS
+    raw = Dataset.from_list(rows)
+    bare = tokenize_rankings(raw, tokenizer, max_length=None).remove_columns("length")
+    for data, column in ((raw, "length"), (bare, "length"), (raw, "n_tokens")):
+        args = config(tmp_path, train_sampling_strategy="group_by_length", length_column_name=column)
+        trainer = RankingRewardTrainer(model=llama(), args=args, train_dataset=data, processing_class=tokenizer)
+        sampler = trainer._get_train_sampler(trainer._remove_unused_columns(trainer.train_dataset))
+        assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == longest
 
 
 def test_tokenize_rankings_truncation_warns_with_count(tokenizer, caplog):

@@ -121,7 +121,9 @@ def parse_ranking_row(row: dict[str, Any], *, where: str) -> tuple[str, list[str
 
 
 def tokenize_rankings(ds, tokenizer, max_length: int | None, *, source: str = "dataset", num_proc: int | None = None):
-    """Rankings (or pairs) -> Dataset with `input_ids` (K lists of ids), `ranks` (K ints) and, if given, `margin`.
+    """Rankings (or pairs) -> Dataset with `input_ids` (K lists of ids), `ranks` (K ints), `length` (the group's
+    longest sequence: Trainer's `train_sampling_strategy: group_by_length` batches groups of similar length) and, if
+    given, `margin`.
 
     Every response is encoded with `encode_for_reward`; responses longer than `max_length` keep their last
     `max_length` tokens (see there) and one warning gives their count. Errors name `<source>:<1-based row>`.
@@ -130,7 +132,7 @@ def tokenize_rankings(ds, tokenizer, max_length: int | None, *, source: str = "d
     has_margin = "margin" in columns
 
     def tokenize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "ranks": [], "num_truncated": []}
+        out: dict[str, list] = {"input_ids": [], "ranks": [], "length": [], "num_truncated": []}
         if has_margin:
             out["margin"] = []
         for j, i in enumerate(indices):
@@ -140,6 +142,7 @@ def tokenize_rankings(ds, tokenizer, max_length: int | None, *, source: str = "d
             cut = [ids if max_length is None else ids[-max_length:] for ids in full]
             out["input_ids"].append(cut)
             out["ranks"].append(ranks)
+            out["length"].append(max(len(ids) for ids in cut))
             out["num_truncated"].append(sum(len(a) != len(b) for a, b in zip(full, cut, strict=True)))
             if has_margin:
                 out["margin"].append(margin)
@@ -360,6 +363,11 @@ class RankingRewardTrainer(Trainer):
                 source=name,
                 num_proc=getattr(args, "dataset_num_proc", None),
             )
+        length = getattr(args, "length_column_name", None) or "length"
+        if length not in ds.column_names:
+            # Trainer's group_by_length would take len(input_ids) = K, the same for every group: give the real one
+            source = "length" if "length" in ds.column_names else None
+            ds = ds.map(lambda row: {length: row[source] if source else max(len(ids) for ids in row["input_ids"])})
         if "margin" in ds.column_names and getattr(args, "ranking_loss", "pairwise") != "pairwise":
             raise AlignError(
                 f"{name}: the data has a 'margin' column but ranking_loss={args.ranking_loss!r} has no margin term. "
@@ -370,7 +378,12 @@ class RankingRewardTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         # Keep the ranking columns (Trainer would keep only the model's forward arguments).
         if self._signature_columns is None:
-            self._signature_columns = ["input_ids", "ranks", "margin"]
+            self._signature_columns = [
+                "input_ids",
+                "ranks",
+                "margin",
+                getattr(self.args, "length_column_name", "length"),
+            ]
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Groups with a pair across the accumulated micro-batches (and processes): the loss's denominator."""
