@@ -127,3 +127,13 @@ def test_response_marker_from_the_chat_template():
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # no generation prompt
     with pytest.raises(AlignError, match="adds no generation prompt"):
         response_marker(tok)
+
+
+def test_hub_card_usage_imports_the_registering_module(tmp_path):
+    from align.hub_card import _is_likelihood_reward, _usage_markdown
+
+    tiny().save_pretrained(tmp_path)
+    assert _is_likelihood_reward(tmp_path) and not _is_likelihood_reward(tmp_path / "missing")
+    usage = _usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True, likelihood=True)
+    assert usage.index("import align.modeling_reward") < usage.index("AutoModelForSequenceClassification.from_pretrained")
+    assert "import align" not in _usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True)
