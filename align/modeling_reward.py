@@ -11,7 +11,7 @@ samples by mean token log-probability; here a trained head is added to it and bo
 Why: a small reward model must learn from rankings alone to check an answer against the prompt (the right name from
 a story, every entity an instruction asks for), while the SFT model it starts from already predicts that answer. On
 the tiny world the SFT model's mean log-probability alone orders held-out `qa` pairs as the gold labeler does 94% of
-the time where the scalar head reached 72%.
+the time where the scalar head reached 76%.
 
 The response is found by the chat template's generation marker (`response_marker`: the token ids
 `add_generation_prompt` appends), last occurrence; a sequence without it has features 0. The class registers with

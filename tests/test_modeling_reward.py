@@ -135,5 +135,6 @@ def test_hub_card_usage_imports_the_registering_module(tmp_path):
     tiny().save_pretrained(tmp_path)
     assert _is_likelihood_reward(tmp_path) and not _is_likelihood_reward(tmp_path / "missing")
     usage = _usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True, likelihood=True)
-    assert usage.index("import align.modeling_reward") < usage.index("AutoModelForSequenceClassification.from_pretrained")
+    load = usage.index("AutoModelForSequenceClassification.from_pretrained")
+    assert usage.index("import align.modeling_reward") < load
     assert "import align" not in _usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True)
