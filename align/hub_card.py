@@ -304,8 +304,8 @@ print(reward)'''
         if likelihood:
             note += (
                 " It is align's LikelihoodRewardModel: a scalar head plus learned weights on its own language model's "
-                "mean/min log-probability of the response's tokens, so it loads once `align.modeling_reward` is "
-                "imported."
+                "mean/min log-probability of the response's tokens. It loads once `align.modeling_reward` is "
+                "imported, or without align from the `modeling_reward.py` in this repo with `trust_remote_code=True`."
             )
     elif adapter:
         code = f'''from peft import AutoPeftModelForCausalLM

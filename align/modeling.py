@@ -111,6 +111,26 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return tok
 
 
+def generation_marker(tokenizer) -> list[int]:
+    """The token ids the tokenizer's chat template appends for `add_generation_prompt` (trailing whitespace-only
+    tokens dropped: the response's first token may absorb them). AlignError when the template adds none."""
+    messages = [{"role": "user", "content": "x"}]
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    a = tokenizer(with_prompt, add_special_tokens=False)["input_ids"]
+    b = tokenizer(without, add_special_tokens=False)["input_ids"]
+    marker = a[len(b) :] if a[: len(b)] == b else []
+    while len(marker) > 1 and not tokenizer.decode(marker[-1:]).strip():
+        marker = marker[:-1]
+    if not marker or not tokenizer.decode(marker).strip():
+        raise AlignError(
+            "likelihood_features: the tokenizer's chat template adds no generation prompt, so the response's tokens "
+            "cannot be found. Use a template with one (align's, or the model's chat template), or drop "
+            "likelihood_features."
+        )
+    return marker
+
+
 def ensure_chat_template(tokenizer, model=None) -> bool:
     """Keep the tokenizer's own chat template; if it has none, install ours and its tokens. Returns True if installed.
 

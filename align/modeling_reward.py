@@ -17,7 +17,9 @@ The response is found by the chat template's generation marker (`response_marker
 `add_generation_prompt` appends), last occurrence; a sequence without it has features 0. The class registers with
 `AutoConfig` / `AutoModelForSequenceClassification` when this module is imported (align imports it wherever it loads a
 reward model): `AutoModelForSequenceClassification.from_pretrained(dir)` then loads it like any reward model, and
-`to_sequence_classifier()` gives the plain head model (PPO's value model starts from it).
+`to_sequence_classifier()` gives the plain head model (PPO's value model starts from it). Saved dirs also hold this
+file, so `from_pretrained(dir, trust_remote_code=True)` loads them where align is not installed; this file therefore
+imports only torch and transformers.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ from transformers import (
 )
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-from align.errors import AlignError
 
 MODEL_TYPE = "align_likelihood_reward"
 FEATURES = ("mean", "min")
@@ -179,25 +179,9 @@ class LikelihoodRewardModel(PreTrainedModel):
         return SequenceClassifierOutputWithPast(logits=logits)
 
 
-def response_marker(tokenizer) -> list[int]:
-    """The token ids the tokenizer's chat template appends for `add_generation_prompt` (trailing whitespace-only
-    tokens dropped: the response's first token may absorb them). AlignError when the template adds none."""
-    messages = [{"role": "user", "content": "x"}]
-    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    a = tokenizer(with_prompt, add_special_tokens=False)["input_ids"]
-    b = tokenizer(without, add_special_tokens=False)["input_ids"]
-    marker = a[len(b) :] if a[: len(b)] == b else []
-    while len(marker) > 1 and not tokenizer.decode(marker[-1:]).strip():
-        marker = marker[:-1]
-    if not marker or not tokenizer.decode(marker).strip():
-        raise AlignError(
-            "likelihood_features: the tokenizer's chat template adds no generation prompt, so the response's tokens "
-            "cannot be found. Use a template with one (align's, or the model's chat template), or drop "
-            "likelihood_features."
-        )
-    return marker
-
-
 AutoConfig.register(MODEL_TYPE, LikelihoodRewardConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(LikelihoodRewardConfig, LikelihoodRewardModel, exist_ok=True)
+# save_pretrained also copies this file next to the weights (config.json's auto_map names it): without align,
+# `AutoModelForSequenceClassification.from_pretrained(dir, trust_remote_code=True)` loads the model from there.
+LikelihoodRewardConfig.register_for_auto_class()
+LikelihoodRewardModel.register_for_auto_class("AutoModelForSequenceClassification")

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from align.errors import AlignError
-from align.modeling_reward import LikelihoodRewardModel, response_marker
+from align.modeling import generation_marker
+from align.modeling_reward import LikelihoodRewardModel
 
 torch.set_num_threads(1)
 PAD, MARK = 0, 3
@@ -100,6 +101,37 @@ def test_score_is_head_plus_weighted_features_and_survives_save_load(tmp_path):
         torch.testing.assert_close(plain(input_ids=ids).logits, head)
 
 
+def test_saved_dir_loads_with_its_own_code_where_align_is_not_imported(tmp_path):
+    """save_pretrained copies modeling_reward.py beside the weights (auto_map); a fresh process that never imports
+    align loads the model from that copy with trust_remote_code=True and scores the same."""
+    import json
+    import subprocess
+    import sys
+
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForSequenceClassification"] == "modeling_reward.LikelihoodRewardModel"
+    assert (tmp_path / "modeling_reward.py").is_file()
+    ids = [[1, MARK, 2, 1, PAD], [1, 2, MARK, 1, 1]]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids)).logits[:, 0].tolist()
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+m = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert not any(name == "align" or name.startswith("align.") for name in sys.modules)
+with torch.no_grad():
+    print(json.dumps([type(m).__module__, m(input_ids=torch.tensor({ids})).logits[:, 0].tolist()]))
+"""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert module.startswith("transformers_modules.") and module.endswith("modeling_reward")
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
 def test_untied_lm_head_is_kept():
     model = tiny(tied=False)
     assert model.lm_head is not None
@@ -118,15 +150,15 @@ def test_bad_features_are_refused():
         tiny(features=())
 
 
-def test_response_marker_from_the_chat_template():
+def test_generation_marker_from_the_chat_template():
     from align import modeling
 
     tok = modeling.wordlevel_tokenizer(["a", "b"])
     modeling.ensure_chat_template(tok)  # align's template: the generation prompt is `<|assistant|> `
-    assert tok.convert_ids_to_tokens(response_marker(tok)) == ["<|assistant|>"]
+    assert tok.convert_ids_to_tokens(generation_marker(tok)) == ["<|assistant|>"]
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # no generation prompt
     with pytest.raises(AlignError, match="adds no generation prompt"):
-        response_marker(tok)
+        generation_marker(tok)
 
 
 def test_hub_card_usage_imports_the_registering_module(tmp_path):

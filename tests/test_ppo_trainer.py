@@ -205,8 +205,8 @@ def test_reward_model_scores_with_its_own_format_and_offset(tmp_path, tok):
 def test_likelihood_reward_model_scores_and_gives_a_plain_value_model(tmp_path, tok):
     """A LikelihoodRewardModel scores rollouts whole (head + likelihood terms); the value model starts from its body
     and head only, as a plain GPT2ForSequenceClassification."""
-    from align.modeling import ensure_chat_template
-    from align.modeling_reward import LikelihoodRewardModel, response_marker
+    from align.modeling import ensure_chat_template, generation_marker
+    from align.modeling_reward import LikelihoodRewardModel
     from align.trainers.reward import encode_for_reward
 
     policy, _ = models(tok)
@@ -214,7 +214,7 @@ def test_likelihood_reward_model_scores_and_gives_a_plain_value_model(tmp_path, 
     ensure_chat_template(chat_tok)
     torch.manual_seed(2)
     lm = GPT2LMHeadModel(gpt2_config(chat_tok))
-    marker = response_marker(chat_tok)
+    marker = generation_marker(chat_tok)
     reward = LikelihoodRewardModel.from_causal_lm(lm, features=["mean", "min"], response_marker=marker)
     reward.config.get_text_config().pad_token_id = chat_tok.pad_token_id
     args = make_args(tmp_path, max_steps=1)

@@ -181,7 +181,7 @@ def _likelihood_model(cfg, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from align import modeling
-    from align.modeling_reward import MODEL_TYPE, LikelihoodRewardModel, response_marker
+    from align.modeling_reward import MODEL_TYPE, LikelihoodRewardModel
 
     kwargs = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
     try:
@@ -204,7 +204,7 @@ def _likelihood_model(cfg, tokenizer):
             )
             modeling.ensure_chat_template(tokenizer, lm)
             model = LikelihoodRewardModel.from_causal_lm(
-                lm, features=cfg.likelihood_features, response_marker=response_marker(tokenizer),
+                lm, features=cfg.likelihood_features, response_marker=modeling.generation_marker(tokenizer),
                 likelihood_init=cfg.likelihood_init,
             )  # fmt: skip
     except (OSError, ValueError) as e:
