@@ -180,6 +180,18 @@ def _checkpoint_complete(path: Path) -> bool:
     return isinstance(state, dict) and "global_step" in state
 
 
+def save_trained(trainer, output_dir: str | os.PathLike, *, merge_adapter: bool) -> None:
+    """`trainer`'s model in `output_dir`; with `merge_adapter`, its PEFT adapter in `output_dir/adapter` and the merged
+    model (loadable without peft) in `output_dir`."""
+    if not merge_adapter:
+        trainer.save_model(str(output_dir))
+        return
+    trainer.save_model(str(Path(output_dir) / "adapter"))
+    if trainer.is_world_process_zero():
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(output_dir, safe_serialization=True)
+
+
 def resume_checkpoint(args) -> str | None:
     """Where a Trainer run resumes: `args.resume_from_checkpoint` if set, else the newest complete checkpoint in
     `args.output_dir` (logged, so a rerun says it continued), else None for a fresh start."""

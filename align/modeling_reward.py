@@ -42,6 +42,14 @@ MODEL_TYPE = "align_likelihood_reward"
 FEATURES = ("mean", "min")
 
 
+def feature_error(features) -> str | None:
+    """Why `features` is not a valid `likelihood_features` list, or None."""
+    features = list(features or [])
+    if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
+        return f"likelihood_features {features}: list {' and/or '.join(FEATURES)}, each once"
+    return None
+
+
 class LikelihoodRewardConfig(PreTrainedConfig):
     """`text_config`: the language model's config; `likelihood_features`: a subset of FEATURES, in order;
     `response_marker`: token ids that end the prompt (the chat template's generation prompt); `likelihood_init`: the
@@ -66,25 +74,22 @@ class LikelihoodRewardModel(PreTrainedModel):
     def __init__(self, config: LikelihoodRewardConfig):
         super().__init__(config)
         text = config.get_text_config()
-        features = list(config.likelihood_features or [])
-        unknown = [f for f in features if f not in FEATURES]
-        if not features or unknown or len(set(features)) != len(features):
-            raise ValueError(f"likelihood_features {features}: list one or more of {', '.join(FEATURES)}, once each")
+        if error := feature_error(config.likelihood_features):
+            raise ValueError(error)
         if not config.response_marker:
             raise ValueError("response_marker is empty: the token ids that end the prompt are needed")
         self.model = AutoModel.from_config(text)
         self.score = nn.Linear(text.hidden_size, 1, bias=False)
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.likelihood_weights = nn.Parameter(torch.full((len(features),), float(config.likelihood_init)))
+        n = len(config.likelihood_features)
+        self.likelihood_weights = nn.Parameter(torch.full((n,), float(config.likelihood_init)))
         self.post_init()
 
     def _init_weights(self, module):
         # transformers' init functions skip tensors already loaded from a checkpoint
         from transformers import initialization as init
 
-        if module is self.score:
-            init.normal_(module.weight, std=getattr(self.config.get_text_config(), "initializer_range", 0.02))
-        elif module is self.lm_head and module is not None:
+        if module is self.score or module is self.lm_head:
             init.normal_(module.weight, std=getattr(self.config.get_text_config(), "initializer_range", 0.02))
         elif module is self:
             init.constant_(self.likelihood_weights, float(self.config.likelihood_init))
@@ -124,7 +129,7 @@ class LikelihoodRewardModel(PreTrainedModel):
         """`(B, T)` True at response tokens: after the last `response_marker`, up to the last real token."""
         marker = torch.tensor(self.config.response_marker, device=input_ids.device)
         m = marker.numel()
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device)
         if length < m:
             return torch.zeros_like(input_ids, dtype=torch.bool)
@@ -170,8 +175,10 @@ class LikelihoodRewardModel(PreTrainedModel):
         # The last real token, found as `*ForSequenceClassification` finds it (the last non-pad id).
         pad = self.config.get_text_config().pad_token_id
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (positions * (input_ids != pad)).argmax(-1) if pad is not None else torch.full_like(input_ids[:, 0], -1)
-        last = torch.where(last < 0, input_ids.shape[1] - 1, last)
+        if pad is None:
+            last = torch.full_like(input_ids[:, 0], input_ids.shape[1] - 1)
+        else:
+            last = (positions * (input_ids != pad)).argmax(-1)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         head = self.score(hidden[rows, last]).float()
         feats = self.features(input_ids, hidden, last)

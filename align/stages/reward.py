@@ -28,7 +28,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import parent_of, read_stage_info, resume_checkpoint, write_stage_info
+from align.io import parent_of, read_stage_info, resume_checkpoint, save_trained, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -298,18 +298,6 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
 # Stage
 
 
-def save(trainer, output_dir: Path, *, adapter: bool) -> None:
-    """The reward model in `output_dir`; a LoRA one merged there (PPO, `align score` and the Hub load the dir as a
-    plain `AutoModelForSequenceClassification`) with its adapter and score head in `output_dir/adapter`."""
-    if not adapter:
-        trainer.save_model(str(output_dir))
-        return
-    trainer.save_model(str(output_dir / "adapter"))
-    if trainer.is_world_process_zero():
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        merged.save_pretrained(output_dir, safe_serialization=True)
-
-
 def run(cfg) -> Path:
     from transformers import set_seed
 
@@ -401,7 +389,9 @@ def run(cfg) -> Path:
         )  # fmt: skip
 
     # Save
-    save(trainer, output_dir, adapter=peft_config is not None)
+    # A LoRA reward model is saved merged (PPO, `align score` and the Hub load the dir as a plain reward model), its
+    # adapter and score head in output_dir/adapter.
+    save_trained(trainer, output_dir, merge_adapter=peft_config is not None)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         cfg.push_to_hub = push_to_hub  # recorded as the user set it

@@ -19,7 +19,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, write_stage_info
+from align.io import parent_of, resume_checkpoint, save_trained, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -251,13 +251,7 @@ def _gold(cfg, model, tokenizer, prompts, samples: int = 0):
 def save(trainer, tokenizer, cfg, output_dir: Path) -> None:
     """Model (or adapter, or merged model + adapter) + tokenizer with its chat template + generation config."""
     model = trainer.model
-    if cfg.use_peft and cfg.merge_adapter:
-        trainer.save_model(str(output_dir / "adapter"))
-        if trainer.is_world_process_zero():
-            merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
-            merged.save_pretrained(output_dir, safe_serialization=True)
-    else:
-        trainer.save_model(str(output_dir))
+    save_trained(trainer, output_dir, merge_adapter=bool(cfg.use_peft and cfg.merge_adapter))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         base = trainer.accelerator.unwrap_model(model)

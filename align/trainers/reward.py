@@ -366,8 +366,7 @@ class RankingRewardTrainer(Trainer):
         length = getattr(args, "length_column_name", None) or "length"
         if length not in ds.column_names:
             # Trainer's group_by_length would take len(input_ids) = K, the same for every group: give the real one
-            source = "length" if "length" in ds.column_names else None
-            ds = ds.map(lambda row: {length: row[source] if source else max(len(ids) for ids in row["input_ids"])})
+            ds = ds.map(lambda row: {length: max(len(ids) for ids in row["input_ids"])})
         if "margin" in ds.column_names and getattr(args, "ranking_loss", "pairwise") != "pairwise":
             raise AlignError(
                 f"{name}: the data has a 'margin' column but ranking_loss={args.ranking_loss!r} has no margin term. "

@@ -137,13 +137,10 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
                 "score head too); remove the key"
             )
         if self.likelihood_features:
-            from align.modeling_reward import FEATURES
+            from align.modeling_reward import feature_error
 
-            bad = [f for f in self.likelihood_features if f not in FEATURES]
-            if bad or len(set(self.likelihood_features)) != len(self.likelihood_features):
-                errors.append(
-                    f"likelihood_features {self.likelihood_features}: list {' and/or '.join(FEATURES)}, each once"
-                )
+            if error := feature_error(self.likelihood_features):
+                errors.append(error)
             if self.use_peft:
                 errors.append("likelihood_features with use_peft: not supported together; set one of them")
         if self.load_in_4bit or self.load_in_8bit:
