@@ -1,7 +1,8 @@
 """Load a user's data (local files, `save_to_disk` folders, Hub ids) with `datasets`, and check it with clear errors.
 
 Everything stays memory-mapped Arrow: checks read the Arrow schema first and scan in batches only when it cannot
-answer. Every user mistake is an `AlignError` naming the file, the 1-based row (or line) and the column:
+answer. JSON files are read by `align.data.json_rows`, not datasets' json builder, so no value is coerced and every
+row keeps its line. Every user mistake is an `AlignError` naming the file, the 1-based row (or line) and the column:
 
     data/sft.jsonl:17: 'messages' is str, expected a list. ...
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
-import json
 import logging
 import os
 import re
@@ -154,11 +154,11 @@ def _load_files(files: dict[str, list[Path]], name: str, *, split: str | None, s
     check_utf8 = builder == "json"
     # datasets keys its cache on the files' mtime only, so a file rewritten within the same timestamp tick (or copied
     # with its mtime kept) would load stale rows; a content signature keys the cache on what the file holds.
+    signatures = {f: _signature(f, check_utf8=check_utf8) for f in all_files}
+    if builder == "json":
+        return _load_json(files, signatures, name, split=split, streaming=streaming)
     data_files = DataFilesDict(
-        {
-            k: DataFilesList([str(f.resolve()) for f in fs], [_signature(f, check_utf8=check_utf8) for f in fs])
-            for k, fs in files.items()
-        }
+        {k: DataFilesList([str(f.resolve()) for f in fs], [signatures[f] for f in fs]) for k, fs in files.items()}
     )
     try:
         out = datasets.load_dataset(builder, data_files=data_files, split=split, streaming=streaming)
@@ -172,6 +172,37 @@ def _load_files(files: dict[str, list[Path]], name: str, *, split: str | None, s
             raise AlignError(f"{name}: the data has 0 rows. Add rows to it or point to another file.") from e
         raise AlignError(f"{name}: cannot load it as {builder} ({_root_message(e)}). Check the file's format.") from e
     return out
+
+
+def _load_json(
+    files: dict[str, list[Path]], signatures: dict[Path, tuple[str]], name: str, *, split: str | None, streaming: bool
+):
+    """JSON files through align's own reader (`json_rows`): datasets' json builder coerces values (see there)."""
+    import datasets
+    from datasets.arrow_reader import ReadInstruction
+
+    from align.data import json_rows
+
+    dd = json_rows.load_json_files(files, {f: sig[0] for f, sig in signatures.items()})
+    if split is not None:
+        try:
+            parts = ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in dd.items()})
+        except ValueError as e:
+            _raise_split_error(e, name, split, list(files))
+            msg = f"{name}: cannot read split '{split}' ({e}). Write it as e.g. train or train[:100]."
+            raise AlignError(msg) from e
+        # An explicit indices mapping (a contiguous select would slice the table) keeps rows' lines findable.
+        sel = [
+            dd[p.splitname]
+            if (p.from_, p.to) == (0, len(dd[p.splitname]))
+            else dd[p.splitname]._select_with_indices_mapping(range(p.from_, p.to))
+            for p in parts
+        ]
+        out = sel[0] if len(sel) == 1 else datasets.concatenate_datasets(sel)
+        return out.to_iterable_dataset() if streaming else out
+    if streaming:
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dd.items()})
+    return dd
 
 
 def _load_hub(name: str, config: str | None, *, split: str | None, streaming: bool):
@@ -245,8 +276,8 @@ def _signature(path: Path, *, check_utf8: bool = False) -> tuple[str]:
     return (h.hexdigest(),)
 
 
-# Locate a load failure: datasets reports JSON errors by row within an internal block, and CSV errors by pandas'
-# line count, so a failed load is re-scanned here to name the 1-based line of the file.
+# Locate a load failure: datasets reports CSV errors by pandas' line count, so a failed load is re-scanned here to name
+# the 1-based line of the file. (JSON files are read by `json_rows`, which names the line itself.)
 
 
 def _diagnose(path: Path, builder: str) -> str | None:
@@ -254,8 +285,6 @@ def _diagnose(path: Path, builder: str) -> str | None:
     bad = _first_non_utf8_line(path) if builder != "parquet" else None
     if bad:
         return bad
-    if builder == "json":
-        return _diagnose_json(path)
     if builder == "csv":
         return _diagnose_csv(path)
     if builder == "parquet":
@@ -272,57 +301,6 @@ def _first_non_utf8_line(path: Path) -> str | None:
                 return (
                     f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
                     "Save the file as UTF-8."
-                )
-    return None
-
-
-def _diagnose_json(path: Path) -> str | None:
-    if path.suffix.lower() == ".json":
-        # One JSON document (a list of objects), unless it is JSON Lines under a .json name.
-        text = path.read_text(encoding="utf-8")
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            if _first_line_is_object(text):
-                return _diagnose_json_lines(path)
-            return (
-                f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}, character {e.pos}). Fix the file; it must be "
-                "a list of objects or JSON Lines."
-            )
-        if isinstance(doc, list):
-            for i, item in enumerate(doc, 1):
-                if not isinstance(item, dict):
-                    return f"{path}: item {i} is {_type_name(item)}, expected an object. Make every item an object."
-            return None
-        if not isinstance(doc, dict):
-            return f"{path}: the JSON document is {_type_name(doc)}, expected a list of objects. Wrap rows in a list."
-        return None
-    return _diagnose_json_lines(path)
-
-
-def _first_line_is_object(text: str) -> bool:
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        return isinstance(json.loads(first), dict) and first.strip() != text.strip()
-    except json.JSONDecodeError:
-        return False
-
-
-def _diagnose_json_lines(path: Path) -> str | None:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                return (
-                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}). Fix or remove that line; each "
-                    "line must be one complete JSON object."
-                )
-            if not isinstance(row, dict):
-                return (
-                    f"{path}:{lineno}: the line is {_type_name(row)}, expected a JSON object. Make each line {{...}}."
                 )
     return None
 
@@ -562,11 +540,16 @@ def _type_name(value: Any) -> str:
 
 
 def source_row(ds, index: int) -> int:
-    """1-based row number in the loaded data of row `index` of `ds`, looking through select/filter/split indices."""
-    indices = getattr(ds, "_indices", None)  # set by select, filter, shuffle, train_test_split
-    if indices is not None:
-        index = indices.column(0)[index].as_py()
-    return index + 1
+    """1-based line in its file (a JSON file: blank lines and `.json` documents counted) or row in the loaded data of
+    row `index` of `ds`, looking through select/filter/split indices."""
+    return source_rows(ds)(index)
+
+
+def source_rows(ds):
+    """`source_row` of `ds` as a function of the row index, for checks that name rows one by one."""
+    from align.data.json_rows import line_of
+
+    return line_of(ds)
 
 
 # Lineage
