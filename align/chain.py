@@ -5,16 +5,19 @@
     align run recipes/tiny/chain.yaml --only sft --sft.learning_rate 5e-4
     align run recipes/tiny/chain.yaml --report_only          # rebuild report.{md,html,json} from the stage dirs
 
-A chain recipe sets shared keys once and lists the stages, each a stage recipe (path relative to the chain file)
-and/or inline keys:
+A chain recipe sets shared keys once and lists the stages, each a stage recipe and/or inline keys:
 
     output_root: runs/tiny
     seed: 42                      # any other top-level key goes to every stage whose config has it
     stages:
-      pretrain: pretrain.yaml
-      sft: {recipe: sft.yaml, learning_rate: 1.0e-3}
+      pretrain: recipes/tiny/pretrain.yaml
+      sft: {recipe: recipes/tiny/sft.yaml, learning_rate: 1.0e-3}
     report: {examples: 6}         # prompts answered side by side by each model
-    accelerate_config: ../accelerate_configs/ddp.yaml   # optional: each stage under `accelerate launch`
+    accelerate_config: recipes/accelerate_configs/ddp.yaml   # optional: each stage under `accelerate launch`
+
+Every relative path (stage recipes, output_root, accelerate_config, and each stage's data, model, labeler and output
+paths) is relative to the working directory, as for `align <stage>` (`align.config.PATH_RULE`); the stages run in
+the same directory and get the paths unchanged, so the chain can live anywhere.
 
 The runner sets each stage's `output_dir` to `<output_root>/<stage>` and wires parents: sft <- pretrain; rank policy
 <- sft; reward model <- sft, data <- rank; ppo policy <- sft, reward_model_path <- reward. The resolved recipe of each
@@ -164,9 +167,11 @@ def load_chain(
         recipe: dict[str, Any] = {}
         source = f"{path} (stages.{stage})"
         if entry.get("recipe"):
-            file = (path.parent / entry.pop("recipe")).resolve()
+            file = Path(str(entry.pop("recipe")))
+            if not file.is_file():
+                raise AlignError(f"{path}: stages.{stage}: recipe {file} not found{_path_fix(path, file)}")
             recipe = load_recipe(file)
-            source = str(_rel(file))
+            source = str(file)
         entry.pop("recipe", None)
         valid = fields[stage]
         for key, value in shared_keys.items():
@@ -202,10 +207,19 @@ def load_chain(
             raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{_closest(key, every)}")
     launch = accelerate_config or data.get("accelerate_config")
     if launch is not None:
-        launch = Path(launch) if accelerate_config else (path.parent / str(launch))
+        launch = Path(str(launch))
         if not launch.is_file():
-            raise AlignError(f"{path}: accelerate_config {launch} does not exist. Give an accelerate config file.")
+            where = "command line" if accelerate_config else str(path)
+            raise AlignError(f"{where}: accelerate_config {launch} does not exist{_path_fix(path, launch)}")
     return Chain(path=path, output_root=root, stages=plans, report=report, accelerate_config=launch)
+
+
+def _path_fix(chain: Path, missing: Path) -> str:
+    """The fix for a missing path: the rule, and the path to write when it was meant relative to the chain file."""
+    beside = chain.parent / missing
+    if not missing.is_absolute() and beside.exists():
+        return f" (relative paths are relative to the working directory, {Path.cwd()}); write {_rel(beside)}."
+    return f" (relative paths are relative to the working directory, {Path.cwd()}). Fix the path."
 
 
 def _rel(path: Path) -> Path:
@@ -231,7 +245,7 @@ def resolved_recipe(plan: StagePlan) -> dict[str, Any]:
 
     if _config_fields(plan.stage) is None:
         return json.loads(json.dumps(plan.recipe, default=str))
-    cfg = parse_config(plan.stage, [], overrides=plan.recipe)
+    cfg = parse_config(plan.stage, [], overrides=plan.recipe, source=f"{plan.source} (stage {plan.stage})")
     return recipe_dict(cfg)
 
 
@@ -298,6 +312,7 @@ def _write_stage_recipe(chain: Chain, plan: StagePlan) -> Path:
     file = chain.output_root / "recipes" / f"{plan.stage}.yaml"
     head = (
         f"# Resolved by `align run {_rel(chain.path)}` from {plan.source}.\n"
+        f"# Relative paths are relative to the working directory: {Path.cwd()}\n"
         f"# Rerun this stage alone: align {plan.stage} --config {file}\n"
     )
     atomic_write_text(file, head + yaml.safe_dump(plan.recipe, sort_keys=False))
@@ -364,12 +379,15 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
             raise AlignError(f"{flag} {value}: not a stage of {chain.path} (stages: {', '.join(names)}).")
     forced = set(names[names.index(start) :]) if start else set()
     selected = {only} if only else set(names)
+    # Every stage's config is parsed (validated) before the first one runs: a bad ppo value fails now, not after
+    # pretraining.
+    fps = {plan.stage: fingerprint(plan, resolved_recipe(plan)) for plan in chain.stages}
     chain.output_root.mkdir(parents=True, exist_ok=True)
     state = read_state(chain.output_root)
     summary: list[dict[str, Any]] = []
     invalidated_by: str | None = None
     for i, plan in enumerate(chain.stages, 1):
-        fp = fingerprint(plan, resolved_recipe(plan))
+        fp = fps[plan.stage]
         title = f"[{i}/{len(chain.stages)}] {plan.stage}  ->  {plan.output_dir}"
         if plan.stage not in selected:
             ok, why = done_reason(chain, plan, fp, state)
@@ -450,11 +468,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from align.config import PATH_RULE
+
     p = _Parser(
         prog="align run",
         description="Run a chain recipe (pretrain -> sft -> rank -> reward -> ppo), resumably, then write the report.",
         epilog="Any other --key VALUE sets a shared key for every stage that has it (e.g. --seed 1); "
-        "--STAGE.key VALUE sets one stage's key (e.g. --ppo.max_steps 20). Values are YAML (1e-3, true, [a, b]).",
+        "--STAGE.key VALUE sets one stage's key (e.g. --ppo.max_steps 20). Values are YAML (1e-3, true, [a, b]). "
+        + PATH_RULE,
     )
     p.add_argument("chain", help="Chain recipe, e.g. recipes/tiny/chain.yaml.")
     p.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")

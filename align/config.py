@@ -7,15 +7,20 @@ same thing here. Only new fields are declared, each with `help`.
     align pretrain --config recipes/tiny/pretrain.yaml --learning_rate 1e-3 --max_steps 200
 
 Unlike the early handbook parser, unknown keys are errors (with the closest valid key), YAML values are type-checked
-against the field types, and a bool is only ever a real bool.
+against the field types, and a bool is only ever a real bool. Numeric values are range-checked by one table keyed by
+field name (`VALUE_RULES`: batch sizes >= 1, 0 < top_p <= 1, ...) and `report_to` against the installed packages,
+before any work. Relative paths are relative to the working directory, for every key (`PATH_RULE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import typing
@@ -154,8 +159,6 @@ def _pretrain_class():
 
         def __post_init__(self):
             _post_init_common(self)
-            if self.max_length < 8:
-                raise ValueError(f"max_length {self.max_length} is too small; use at least 8 (e.g. 256).")
             if self.model_name_or_path and self.model_config:
                 raise ValueError(
                     "model_config sets sizes for a model trained from scratch, but model_name_or_path loads an "
@@ -244,10 +247,6 @@ def _sft_class():
 
                 self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
             _post_init_common(self, SFTConfig)
-            if self.gold_eval_samples < 0:
-                raise ValueError(f"gold_eval_samples {self.gold_eval_samples} is negative; use 0 to turn it off.")
-            if not 0.0 <= self.tinyworld_error_rate <= 1.0:
-                raise ValueError(f"tinyworld_error_rate {self.tinyworld_error_rate} is not in [0, 1].")
             if self.merge_adapter and not self.use_peft:
                 raise ValueError("merge_adapter: true needs use_peft: true (there is no adapter to merge).")
             if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
@@ -265,15 +264,244 @@ def _post_init_common(cfg, trainer_config: type | None = None) -> None:
     from transformers import TrainingArguments
     from trl import ModelConfig
 
+    check_values(cfg)
     cfg.dataset_column_mapping = _json_dict(cfg.dataset_column_mapping, "dataset_column_mapping")
     if hasattr(cfg, "model_config"):
         cfg.model_config = _json_dict(cfg.model_config, "model_config")
-    if cfg.dataset_test_size is not None and cfg.dataset_test_size < 0:
-        raise ValueError(f"dataset_test_size {cfg.dataset_test_size} is negative; use 0 to disable evaluation.")
     if not cfg.output_dir:
         raise ValueError("output_dir is not set; add `output_dir: runs/<name>/<stage>` to the recipe.")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0 and getattr(cfg, "total_episodes", None) is None:
+        raise ValueError(
+            f"num_train_epochs {cfg.num_train_epochs} and max_steps {cfg.max_steps}: nothing to train; set "
+            "num_train_epochs > 0 or max_steps >= 1."
+        )
     ModelConfig.__post_init__(cfg)
     (trainer_config or TrainingArguments).__post_init__(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Value rules: one table, checked once for every stage config (and the trainer configs) before any work
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of a numeric key, in interval notation: "[1, inf)", "(0, 1]", "(-inf, inf)" (finite).
+
+    `count_or_fraction`: below 1 a fraction of the total, from 1 on a whole count (transformers' `warmup_steps`,
+    `logging_steps`; our `dataset_test_size`), so 1.5 is an error instead of being cut to 1. None is allowed exactly
+    where the field's type allows it.
+    """
+
+    interval: str
+    hint: str = ""
+    count_or_fraction: bool = False
+
+    def _bounds(self) -> tuple[float, float, bool, bool]:
+        lo, hi = (float(x) for x in self.interval[1:-1].split(","))
+        return lo, hi, self.interval[0] == "(", self.interval[-1] == ")"
+
+    def describe(self) -> str:
+        lo, hi, lo_open, _ = self._bounds()
+        if self.count_or_fraction:
+            return f"a fraction in {self.interval.replace('inf', '1')} or a whole count >= 1"
+        if math.isinf(lo) and math.isinf(hi):
+            return "a finite number"
+        if math.isinf(hi):
+            return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"a value in {self.interval}"
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("is too small", ...), or None when it is allowed."""
+        lo, hi, lo_open, hi_open = self._bounds()
+        if not math.isfinite(value):
+            return "is not a finite number"
+        if value < lo or (lo_open and value == lo):
+            return "is negative" if lo == 0 and value < 0 else "is too small"
+        if value > hi or (hi_open and value == hi):
+            return "is too large"
+        if self.count_or_fraction and value >= 1 and value != int(value):
+            return "is neither a fraction (< 1) nor a whole count"
+        return None
+
+
+_BATCH = "[1, inf)"
+# key -> rule. Keyed by name, not declared in each field's metadata: HfArgumentParser hands every metadata key to
+# argparse.add_argument (an unknown one breaks any plain HfArgumentParser / TrlParser on these classes), and the
+# transformers/TRL/peft keys are inherited, not redeclared here. A key means the same in every stage (STYLE.md 3).
+VALUE_RULES: dict[str, Rule] = {
+    # Batches
+    "per_device_train_batch_size": Rule(_BATCH, "sequences per device per step, e.g. 8"),
+    "per_device_eval_batch_size": Rule(_BATCH, "sequences per device per evaluation step, e.g. 8"),
+    "gradient_accumulation_steps": Rule(_BATCH, "micro-batches per optimizer step, 1 = none"),
+    "eval_accumulation_steps": Rule(_BATCH),
+    "generation_batch_size": Rule(_BATCH, "prompts per generate() call, e.g. 32"),
+    "labeler_batch_size": Rule(_BATCH, "responses per reward-model batch, e.g. 64"),
+    "num_mini_batches": Rule(_BATCH, "optimizer steps per rollout per PPO epoch, e.g. 1"),
+    "local_rollout_forward_batch_size": Rule(_BATCH, "sequences per no-grad rollout pass, e.g. 64"),
+    "num_ppo_epochs": Rule(_BATCH, "passes over each rollout, e.g. 4"),
+    "dataloader_num_workers": Rule("[0, inf)", "0 = load in the main process"),
+    "dataloader_prefetch_factor": Rule(_BATCH),
+    "dataset_num_proc": Rule(_BATCH),
+    "torch_empty_cache_steps": Rule(_BATCH),
+    # Lengths, in tokens
+    "max_length": Rule("[8, inf)", "tokens, e.g. 512"),
+    "max_new_tokens": Rule("[1, inf)", "tokens per response, e.g. 64"),
+    "min_new_tokens": Rule("[0, inf)", "0 = the policy decides when to stop"),
+    "max_prompt_length": Rule("[1, inf)", "prompt tokens kept; null = no cut"),
+    "sample_max_new_tokens": Rule("[1, inf)", "tokens per sample, e.g. 48"),
+    "gold_eval_max_new_tokens": Rule("[1, inf)", "tokens per answer, e.g. 64"),
+    # Run length and intervals
+    "max_steps": Rule("[-1, inf)", "-1 = num_train_epochs decides"),
+    "num_train_epochs": Rule("[0, inf)", "passes over the data, e.g. 1"),
+    "total_episodes": Rule("[1, inf)", "responses to train on"),
+    "warmup_steps": Rule("[0, inf)", "e.g. 0.03 of the steps, or 100 steps", count_or_fraction=True),
+    "logging_steps": Rule("(0, inf)", "e.g. 10 steps", count_or_fraction=True),
+    "save_steps": Rule("(0, inf)", "e.g. 500 steps", count_or_fraction=True),
+    "eval_steps": Rule("(0, inf)", "e.g. 500 steps; null = logging_steps", count_or_fraction=True),
+    "eval_delay": Rule("[0, inf)"),
+    "seed": Rule(f"[0, {2**32 - 1}]", "numpy seeds are 32-bit unsigned"),
+    "data_seed": Rule(f"[0, {2**32 - 1}]", "numpy seeds are 32-bit unsigned"),
+    # Optimizer
+    "learning_rate": Rule("(0, inf)", "e.g. 2e-5"),
+    "weight_decay": Rule("[0, inf)", "0 = none"),
+    "adam_beta1": Rule("[0, 1)", "e.g. 0.9"),
+    "adam_beta2": Rule("[0, 1)", "e.g. 0.999"),
+    "adam_epsilon": Rule("[0, inf)", "e.g. 1e-8"),
+    "max_grad_norm": Rule("[0, inf)", "0 = no clipping"),
+    "label_smoothing_factor": Rule("[0, 1)", "0 = none"),
+    "neftune_noise_alpha": Rule("[0, inf)"),
+    "lora_r": Rule("[1, inf)", "adapter rank, e.g. 16"),
+    "lora_alpha": Rule("[1, inf)", "e.g. 2 x lora_r"),
+    "lora_dropout": Rule("[0, 1)", "e.g. 0.05"),
+    "center_rewards_coefficient": Rule("[0, inf)", "e.g. 0.01"),
+    "router_aux_loss_coef": Rule("[0, inf)"),
+    "likelihood_init": Rule("(-inf, inf)"),
+    # Data
+    "dataset_test_size": Rule("[0, inf)", "0 = no held-out part", count_or_fraction=True),
+    "num_prompts": Rule("[1, inf)", "null = every row"),
+    "tinyworld_stories": Rule("[1, inf)"),
+    "tinyworld_demos": Rule("[1, inf)"),
+    "tinyworld_prompts": Rule("[1, inf)"),
+    "tinyworld_error_rate": Rule("[0, 1]", "share of flawed demonstrations"),
+    "vocab_size": Rule("[1, inf)", "e.g. 8192"),
+    "num_samples": Rule("[0, inf)", "0 = none"),
+    # Sampling and labeling
+    "num_generations": Rule("[2, inf)", "a ranking needs at least 2 responses, e.g. 4"),
+    "temperature": Rule("(0, inf)", "greedy decoding has no distribution to sample or rank, e.g. 1.0"),
+    "top_p": Rule("(0, 1]", "1 = off"),
+    "top_k": Rule("[0, inf)", "0 = off"),
+    "labeler_noise": Rule("[0, inf)", "a standard deviation, 0 = exact"),
+    "gold_eval_prompts": Rule("[0, inf)", "0 = off"),
+    "gold_eval_samples": Rule("[0, inf)", "0 = off"),
+    "gold_eval_temperature": Rule("[0, inf)", "0 = greedy"),
+    "eval_temperature": Rule("[0, inf)", "0 = greedy"),
+    "num_sample_generations": Rule("[0, inf)", "0 = never"),
+    # PPO
+    "kl_coef": Rule("[0, inf)", "0 disables the KL penalty, a negative beta would reward drifting away"),
+    "kl_target": Rule("(0, inf)", "nats per response, e.g. 6"),
+    "kl_horizon": Rule("(0, inf)", "responses, e.g. 10000"),
+    "cliprange": Rule("(0, 1)", "policy ratio clip epsilon, e.g. 0.2"),
+    "cliprange_value": Rule("(0, inf)", "in reward units, e.g. 0.2"),
+    "vf_coef": Rule("[0, inf)", "e.g. 0.1"),
+    "entropy_coef": Rule("[0, inf)", "0 = off"),
+    "ptx_coef": Rule("[0, inf)", "0 = plain PPO"),
+    "gamma": Rule("[0, 1]", "1 = no discount"),
+    "lam": Rule("[0, 1]", "e.g. 0.95"),
+    "reward_clip": Rule("(0, inf)", "null = no clip"),
+    "missing_eos_penalty": Rule("[0, inf)", "subtracted from the score, e.g. 1.0; null = none"),
+}
+
+
+@functools.cache
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # not f.type: HfArgumentParser rewrites it
+
+
+def value_errors(cfg) -> list[str]:
+    """Every value of `cfg` outside its `VALUE_RULES` range or an unusable `report_to`, one message each."""
+    hints = _type_hints(type(cfg))
+    errors = []
+    for f in dataclasses.fields(cfg):
+        rule = VALUE_RULES.get(f.name)
+        if rule is None:
+            continue
+        value = getattr(cfg, f.name)
+        nullable = type(None) in typing.get_args(hints.get(f.name))
+        fix = f"use {rule.describe()}{' or null' if nullable else ''}{': ' + rule.hint if rule.hint else ''}"
+        if value is None:
+            if not nullable:
+                errors.append(f"{f.name} is null ({fix})")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # other types: the type check's job
+            if problem := rule.problem(value):
+                errors.append(f"{f.name} {value} {problem} ({fix})")
+    if hasattr(cfg, "report_to"):
+        errors += report_to_errors(cfg.report_to, getattr(cfg, "report_to_choices", None))
+    return errors
+
+
+def check_values(cfg) -> None:
+    """Raise one ValueError (one line: key, value, fix for each problem) if `value_errors` finds any."""
+    if errors := value_errors(cfg):
+        raise ValueError("; ".join(errors) + ".")
+
+
+# report_to name -> (transformers' availability helper in integrations.integration_utils, pip package)
+_INTEGRATIONS = {
+    "azure_ml": ("is_azureml_available", "azureml-core"),
+    "clearml": ("is_clearml_available", "clearml"),
+    "codecarbon": ("is_codecarbon_available", "codecarbon"),
+    "comet_ml": ("is_comet_available", "comet_ml"),
+    "dagshub": ("is_dagshub_available", "dagshub mlflow"),
+    "dvclive": ("is_dvclive_available", "dvclive"),
+    "flyte": ("is_flyte_deck_standard_available", "flytekit flytekitplugins-deck-standard"),
+    "mlflow": ("is_mlflow_available", "mlflow"),
+    "neptune": ("is_neptune_available", "neptune"),
+    "swanlab": ("is_swanlab_available", "swanlab"),
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "trackio": ("is_trackio_available", "trackio"),
+    "wandb": ("is_wandb_available", "wandb"),
+}
+
+
+def integration_available(name: str) -> bool:
+    """Whether the package behind `report_to: name` is importable (transformers' `is_<name>_available`)."""
+    from transformers.integrations import integration_utils
+
+    helper = _INTEGRATIONS.get(name, (None, name))[0]
+    return getattr(integration_utils, helper)() if helper else importlib.util.find_spec(name) is not None
+
+
+# align's own extras (pyproject.toml [project.optional-dependencies]) that install an integration
+_EXTRAS = {"tensorboard": "tensorboard"}
+
+
+def report_to_errors(report_to: None | str | list[str], choices: typing.Sequence[str] | None = None) -> list[str]:
+    """Unknown `report_to` names and integrations whose package is missing, found here instead of by a
+    `RuntimeError: TensorBoardCallback requires tensorboard` when the trainer starts.
+
+    `choices`: the names the trainer accepts (default: transformers' integrations).
+    """
+    from transformers.integrations import integration_utils
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if names in (["none"], ["all"]):
+        return []
+    valid = list(choices or integration_utils.INTEGRATION_TO_CALLBACK)
+    errors = []
+    for name in names:
+        if name not in valid:
+            match = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+            hint = f"did you mean '{match[0]}'? " if match else ""
+            errors.append(f"report_to '{name}' is not supported ({hint}use none, all or one of {', '.join(valid)})")
+            continue
+        package = _INTEGRATIONS.get(name, (None, name))[1]
+        if not integration_available(name):
+            extra = f'pip install -e ".[{_EXTRAS[name]}]" (align\'s extra) or ' if name in _EXTRAS else ""
+            errors.append(
+                f"report_to '{name}' needs the {package} package, which is not installed: {extra}pip install "
+                f"{package}; or set report_to: none"
+            )
+    return errors
 
 
 _CLASSES: dict[str, Any] = {}
@@ -339,9 +567,21 @@ def _parser(cls, prog: str):
         def error(self, message: str):  # noqa: D401 - argparse API
             raise AlignError(f"{prog}: {message}. See `{prog} --help`.")
 
-    parser = _Parser(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override its keys.")
+    parser = _Parser(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0], epilog=PATH_RULE)
+    parser.add_argument("--config", default=None, help="YAML recipe (once); command-line flags override its keys.")
+    for action in parser._actions:
+        if (rule := VALUE_RULES.get(action.dest)) is not None:
+            action.help = f"{action.help or ''} [{rule.describe()}]".strip()
     return parser
+
+
+# The one rule for relative paths (issue 19), shown by every `align <stage> --help` and `align run --help`.
+PATH_RULE = (
+    "Relative paths, in a recipe or on the command line, are relative to the working directory (where you run "
+    "align), as in TRL and the alignment-handbook: dataset_name, ptx_dataset_name, model_name_or_path, "
+    "tokenizer_name_or_path, reward_model_path, value_model_path, a labeler file, output_dir, and in a chain recipe "
+    "the stage recipes, output_root, accelerate_config and report.prompts_file."
+)
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -410,18 +650,22 @@ def _check_value_scalar(key, value, kind, choices, where, expected):
     return value
 
 
-def parse_config(stage: str, argv: list[str] | None = None, *, overrides: dict[str, Any] | None = None):
+def parse_config(
+    stage: str, argv: list[str] | None = None, *, overrides: dict[str, Any] | None = None, source: str | None = None
+):
     """Build the stage config from `--config RECIPE` plus CLI flags (default < recipe < overrides < CLI).
 
+    `source` names where `overrides` come from in error messages (default "command line"; a `--config` file wins).
     Returns the config; `cfg.align_recipe` holds `{"path", "keys"}`: the recipe file and the keys the user set.
     """
     cls = config_class(stage)
     prog = f"align {stage}"
     parser = _parser(cls, prog)
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = parser.parse_known_args(["--config", _find_config(argv)] if _find_config(argv) else [])
+    config = _find_config(argv)
+    pre, _ = parser.parse_known_args(["--config", config] if config else [])
     recipe: dict[str, Any] = {}
-    where = "command line"
+    where = source or "command line"
     if pre.config:
         recipe = load_recipe(pre.config)
         where = str(pre.config)
@@ -447,12 +691,19 @@ def parse_config(stage: str, argv: list[str] | None = None, *, overrides: dict[s
 
 
 def _find_config(argv: list[str]) -> str | None:
+    """The `--config` file of `argv`; given twice is an error, not "the first wins"."""
+    found = []
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
+            found.append(argv[i + 1])
+        elif a.startswith("--config="):
+            found.append(a.split("=", 1)[1])
+    if len(found) > 1:
+        raise AlignError(
+            f"command line: --config is given {len(found)} times ({', '.join(found)}); pass one recipe and "
+            "override its keys with --key value."
+        )
+    return found[0] if found else None
 
 
 def recipe_dict(cfg) -> dict[str, Any]:

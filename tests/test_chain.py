@@ -60,7 +60,7 @@ def write_chain(tmp_path: Path, sft: dict | None = None, **chain) -> Path:
         "output_root": str(tmp_path / "run"),
         "seed": 7,
         "report_to": "none",
-        "stages": {"pretrain": "pretrain.yaml", "sft": "sft.yaml"},
+        "stages": {"pretrain": str(tmp_path / "pretrain.yaml"), "sft": str(tmp_path / "sft.yaml")},
         "report": {"examples": 2},
         **chain,
     }
@@ -84,8 +84,10 @@ def _line(log: str, needle: str) -> str:
 
 
 @pytest.mark.parametrize("path", CHAIN_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_shipped_chain_recipes_resolve(path):
+def test_shipped_chain_recipes_resolve(path, monkeypatch):
     from align.chain import WIRING
+
+    monkeypatch.chdir(ROOT)  # shipped recipes name their files from the repo root, as their commands are run
 
     chain = load_chain(path)  # every stage's keys checked against its config
     names = [p.stage for p in chain.stages]
@@ -102,7 +104,9 @@ def test_there_are_chain_recipes():
 
 
 def test_shared_inline_and_command_line_keys_in_that_order(tmp_path):
-    path = write_chain(tmp_path, stages={"pretrain": "pretrain.yaml", "sft": {"recipe": "sft.yaml", "max_steps": 3}})
+    sft = {"recipe": str(tmp_path / "sft.yaml"), "max_steps": 3}
+    stages = {"pretrain": str(tmp_path / "pretrain.yaml"), "sft": sft}
+    path = write_chain(tmp_path, stages=stages)
     chain = load_chain(path, shared={"seed": 9}, per_stage={"sft": {"learning_rate": 1e-4}})
     sft = chain.plan("sft").recipe
     assert (sft["seed"], sft["max_steps"], sft["learning_rate"]) == (9, 3, 1e-4)
@@ -122,7 +126,8 @@ def test_shared_inline_and_command_line_keys_in_that_order(tmp_path):
         ({"output_root": ""}, "'output_root' is not set"),
     ],
 )
-def test_bad_chain_recipes_name_the_key(tmp_path, change, message):
+def test_bad_chain_recipes_name_the_key(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)  # the relative stage recipes above: paths are relative to the working directory
     path = write_chain(tmp_path, **change)
     with pytest.raises(AlignError, match=message):
         load_chain(path)
@@ -251,7 +256,7 @@ TINY_PPO = {
 def test_tiny_chain_end_to_end_report_matches_the_stages(tmp_path):
     for name, recipe in (("rank", TINY_RANK), ("reward", TINY_REWARD), ("ppo", TINY_PPO)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
-    stages = {s: f"{s}.yaml" for s in ("pretrain", "sft", "rank", "reward", "ppo")}
+    stages = {s: str(tmp_path / f"{s}.yaml") for s in ("pretrain", "sft", "rank", "reward", "ppo")}
     path = write_chain(tmp_path, stages=stages, report={"examples": 3})
     result = align_run(str(path))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -276,7 +276,7 @@ def _function_labeler(spec: str) -> Labeler:
             import importlib.util
 
             if not Path(module_name).is_file():
-                raise ImportError(f"no such file {module_name}")
+                raise ImportError(f"no such file {module_name}, relative to the working directory {os.getcwd()}")
             spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             module = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(module)

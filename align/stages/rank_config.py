@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments
 
-from align.config import _changed, _column_mapping_field, _json_dict, _tinyworld_seed_field
+from align.config import _changed, _column_mapping_field, _json_dict, _tinyworld_seed_field, check_values
 
 GOLD = "gold"
 
@@ -94,23 +94,9 @@ class RankConfig(ModelConfig, ScriptArguments):
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repo private."})
 
     def __post_init__(self):
+        check_values(self)  # ranges: align.config.VALUE_RULES (num_generations >= 2, 0 < top_p <= 1, ...)
         self.dataset_column_mapping = _json_dict(self.dataset_column_mapping, "dataset_column_mapping")
         if not self.output_dir:
             raise ValueError("output_dir is not set; add `output_dir: runs/<name>/rank` to the recipe.")
         self.output_dir = os.fspath(self.output_dir)
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations {self.num_generations}: a ranking needs at least 2 responses (e.g. 4).")
-        if self.num_prompts is not None and self.num_prompts < 1:
-            raise ValueError(f"num_prompts {self.num_prompts} must be at least 1 (or unset for all rows).")
-        if self.temperature <= 0:
-            raise ValueError(
-                f"temperature {self.temperature}: greedy decoding gives K identical responses, all tied; use > 0 "
-                "(e.g. 1.0)."
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p {self.top_p} is not in (0, 1].")
-        if self.max_new_tokens < 1 or self.generation_batch_size < 1 or self.labeler_batch_size < 1:
-            raise ValueError("max_new_tokens, generation_batch_size and labeler_batch_size must be at least 1.")
-        if self.labeler_noise < 0:
-            raise ValueError(f"labeler_noise {self.labeler_noise} is negative; it is a standard deviation (e.g. 0.1).")
         ModelConfig.__post_init__(self)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, ScriptArguments
 
-from align.config import _changed, _column_mapping_field, _post_init_common
+from align.config import _changed, _column_mapping_field, _post_init_common, check_values
 
 RANKING_LOSSES = ("pairwise", "plackett_luce")
 
@@ -35,6 +35,7 @@ class RankingRewardConfig(RewardConfig):
     )
 
     def __post_init__(self):
+        check_values(self)
         super().__post_init__()
         if self.ranking_loss not in RANKING_LOSSES:
             raise ValueError(
@@ -148,7 +149,5 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
                 "load_in_4bit/8bit: quantized reward models are not supported (the stage saves the reward model "
                 "merged, for PPO and `align score`); use use_peft: true without them, or remove the key"
             )
-        if self.max_length is not None and self.max_length < 8:
-            errors.append(f"max_length {self.max_length} is too small; use at least 8 (e.g. 512) or null (no cut)")
         if errors:
             raise ValueError("reward: " + "; ".join(errors) + ".")
