@@ -98,14 +98,13 @@ def bpe_tokenizer(texts: Iterator[str], vocab_size: int, model_max_length: int =
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
-    """`AutoTokenizer.from_pretrained` with a one-line error, and a pad token (EOS when the model has none)."""
+    """`AutoTokenizer.from_pretrained` through `load_pretrained` (one-line errors; a `.gguf` file path works), and a
+    pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        msg = f"{name_or_path}: cannot load a tokenizer ({_first_line(e)}). {_where_fix(name_or_path)}"
-        raise AlignError(msg) from e
+    tok = load_pretrained(
+        AutoTokenizer, name_or_path, what="a tokenizer", revision=revision, trust_remote_code=trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -150,6 +149,157 @@ def ensure_chat_template(tokenizer, model=None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Loading: every model, config and tokenizer align reads goes through `load_pretrained`
+
+# Files one of which a saved tokenizer has (fast tokenizers: tokenizer.json; slow ones: a vocabulary or sentencepiece
+# model). Without any, transformers v5 builds an empty-vocabulary tokenizer from config.json alone, silently.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+GGUF_INSTALL = "pip install 'align[gguf]' (the `gguf` package, >= 0.10)"
+
+
+def split_gguf(name_or_path: str) -> tuple[str, str | None]:
+    """(directory or Hub id, GGUF file name or None): a path ending in `.gguf` is split the way transformers takes it,
+    `from_pretrained(directory, gguf_file=name)`."""
+    if not name_or_path.endswith(".gguf"):
+        return name_or_path, None
+    path = Path(name_or_path)
+    return str(path.parent), path.name
+
+
+def _looks_local(name: str) -> bool:
+    """A filesystem path rather than a Hub id (`name` or `namespace/name`, never two slashes)."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:  # reads the header only; checks it covers the whole file
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise AlignError(
+            f"{file}: corrupt or truncated safetensors file ({_first_line(e)}). Save or download the model again "
+            "(an interrupted copy or download leaves such a file)."
+        ) from None
+
+
+def _check_json(file: Path) -> None:
+    import json
+
+    if not file.is_file():
+        return
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise AlignError(f"{file}: not valid JSON ({_first_line(e)}); the file is damaged. Save it again.") from None
+
+
+def _check_gguf(file: Path, local: bool) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise AlignError(f"{file}: reading a GGUF file needs the `gguf` package, not installed. {GGUF_INSTALL}.")
+    if not local:
+        return
+    if not file.is_file():
+        raise AlignError(f"{file}: no such GGUF file. Check the path.")
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(file))  # header, metadata and tensor table; a damaged file fails here
+    except Exception as e:  # the reader raises ValueError, struct or numpy errors on a bad file
+        raise AlignError(
+            f"{file}: not a readable GGUF file ({_first_line(e)}): it is corrupt or truncated. Download or convert "
+            "it again."
+        ) from None
+
+
+def check_model_source(name_or_path: str, *, kind: str = "model", gguf_file: str | None = None) -> None:
+    """The checks `load_pretrained` makes before transformers reads a local `name_or_path` (Hub ids are left to
+    transformers): the directory exists; it has config.json (`kind` "model"/"config") or tokenizer files ("tokenizer");
+    every `*.safetensors` header reads; a GGUF file has its package and reads. AlignError `<path>: <what>. <fix>`.
+    """
+    local = _looks_local(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if gguf_file is not None:
+        _check_gguf(path / gguf_file, local)
+        return
+    if not local:
+        return
+    if not path.exists():
+        raise AlignError(
+            f"{name_or_path}: no such directory. Check the path (a stage's output_dir or a saved model), or run the "
+            "stage that writes it first."
+        )
+    if path.is_file():
+        raise AlignError(
+            f"{name_or_path}: a file, not a model directory. Give the directory that holds config.json and the "
+            "weights (or the path of a .gguf file)."
+        )
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if kind == "tokenizer":
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            fix = f"pass the GGUF file ({path / ggufs[0]})" if ggufs else "save one there (tokenizer.save_pretrained)"
+            raise AlignError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); {fix}.")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            _check_json(path / name)
+        return
+    _check_json(path / "config.json")
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        return  # a peft adapter: transformers loads its base model (named in adapter_config.json) and the adapter
+    if not (path / "config.json").is_file():
+        fix = "Save the model there with save_pretrained (config.json + model.safetensors), or fix the path."
+        if ggufs:
+            fix = f"It holds {ggufs[0]}: pass that file's path ({path / ggufs[0]})."
+        raise AlignError(f"{name_or_path}: no config.json, so not a saved transformers model. {fix}")
+    if kind == "model":
+        for file in sorted(path.glob("*.safetensors")):
+            _check_safetensors(file)
+
+
+def load_pretrained(auto_class, name_or_path: str, *, what: str, key: str | None = None, revision: str | None = None,
+                    trust_remote_code: bool = False, **kwargs: Any):  # fmt: skip
+    """`auto_class.from_pretrained(name_or_path, ...)` (an Auto model class, AutoConfig, AutoTokenizer, or a model
+    class) after `check_model_source`; a `.gguf` file path loads as `from_pretrained(its_dir, gguf_file=its_name)`.
+    transformers' errors become one AlignError line naming the path; `what` (e.g. "a causal LM") says what was wanted,
+    `key` (e.g. "reward_model_path") the recipe key that named it, put in front.
+    """
+    try:
+        return _load_pretrained(auto_class, str(name_or_path), what, revision, trust_remote_code, kwargs)
+    except AlignError as e:
+        if key is None:
+            raise
+        raise AlignError(f"{key} {e}") from e.__cause__
+
+
+def _load_pretrained(auto_class, name_or_path: str, what: str, revision, trust_remote_code: bool, kwargs):
+    path, gguf_file = split_gguf(name_or_path)
+    name = getattr(auto_class, "__name__", "")
+    kind = "tokenizer" if "Tokenizer" in name else "config" if name.endswith("Config") else "model"
+    check_model_source(path, kind=kind, gguf_file=gguf_file)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    # A tokenizer's files fail in many ways (tokenizers' own Exception on a bad tokenizer.json); GGUF dequantization
+    # raises NotImplementedError/KeyError for types and architectures transformers does not convert.
+    errors = (Exception,) if kind == "tokenizer" else (OSError, ValueError)
+    if gguf_file is not None:
+        errors = (*errors, NotImplementedError, KeyError, ImportError)
+    try:
+        return auto_class.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+    except errors as e:
+        if gguf_file is not None:
+            fix = ("transformers dequantizes GGUF only for the architectures and quantization types it supports; "
+                   "use a supported one, or the model's safetensors weights.")  # fmt: skip
+        elif kind == "tokenizer" and _looks_local(path):
+            fix = "Its tokenizer files are damaged or from another tokenizers version; save the tokenizer again."
+        else:
+            fix = _where_fix(name_or_path)
+        raise AlignError(f"{name_or_path}: cannot load {what} ({_first_line(e)}). {fix}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -176,15 +326,48 @@ def new_causal_lm(model_type: str, sizes: dict[str, Any] | None, tokenizer, max_
 
 
 def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str | None = "auto", **kwargs: Any):
-    """`AutoModelForCausalLM.from_pretrained` (path or Hub id), one-line errors, no remote code by default."""
+    """`AutoModelForCausalLM.from_pretrained` (path, `.gguf` file or Hub id) via `load_pretrained`: one-line errors, no
+    remote code by default."""
     from transformers import AutoModelForCausalLM
 
-    kwargs.setdefault("trust_remote_code", False)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype or "auto", **kwargs)
-    except (OSError, ValueError) as e:
-        msg = f"{name_or_path}: cannot load a causal LM ({_first_line(e)}). {_where_fix(name_or_path)}"
-        raise AlignError(msg) from e
+    return load_pretrained(
+        AutoModelForCausalLM, name_or_path, what="a causal LM", revision=revision, dtype=dtype or "auto", **kwargs
+    )
+
+
+def is_encoder(config, tokenizer=None) -> bool:
+    """True when the model is a bidirectional encoder (BERT, RoBERTa, DeBERTa, MiniLM, ...): a reward model on one
+    reads (prompt, response) as the tokenizer's sentence pair, `[CLS] prompt [SEP] response [SEP]`, not a chat text.
+
+    The rule (issue 19), from the config first:
+      - `is_encoder_decoder` or `is_decoder` set, or an architecture that is only a causal-LM class
+        (`GPT2LMHeadModel`, `BertLMHeadModel`): not an encoder;
+      - model type (of the text config) with a masked-LM class in transformers (bert, roberta, deberta-v2, ...):
+        an encoder. transformers' causal-LM mapping cannot decide this: it lists bert and roberta too;
+      - model type with only a causal-LM class (gpt2, llama, ...): not an encoder;
+      - a type transformers does not know (remote code): an encoder when the tokenizer has no EOS token and no chat
+        template (nothing to end a response or mark a turn with, as BERT's WordPiece tokenizers).
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_decoder", False):
+            return False
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) - set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+        if any(a in causal for a in getattr(config, "architectures", None) or []):
+            return False
+        model_type = getattr(text, "model_type", None)
+        if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            return True
+        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return False
+    if tokenizer is None:
+        return False
+    return tokenizer.eos_token is None and not getattr(tokenizer, "chat_template", None)
 
 
 def set_generation_defaults(model, tokenizer) -> None:

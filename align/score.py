@@ -57,7 +57,7 @@ def load_scorer(
 
     from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
     from align.io import read_stage_info
-    from align.modeling import _first_line, _where_fix, load_tokenizer
+    from align.modeling import load_pretrained, load_tokenizer
     from align.trainers.reward import score
 
     info = read_stage_info(name_or_path)
@@ -67,13 +67,8 @@ def load_scorer(
             "`align reward` (e.g. runs/tiny/reward), or 'gold' on tiny-world prompts."
         )
     tokenizer = load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        msg = f"{name_or_path}: cannot load a reward model ({_first_line(e)}). {_where_fix(name_or_path)}"
-        raise AlignError(msg) from e
+    model = load_pretrained(AutoModelForSequenceClassification, name_or_path, what="a reward model", revision=revision,
+                            trust_remote_code=trust_remote_code)  # fmt: skip
     if model.config.num_labels != 1:
         raise AlignError(
             f"{name_or_path}: a classifier with num_labels={model.config.num_labels}; a reward model gives one score "

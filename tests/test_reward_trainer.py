@@ -432,3 +432,173 @@ def test_score_batches_agree_and_offset_roundtrips(tokenizer, tmp_path):
     loaded_tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "rm")
     assert loaded.config.align_reward_offset == pytest.approx(offset)
     torch.testing.assert_close(score(loaded, loaded_tok, prompts, responses), centered)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# An encoder reward model (issue 19): a BERT with its own WordPiece tokenizer (no EOS, no chat template) reads
+# (prompt, response) as the tokenizer's sentence pair, `[CLS] prompt [SEP] response [SEP]`, in training and scoring.
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+CLS, SEP = 2, 3
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    from tokenizers import normalizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=BERT_SPECIALS, show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS[4:])] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]")  # fmt: skip
+
+
+def bert_config(tok, **kw):
+    from transformers import BertConfig
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return BertConfig(vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id, **sizes, **kw)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(bert_tok, tmp_path_factory):
+    """A tiny BERT encoder (no task head, as all-MiniLM-L6-v2 is saved) and its WordPiece tokenizer."""
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("bert") / "bert"
+    torch.manual_seed(0)
+    BertModel(bert_config(bert_tok)).save_pretrained(path)
+    bert_tok.save_pretrained(path)
+    return path
+
+
+def test_is_encoder_rule(bert_tok, tokenizer):
+    from transformers import BertConfig, PreTrainedConfig, T5Config
+
+    from align.modeling import is_encoder
+    from align.modeling_reward import LikelihoodRewardConfig
+
+    assert is_encoder(BertConfig()) and is_encoder(BertConfig(architectures=["BertForSequenceClassification"]))
+    # bert is in transformers' causal-LM mapping too: a decoder BERT is caught by is_decoder / its architecture
+    assert not is_encoder(BertConfig(is_decoder=True))
+    assert not is_encoder(BertConfig(architectures=["BertLMHeadModel"]))
+    assert not any(is_encoder(c) for c in (LlamaConfig(), GPT2Config(), T5Config()))
+    assert not is_encoder(LikelihoodRewardConfig(text_config=LlamaConfig().to_dict()))
+    # a model type transformers does not know: no EOS and no chat template make it an encoder
+    assert is_encoder(PreTrainedConfig(), bert_tok) and not is_encoder(PreTrainedConfig(), tokenizer)
+
+
+def test_encoder_reads_prompt_and_response_as_a_pair(bert_tok):
+    assert bert_tok.tokenize("q w1 good w2 w3") == ["q", "w1", "good", "w2", "w3"]
+    q, w1, good, w2, w3 = bert_tok.convert_tokens_to_ids(["q", "w1", "good", "w2", "w3"])
+    expected = [CLS, q, w1, SEP, good, w2, SEP]
+    assert encode_for_reward(bert_tok, "q w1", "good w2", pair=True) == expected
+    assert encode_for_reward(bert_tok, "q w1", "good w2") == expected  # no EOS, no chat template: the pair
+    assert encode_for_reward(bert_tok, "q w1", "", pair=True) == [CLS, q, w1, SEP, SEP]  # still a pair
+    # longest first, from the end (as transformers cuts pairs): 9 tokens -> 7, the prompt loses 2; [CLS] stays
+    assert encode_for_reward(bert_tok, "q w1 w2 w3", "good w2", max_length=7, pair=True) == expected
+    ds = Dataset.from_list([{"prompt": "q w1 w2 w3", "chosen": "good w2", "rejected": "w3"}])
+    out = tokenize_rankings(ds, bert_tok, max_length=7, pair=True)
+    assert out[0]["input_ids"] == [expected, [CLS, q, w1, w2, SEP, w3, SEP]]  # 8 tokens -> 7
+
+
+def _encoder_stage(model, rows: list[dict], tmp_path, **over):
+    from align.config import parse_config
+    from align.stages.reward import run
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"model_name_or_path": str(model), "dataset_name": str(data), "output_dir": str(tmp_path / "reward"),
+              "dataset_test_size": 0.25, "max_length": 32, "num_train_epochs": 4, "per_device_train_batch_size": 8,
+              "learning_rate": 3e-3, "logging_steps": 2, "save_strategy": "no", "bf16": False, "use_cpu": True,
+              "report_to": "none", "disable_tqdm": True, "seed": 0, **over}  # fmt: skip
+    return run(parse_config("reward", [], overrides=recipe))
+
+
+@pytest.mark.parametrize("shape", ["rankings", "pairs"])
+def test_encoder_reward_stage_trains_saves_and_scores(bert_dir, bert_tok, tmp_path, caplog, shape):
+    """Before: jinja2 UndefinedError: 'eos_token' is undefined (align's chat template installed on a BERT)."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from align.io import read_stage_info
+    from align.score import load_scorer
+
+    rows = goodness_data(48, 3, seed=5).to_list()  # K = 3
+    if shape == "pairs":
+        rows = [{"prompt": r["prompt"], "chosen": r["responses"][r["ranking"][0]],
+                 "rejected": r["responses"][r["ranking"][-1]]} for r in rows]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="align.stages.reward"):
+        out = _encoder_stage(bert_dir, rows, tmp_path)
+    assert "formats (prompt, response) as the tokenizer's sentence pair, tokenizer(prompt, response) = [CLS] prompt " \
+           "[SEP] response [SEP]" in caplog.text  # fmt: skip
+    info = read_stage_info(out)
+    losses = [h["loss"] for h in info["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    saved = AutoTokenizer.from_pretrained(out)
+    assert not saved.chat_template and saved.get_vocab() == bert_tok.get_vocab()  # kept as it was
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert isinstance(model, BertForSequenceClassification)
+    prompts, responses = ["q w1", "q w2"], ["good good w3", "w4 w5"]
+    scores = load_scorer(str(out), device="cpu", raw=True)(prompts, responses)
+    with torch.no_grad():
+        direct = [model(input_ids=torch.tensor([bert_tok(p, r)["input_ids"]])).logits[0, 0].item()
+                  for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
+    assert scores == pytest.approx(direct, abs=1e-5)
+
+
+def test_likelihood_features_on_an_encoder_is_one_line(bert_dir, tmp_path, capsys):
+    """Before: RuntimeError: Error(s) in loading state_dict for BertModel (LikelihoodRewardModel.from_causal_lm)."""
+    from align.cli import main as align_main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in goodness_data(8, 3, seed=6).to_list()))
+    recipe = tmp_path / "reward.yaml"
+    recipe.write_text(f"model_name_or_path: {bert_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'out'}\n"
+                      "likelihood_features: [mean, min]\nuse_cpu: true\nreport_to: none\n")  # fmt: skip
+    assert align_main(["reward", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {bert_dir}: likelihood_features need a causal LM (its LM head scores the response's tokens), and "
+        "this is a bert encoder (BertModel). Drop likelihood_features to train it with a scalar head, or start from "
+        "a causal LM (e.g. the SFT stage)."
+    ]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_ppo_scores_rollouts_with_the_encoder_pair(bert_tok, tmp_path):
+    """The PPO trainer scores (prompt, response) with the reward model's own tokenizer: an encoder gets the pair."""
+    from transformers import BertForSequenceClassification, GPT2LMHeadModel
+
+    from align.modeling import wordlevel_tokenizer
+    from align.trainers.ppo import PPOTrainer
+    from align.trainers.ppo_config import PPOConfig
+
+    tok = wordlevel_tokenizer(["good", "q", "w1", "w2"])  # the policy's tokenizer
+    gpt2 = dict(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(GPT2Config(**gpt2))
+    value = GPT2ForSequenceClassification(GPT2Config(**gpt2, num_labels=1))
+    reward = BertForSequenceClassification(bert_config(bert_tok, num_labels=1))
+    reward.config.align_reward_offset = 0.25
+    args = PPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_mini_batches=1,
+                     num_ppo_epochs=1, max_new_tokens=4, save_strategy="no", report_to="none", use_cpu=True,
+                     disable_tqdm=True, seed=1)  # fmt: skip
+    trainer = PPOTrainer(args, policy, reward_model=reward, value_model=value, processing_class=tok,
+                         reward_tokenizer=bert_tok, train_dataset=[{"prompt": "q w1"}] * 4)  # fmt: skip
+    ids = bert_tok("q w1", "good w2")["input_ids"]  # [CLS] q w1 [SEP] good w2 [SEP]
+    seen = []  # what the reward model is fed (a random BERT scores "[CLS] q w1 good w2 [SEP]" almost the same)
+    reward.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        expected = reward.eval()(input_ids=torch.tensor([ids])).logits[0, 0] - 0.25
+    torch.testing.assert_close(trainer.score(["q w1"], ["good w2"])[0], expected)
+    assert seen[-1].tolist() == [ids]
+    trainer.train()  # rollouts scored by the encoder end to end
+    # every rollout as a pair, an empty response too ("[CLS] q w1 [SEP] [SEP]")
+    assert all((batch[:, 0] == CLS).all() and ((batch == SEP).sum(1) == 2).all() for batch in seen[2:])

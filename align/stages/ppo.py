@@ -131,13 +131,9 @@ def load_reward_model(cfg):
         )
     if not Path(path).exists() and ("/" not in path or path.startswith((".", "/", "~"))):
         raise AlignError(f"reward_model_path {path}: no such directory. Run `align reward` first, or fix the path.")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=cfg.dtype or "auto", trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AlignError(f"reward_model_path {path}: cannot load a sequence-classification model ({first}).") from e
+    model = modeling.load_pretrained(AutoModelForSequenceClassification, path, what="a sequence-classification model",
+                                     key="reward_model_path", dtype=cfg.dtype or "auto",
+                                     trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     if model.config.num_labels != 1:
         raise AlignError(
             f"reward_model_path {path}: the model has {model.config.num_labels} labels; a reward model has one "
@@ -152,15 +148,11 @@ def load_value_model(cfg):
         return None
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            cfg.value_model_path, dtype=cfg.dtype or "auto", trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AlignError(f"value_model_path {cfg.value_model_path}: cannot load a value model ({first}).") from e
+    return modeling.load_pretrained(AutoModelForSequenceClassification, cfg.value_model_path, what="a value model",
+                                    key="value_model_path", dtype=cfg.dtype or "auto",
+                                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

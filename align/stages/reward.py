@@ -7,6 +7,8 @@
 The model is `AutoModelForSequenceClassification(num_labels=1)` from `model_name_or_path`: by default the SFT GPT
 with a new scalar head (GPT-1's discriminative fine-tuning), or any model with its own tokenizer, which is saved
 with it; scoring always formats text with the reward model's own tokenizer and chat template (`format_for_reward`).
+An encoder (BERT-like, `align.modeling.is_encoder`) keeps its tokenizer as is and reads the tokenizer's sentence
+pair instead, `[CLS] prompt [SEP] response [SEP]` (`encode_for_reward`); the stage logs which format it uses.
 With `likelihood_features` the model is a `LikelihoodRewardModel` (align.modeling_reward): the same head plus learned
 weights on its own LM's mean/min log-probability of the response's tokens.
 
@@ -78,11 +80,12 @@ def _validate(ds, source: str) -> int:
             f"the columns are {', '.join(columns)}. Rename yours with dataset_column_mapping."
         )
     pairs, start = 0, 0
+    line = dl.source_rows(ds)
     for batch in ds.iter(batch_size=1000):
         n = len(batch["prompt"])
         for j in range(n):
             row = {c: batch[c][j] for c in columns}
-            _, responses, ranks, _ = parse_ranking_row(row, where=f"{source}:{dl.source_row(ds, start + j)}")
+            _, responses, ranks, _ = parse_ranking_row(row, where=f"{source}:{line(start + j)}")
             pairs += sum(a < b for a in ranks for b in ranks)
         start += n
     return pairs
@@ -143,10 +146,12 @@ def load_reward_data(cfg) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | No
 
 
 def load_model_and_tokenizer(cfg):
-    """Scalar-head model (a new head on a causal LM, or an existing reward model) and its own tokenizer."""
+    """Scalar-head model (a new head on a causal LM or an encoder, or an existing reward model) and its own
+    tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
     from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.trainers.reward import reward_format
 
     tokenizer = modeling.load_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
@@ -155,22 +160,23 @@ def load_model_and_tokenizer(cfg):
     )
     if cfg.likelihood_features:
         return _likelihood_model(cfg, tokenizer), tokenizer
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model_name_or_path,
-            num_labels=1,
-            revision=cfg.model_revision,
-            dtype=cfg.dtype or "auto",
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
-        )
-    except (OSError, ValueError) as e:
-        msg = (f"{cfg.model_name_or_path}: cannot load it as a sequence-classification model "
-               f"({modeling._first_line(e)}). {modeling._where_fix(cfg.model_name_or_path)}")  # fmt: skip
-        raise AlignError(msg) from e
-    # The chat template is what separates prompt from response at scoring time; PPO and `align score` read it from
-    # the saved reward dir, so a tokenizer without one gets align's (and the embeddings grow to its tokens).
-    modeling.ensure_chat_template(tokenizer, model)
+    model = modeling.load_pretrained(
+        AutoModelForSequenceClassification,
+        cfg.model_name_or_path,
+        what="it as a sequence-classification model",
+        num_labels=1,
+        revision=cfg.model_revision,
+        dtype=cfg.dtype or "auto",
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+    )
+    if not modeling.is_encoder(model.config, tokenizer):
+        # The chat template is what separates prompt from response at scoring time; PPO and `align score` read it
+        # from the saved reward dir, so a tokenizer without one gets align's (and the embeddings grow to its tokens).
+        # An encoder reads the pair encoding instead (`encode_for_reward`): its tokenizer is kept as it is.
+        modeling.ensure_chat_template(tokenizer, model)
+    logger.info("reward: %s formats (prompt, response) as %s.", cfg.model_name_or_path,
+                reward_format(tokenizer, modeling.is_encoder(model.config, tokenizer)))  # fmt: skip
     # A sequence-classification model reads the score at the last non-pad token: it must know the pad id.
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -178,30 +184,34 @@ def load_model_and_tokenizer(cfg):
 
 def _likelihood_model(cfg, tokenizer):
     """`LikelihoodRewardModel` on the causal LM at `model_name_or_path` (or that model itself, trained further)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from align import modeling
     from align.modeling_reward import MODEL_TYPE, LikelihoodRewardModel
 
     kwargs = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
+    path = cfg.model_name_or_path
+    config = modeling.load_pretrained(AutoConfig, path, what="a model config", **kwargs)
+    if modeling.is_encoder(config, tokenizer):
+        # Known here first (the config is the first thing read): an encoder has no LM head to read likelihoods from.
+        raise AlignError(
+            f"{path}: likelihood_features need a causal LM (its LM head scores the response's tokens), and this is "
+            f"a {config.model_type} encoder ({', '.join(config.architectures or []) or 'no architectures'}). Drop "
+            "likelihood_features to train it with a scalar head, or start from a causal LM (e.g. the SFT stage)."
+        )
     try:
-        config = AutoConfig.from_pretrained(cfg.model_name_or_path, **kwargs)
         if config.model_type == MODEL_TYPE:
             if list(config.likelihood_features) != list(cfg.likelihood_features):
                 raise AlignError(
-                    f"{cfg.model_name_or_path}: a likelihood reward model with features {config.likelihood_features}, "
+                    f"{path}: a likelihood reward model with features {config.likelihood_features}, "
                     f"not {cfg.likelihood_features}; set likelihood_features to match, or start from a causal LM."
                 )
-            model = LikelihoodRewardModel.from_pretrained(cfg.model_name_or_path, dtype=cfg.dtype or "auto", **kwargs)
+            model = modeling.load_pretrained(LikelihoodRewardModel, path, what="a likelihood reward model",
+                                             dtype=cfg.dtype or "auto", **kwargs)  # fmt: skip
         else:
             if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
                 raise ValueError(f"it is a {config.architectures[0]}, whose LM head is gone")
-            lm = AutoModelForCausalLM.from_pretrained(
-                cfg.model_name_or_path,
-                dtype=cfg.dtype or "auto",
-                attn_implementation=cfg.attn_implementation,
-                **kwargs,
-            )
+            lm = modeling.load_causal_lm(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, **kwargs)
             modeling.ensure_chat_template(tokenizer, lm)
             model = LikelihoodRewardModel.from_causal_lm(
                 lm, features=cfg.likelihood_features, response_marker=modeling.generation_marker(tokenizer),

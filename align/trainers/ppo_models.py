@@ -84,8 +84,12 @@ def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-def _encode_for_reward_fallback(tokenizer, prompt: str, response: str, max_length: int | None) -> list[int]:
-    """Used only if `align.trainers.reward` is missing; the same text as its `format_for_reward`."""
+def _encode_for_reward_fallback(
+    tokenizer, prompt: str, response: str, max_length: int | None, *, pair: bool = False
+) -> list[int]:
+    """Used only if `align.trainers.reward` is missing; the same ids as its `encode_for_reward`."""
+    if pair:  # an encoder reward model: the tokenizer's sentence pair, cut as transformers cuts pairs
+        return tokenizer(prompt, response or " ", truncation=bool(max_length), max_length=max_length)["input_ids"]
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         text = tokenizer.apply_chat_template(messages, tokenize=False)

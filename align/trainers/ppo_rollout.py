@@ -229,7 +229,10 @@ class PPORolloutMixin:
                 from align.trainers.reward import encode_for_reward
             except ImportError:
                 encode_for_reward = _encode_for_reward_fallback
-            seqs = [encode_for_reward(tok, p, r, limit) for p, r in zip(prompts, responses, strict=True)]
+            from align.modeling import is_encoder
+
+            pair = is_encoder(self.reward_model.config, tok)  # an encoder reads the tokenizer's pair, as in training
+            seqs = [encode_for_reward(tok, p, r, limit, pair=pair) for p, r in zip(prompts, responses, strict=True)]
         out = torch.empty(len(seqs), dtype=torch.float32)
         chunk = self.args.local_rollout_forward_batch_size
         device = self.accelerator.device

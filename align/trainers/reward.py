@@ -20,6 +20,7 @@ import torch
 from transformers import EvalPrediction, Trainer
 
 from align.errors import AlignError
+from align.modeling import is_encoder
 from align.rl.ranking import (
     has_pairs,
     kendall_tau,
@@ -56,17 +57,54 @@ def format_for_reward(tokenizer, prompt: str, response: str) -> str:
     With a chat template: the template applied to [user: prompt, assistant: response], no generation prompt (align's
     template ends the assistant turn with EOS). Without one: `prompt + " " + response + eos_token`.
     Tokenize it with `encode_for_reward` (a template renders its own special tokens, so no BOS is added twice).
+    An encoder reward model reads no single text but the pair (see `encode_for_reward`'s `pair`).
     """
     return _render(tokenizer, prompt, response)[0]
 
 
-def encode_for_reward(tokenizer, prompt: str, response: str, max_length: int | None = None) -> list[int]:
+def reward_format(tokenizer, pair: bool) -> str:
+    """How (prompt, response) reaches the reward model, in words (the reward stage logs it once)."""
+    if pair:
+        # The pair of "x" and "y", their tokens named: e.g. "[CLS] prompt [SEP] response [SEP]" for BERT.
+        ids = encode_for_reward(tokenizer, "x", "y", pair=True)
+        want = [(tokenizer("x", add_special_tokens=False)["input_ids"], "prompt"),
+                (tokenizer("y", add_special_tokens=False)["input_ids"], "response")]  # fmt: skip
+        parts, i = [], 0
+        while i < len(ids):
+            if want and want[0][0] and ids[i : i + len(want[0][0])] == want[0][0]:
+                parts.append(want[0][1])
+                i += len(want.pop(0)[0])
+            else:
+                parts.append(tokenizer.convert_ids_to_tokens(ids[i]))
+                i += 1
+        shape = " ".join(parts)
+        return f"the tokenizer's sentence pair, tokenizer(prompt, response) = {shape} (an encoder: no chat template)"
+    if getattr(tokenizer, "chat_template", None):
+        return "its chat template applied to [user: prompt, assistant: response]"
+    return f"prompt + {REWARD_SEPARATOR!r} + response + EOS {tokenizer.eos_token!r} (no chat template)"
+
+
+def encode_for_reward(
+    tokenizer, prompt: str, response: str, max_length: int | None = None, *, pair: bool | None = None
+) -> list[int]:
     """Token ids of `format_for_reward`, cut from the left to the last `max_length` tokens (None: no cut).
 
     Left, not right: the sequence-classification head reads the last token, so right-truncation would cut the
     response's end (and EOS) and make responses that differ only there score identically; dropping the start of the
     prompt keeps what the score depends on most.
+
+    `pair` True, for an encoder reward model (`align.modeling.is_encoder`): `tokenizer(prompt, response)`, the
+    tokenizer's sentence-pair encoding (`[CLS] prompt [SEP] response [SEP]` for BERT), cut as transformers cuts
+    pairs (longest first, from the right): an encoder's head reads the first token, [CLS], which must stay.
+    None: decided from the tokenizer alone; callers that have the model pass `is_encoder(model.config, tokenizer)`.
     """
+    if pair is None:
+        pair = is_encoder(None, tokenizer)
+    if pair:
+        response = response or " "  # transformers reads an empty second text as none: "[CLS] prompt [SEP]" alone
+        if max_length is None:
+            return tokenizer(prompt, response)["input_ids"]
+        return tokenizer(prompt, response, truncation="longest_first", max_length=max_length)["input_ids"]
     text, templated = _render(tokenizer, prompt, response)
     # Chat templates render BOS themselves; transformers' docs advise add_special_tokens=False for their output.
     ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
@@ -88,6 +126,10 @@ def parse_ranking_row(row: dict[str, Any], *, where: str) -> tuple[str, list[str
     prompt = row.get("prompt")
     if not isinstance(prompt, str):
         raise AlignError(f"{where}: 'prompt' is {type(prompt).__name__}, expected a string. Fix the row.")
+    if not prompt.strip():
+        raise AlignError(
+            f"{where}: 'prompt' is empty; responses are ranked for a prompt. Write the prompt or drop the row."
+        )
     if row.get("responses") is not None:
         responses = row["responses"]
         if not isinstance(responses, (list, tuple)):
@@ -120,16 +162,34 @@ def parse_ranking_row(row: dict[str, Any], *, where: str) -> tuple[str, list[str
     return prompt, responses, ranks, margin
 
 
-def tokenize_rankings(ds, tokenizer, max_length: int | None, *, source: str = "dataset", num_proc: int | None = None):
+def tokenize_rankings(
+    ds,
+    tokenizer,
+    max_length: int | None,
+    *,
+    source: str = "dataset",
+    num_proc: int | None = None,
+    pair: bool | None = None,
+):
     """Rankings (or pairs) -> Dataset with `input_ids` (K lists of ids), `ranks` (K ints), `length` (the group's
     longest sequence: Trainer's `train_sampling_strategy: group_by_length` batches groups of similar length) and, if
     given, `margin`.
 
-    Every response is encoded with `encode_for_reward`; responses longer than `max_length` keep their last
-    `max_length` tokens (see there) and one warning gives their count. Errors name `<source>:<1-based row>`.
+    Every response is encoded with `encode_for_reward` (`pair`: see there); responses longer than `max_length` keep
+    their last `max_length` tokens (an encoder's pair: cut longest first) and one warning gives their count. Errors
+    name `<source>:<1-based row>`.
     """
     columns = list(ds.column_names)
     has_margin = "margin" in columns
+    if pair is None:
+        pair = is_encoder(None, tokenizer)
+
+    def encode(prompt: str, response: str) -> tuple[list[int], bool]:
+        """(ids, whether they were cut to max_length)."""
+        ids = encode_for_reward(tokenizer, prompt, response, pair=pair)
+        if max_length is None or len(ids) <= max_length:
+            return ids, False
+        return encode_for_reward(tokenizer, prompt, response, max_length, pair=pair), True
 
     def tokenize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "ranks": [], "length": [], "num_truncated": []}
@@ -138,12 +198,12 @@ def tokenize_rankings(ds, tokenizer, max_length: int | None, *, source: str = "d
         for j, i in enumerate(indices):
             row = {c: batch[c][j] for c in columns}
             prompt, responses, ranks, margin = parse_ranking_row(row, where=f"{source}:{i + 1}")
-            full = [encode_for_reward(tokenizer, prompt, r) for r in responses]
-            cut = [ids if max_length is None else ids[-max_length:] for ids in full]
+            encoded = [encode(prompt, r) for r in responses]
+            cut = [ids for ids, _ in encoded]
             out["input_ids"].append(cut)
             out["ranks"].append(ranks)
             out["length"].append(max(len(ids) for ids in cut))
-            out["num_truncated"].append(sum(len(a) != len(b) for a, b in zip(full, cut, strict=True)))
+            out["num_truncated"].append(sum(was_cut for _, was_cut in encoded))
             if has_margin:
                 out["margin"].append(margin)
         return out
@@ -160,14 +220,18 @@ def tokenize_rankings(ds, tokenizer, max_length: int | None, *, source: str = "d
     ds = ds.remove_columns("num_truncated")
     if truncated:
         total = sum(len(r) for r in ds["ranks"])
+        how = (
+            "cut prompt and response longest first, from the end (the tokenizer's pair truncation)"
+            if pair
+            else f"kept their last {max_length} tokens (the prompt's start is cut)"
+        )
         logger.warning(
-            "%s: %d of %d responses are longer than max_length=%d tokens; kept their last %d tokens (the prompt's "
-            "start is cut). Raise max_length to keep them whole.",
+            "%s: %d of %d responses are longer than max_length=%d tokens; %s. Raise max_length to keep them whole.",
             source,
             truncated,
             total,
             max_length,
-            max_length,
+            how,
         )
     return ds
 
@@ -316,6 +380,8 @@ class RankingRewardTrainer(Trainer):
             # As TRL: a sequence-classification model finds the last real token by its pad id, so one must exist.
             processing_class.pad_token = processing_class.eos_token
         model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+        # An encoder reads (prompt, response) as the tokenizer's pair (`encode_for_reward`); decided from its config
+        self.pair_encoding = is_encoder(model.config, processing_class)
         if peft_config is not None:
             model = _with_adapter(model, peft_config, args)
         if getattr(args, "disable_dropout", True):
@@ -325,11 +391,12 @@ class RankingRewardTrainer(Trainer):
                     module.p = 0.0
 
         with args.main_process_first(desc="tokenizing rankings"):
-            train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+            pair = self.pair_encoding
+            train_dataset = self._prepare(train_dataset, processing_class, args, "train", pair)
             if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
+                eval_dataset = {k: self._prepare(v, processing_class, args, k, pair) for k, v in eval_dataset.items()}
             else:
-                eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+                eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval", pair)
         if data_collator is None:
             pad_multiple = getattr(args, "pad_to_multiple_of", None)
             data_collator = RankingCollator(processing_class.pad_token_id, pad_multiple)
@@ -352,7 +419,7 @@ class RankingRewardTrainer(Trainer):
         self._train_logs: dict[str, list[float]] = defaultdict(list)
 
     @staticmethod
-    def _prepare(ds, tokenizer, args, name: str):
+    def _prepare(ds, tokenizer, args, name: str, pair: bool | None = None):
         if ds is None:
             return None
         if "input_ids" not in ds.column_names:  # raw rankings or pairs; tokenized data is used as is
@@ -362,6 +429,7 @@ class RankingRewardTrainer(Trainer):
                 getattr(args, "max_length", None),
                 source=name,
                 num_proc=getattr(args, "dataset_num_proc", None),
+                pair=pair,
             )
         length = getattr(args, "length_column_name", None) or "length"
         if length not in ds.column_names:
@@ -432,7 +500,9 @@ class RankingRewardTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A raw dataset passed here directly is tokenized like the one given at init (as TRL's RewardTrainer does).
         if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
-            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
+            eval_dataset = self._prepare(
+                eval_dataset, self.processing_class, self.args, metric_key_prefix, self.pair_encoding
+            )
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -460,7 +530,7 @@ def score(
 
     `offset` None: `model.config.align_reward_offset` (0.0 if absent), so SFT samples average about 0 (the reward
     stage stores the mean score of SFT samples there, see `reward_offset`). Texts are built with `encode_for_reward`,
-    as in training; batches are sorted by length so little compute goes to padding.
+    as in training (an encoder: the pair encoding); batches are sorted by length so little compute goes to padding.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -472,7 +542,8 @@ def score(
         text_config.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
-    seqs = [encode_for_reward(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    pair = is_encoder(model.config, tokenizer)
+    seqs = [encode_for_reward(tokenizer, p, r, max_length, pair=pair) for p, r in zip(prompts, responses, strict=True)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     device = next(model.parameters()).device
     out = torch.empty(len(seqs), dtype=torch.float32)
