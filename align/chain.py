@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, read_stage_info
+from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, output_lock, read_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +423,8 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
             later = names[names.index(plan.stage) + 1 :]
             if later:
                 logger.warning("%s: later stages (%s) are invalidated and will rerun.", plan.stage, ", ".join(later))
-            shutil.rmtree(plan.output_dir)
+            with output_lock(plan.output_dir):  # not under a stage still writing there (e.g. left by a killed chain)
+                shutil.rmtree(plan.output_dir)
         _banner(f"{title}: {'resuming' if resuming else 'running'} ({why})")
         state[plan.stage] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "running"}
         atomic_write_json(chain.output_root / STATE_FILE, state)
@@ -528,13 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     chain = load_chain(args.chain, output_root=args.output_root, accelerate_config=args.accelerate_config,
                        shared=shared, per_stage=per_stage)  # fmt: skip
     t0 = time.perf_counter()
-    if not args.report_only:
-        rows = run_chain(chain, start=args.start, only=args.only)
-        logger.info("Chain %s finished in %s:\n%s", _rel(chain.path), _clock(time.perf_counter() - t0),
-                    summary_table(rows))  # fmt: skip
-    if not args.no_report:
-        from align.report import write_report
+    # One `align run` per output_root (chain_state.json, the report). Each stage, a child process, locks its own dir
+    # below it, so the two never wait on each other.
+    with output_lock(chain.output_root):
+        if not args.report_only:
+            rows = run_chain(chain, start=args.start, only=args.only)
+            logger.info("Chain %s finished in %s:\n%s", _rel(chain.path), _clock(time.perf_counter() - t0),
+                        summary_table(rows))  # fmt: skip
+        if not args.no_report:
+            from align.report import write_report
 
-        files = write_report(chain.output_root, chain.report)
-        logger.info("Report: %s", ", ".join(str(f) for f in files))
+            files = write_report(chain.output_root, chain.report)
+            logger.info("Report: %s", ", ".join(str(f) for f in files))
     return 0

@@ -25,7 +25,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import parent_of, read_stage_info, resume_checkpoint, write_stage_info
+from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ def final_mean(log_history: list[dict[str, Any]], key: str) -> float:
 # Stage
 
 
+@stage_lifecycle
 def run(cfg) -> Path:
     from transformers import set_seed
     from trl import get_peft_config

@@ -19,7 +19,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, write_stage_info
+from align.io import parent_of, resume_checkpoint, stage_lifecycle, train_or_load, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def pack(ds, tokenizer, column: str, block: int, desc: str):
     return ds.map(group, batched=True, remove_columns=["ids"], desc=f"Packing {desc} into blocks of {block}")
 
 
+@stage_lifecycle
 def run(cfg) -> Path:
     from transformers import Trainer, default_data_collator, set_seed
 
@@ -191,7 +192,7 @@ def run(cfg) -> Path:
     )
     resume = resume_checkpoint(cfg)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_load(trainer, resume)
     train_seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": train_seconds}
     steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)

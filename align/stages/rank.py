@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.io import stage_lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -508,6 +509,7 @@ def _start(output_dir: Path) -> None:
 # Stage
 
 
+@stage_lifecycle
 def run(cfg) -> Path:
     from transformers import set_seed
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.io import output_lock
 from align.stages.rank import (
     EPILOG,
     HUMAN,
@@ -228,8 +229,9 @@ def import_sheet(sheet: str | os.PathLike, output_dir: str | os.PathLike) -> Pat
         **group_stats(prompts, groups, rankings, gold=bool(meta.get("tinyworld")) or is_tinyworld(prompts)),
     }
     output_dir = Path(output_dir)
-    _start(output_dir)
     data = {"name": str(path), "rows": len(parsed), "exported": meta.get("data")}
-    finish(output_dir, parsed, metrics=metrics, parent=meta.get("parent"), recipe=meta.get("recipe") or {}, data=data,
-           sampling=meta.get("sampling"), labeler={"name": HUMAN, "kind": HUMAN, "sheet": str(path)})  # fmt: skip
+    with output_lock(output_dir):  # one writer per dir, as `align rank` (its run is a stage_lifecycle)
+        _start(output_dir)
+        finish(output_dir, parsed, metrics=metrics, parent=meta.get("parent"), recipe=meta.get("recipe") or {},
+               data=data, sampling=meta.get("sampling"), labeler={"name": HUMAN, "kind": HUMAN, "sheet": str(path)})
     return output_dir

@@ -30,7 +30,15 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import parent_of, read_stage_info, resume_checkpoint, save_trained, write_stage_info
+from align.io import (
+    parent_of,
+    read_stage_info,
+    resume_checkpoint,
+    save_trained,
+    stage_lifecycle,
+    train_or_load,
+    write_stage_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +316,7 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
 # Stage
 
 
+@stage_lifecycle
 def run(cfg) -> Path:
     from transformers import set_seed
 
@@ -362,7 +371,7 @@ def run(cfg) -> Path:
         peft_config=peft_config,
     )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    result = train_or_load(trainer, resume_checkpoint(cfg))
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start}
     extra: dict[str, Any] = {}
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, save_trained, write_stage_info
+from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load, write_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def _kbit_device_map() -> dict[str, int]:
     return {"": PartialState().local_process_index}
 
 
+@stage_lifecycle
 def run(cfg) -> Path:
     from transformers import set_seed
     from trl import SFTTrainer, get_peft_config
@@ -189,7 +190,7 @@ def run(cfg) -> Path:
     )
     resume = resume_checkpoint(cfg)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_load(trainer, resume)
     metrics.update({"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start})
 
     # Evaluate

@@ -439,7 +439,7 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         if self._log_window:
             self.log({})
         final_step = self.state.global_step
-        if self.eval_fn is not None and self.eval_prompts is not None and not self._should_eval(final_step):
+        if self.eval_fn is not None and self.eval_prompts is not None and not self._evaluated_at(final_step):
             self.log(self.evaluate())
         if args.save_strategy != "no" and saved_at != self.state.global_step and self.state.global_step > start:
             self._save_checkpoint()

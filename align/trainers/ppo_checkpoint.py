@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from align.errors import AlignError
-from align.io import atomic_write_json, atomic_write_text
+from align.io import atomic_write_json, atomic_write_text, fsync_tree, no_space_error, no_space_left
 
 logger = logging.getLogger(__name__)
 
 PPO_STATE = "ppo_state.json"  # step, episodes, KL controller: what TrainerState has no field for
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (align.io)
 VALUE_DIR = "value_model"
+TMP_SUFFIX = ".tmp"  # checkpoint-N.tmp: a checkpoint being written (align.io.last_checkpoint never picks it)
 
 
 class PPOCheckpointMixin:
@@ -30,40 +31,61 @@ class PPOCheckpointMixin:
 
     def _save_checkpoint(self) -> Path:
         """`output_dir/checkpoint-N/`: policy (HF format, or adapter), value model, optimizer, scheduler, RNG per
-        process, KL controller; `trainer_state.json` written last, so a crash mid-save leaves a dir that
-        `align.io.last_checkpoint` skips."""
+        process, KL controller. Written in `checkpoint-N.tmp/` (`trainer_state.json` last), fsynced, then renamed:
+        a kill or a full disk mid-save leaves no `checkpoint-N` at all, and the previous checkpoints stand."""
+        step = self.state.global_step
+        tmp = Path(self.args.output_dir) / f"checkpoint-{step}{TMP_SUFFIX}"
+        try:
+            return self._write_checkpoint(tmp)
+        except Exception as e:
+            if isinstance(e, AlignError) or not no_space_left(e, self.args.output_dir):
+                raise
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # give its space back
+            raise no_space_error(e, self.args.output_dir) from e
+
+    def _write_checkpoint(self, tmp: Path) -> Path:
         acc = self.accelerator
         step = self.state.global_step
-        ckpt = Path(self.args.output_dir) / f"checkpoint-{step}"
+        final = tmp.with_name(f"checkpoint-{step}")
         if acc.is_main_process:
-            if ckpt.exists():  # a leftover of a crashed save (or a re-run): never mix two saves
-                shutil.rmtree(ckpt)
-            ckpt.mkdir(parents=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save: never mix two saves
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self.policy.save_pretrained(ckpt)
-            self.value_model.save_pretrained(ckpt / VALUE_DIR)
-            torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+            self.policy.save_pretrained(tmp)
+            self.value_model.save_pretrained(tmp / VALUE_DIR)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             atomic_write_json(
-                ckpt / PPO_STATE,
+                tmp / PPO_STATE,
                 {
                     "global_step": step,
                     "episodes": self.episodes,
                     "kl_controller": self.kl_ctl.state_dict(),
                     "world_size": self.world_size,
+                    # what the next log averages and the samples so far: a resumed run logs and records the same
+                    "log_window": self._log_window,
+                    "samples": self.samples,
                 },
             )
-        torch.save(_rng_state(), ckpt / f"rng_state_{acc.process_index}.pth")
+        torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pth")
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = dataclasses.asdict(self.state)
-            atomic_write_text(ckpt / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+            atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+            fsync_tree(tmp)
+            _replace_dir(tmp, final)
             self._rotate_checkpoints()
-            logger.info("ppo: saved %s", ckpt)
+            logger.info("ppo: saved %s", final)
         acc.wait_for_everyone()
         self._callback("on_save")
-        return ckpt
+        return final
+
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether log_history holds an eval of update `step`: the loop's, or the one a run resumed from its final
+        checkpoint restored (evaluating again would log it twice)."""
+        return any(h.get("step") == step and any(k.startswith("eval/") for k in h) for h in self.state.log_history)
 
     def _rotate_checkpoints(self) -> None:
         limit = self.args.save_total_limit
@@ -100,6 +122,9 @@ class PPOCheckpointMixin:
         ppo_state = json.loads((ckpt / PPO_STATE).read_text())
         self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
         self.episodes = int(ppo_state["episodes"])
+        self.samples = list(ppo_state.get("samples", []))
+        self._log_window.clear()
+        self._log_window.update({k: list(v) for k, v in ppo_state.get("log_window", {}).items()})
         saved = TrainerState.load_from_json(str(ckpt / TRAINER_STATE))
         self.state.global_step = saved.global_step
         self.state.epoch = saved.epoch
@@ -138,6 +163,22 @@ class PPOCheckpointMixin:
             self.value_model.save_pretrained(out / VALUE_DIR)
             tok.save_pretrained(out / VALUE_DIR)
         acc.wait_for_everyone()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished `src` to `dst`; an existing `dst` (a run resumed from an earlier checkpoint reaching the same
+    step again) is moved aside first and removed only once `src` is in place."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _rng_state() -> dict[str, Any]:
