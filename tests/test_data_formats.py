@@ -11,11 +11,7 @@ from align.data import load as dl
 from align.data.formats import FORMATS, detect_format, standardize
 from align.errors import AlignError
 
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
-    datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 def one(row: dict) -> datasets.Dataset:

@@ -12,12 +12,7 @@ import pytest
 from align.data import load as dl
 from align.errors import AlignError
 
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Keep the Arrow cache out of ~/.cache and away from other tests' files.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
-    datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 def write_jsonl(path, rows):

@@ -7,7 +7,6 @@ the entry points the stages use: `load_sft_data` and `load_reward_data`.
 
 import json
 
-import datasets
 import pytest
 
 from align.config import parse_config
@@ -17,11 +16,7 @@ from align.errors import AlignError
 from align.stages.reward import load_reward_data
 from align.stages.sft import load_sft_data
 
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
-    datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 def _write(path, rows):
