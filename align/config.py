@@ -107,15 +107,17 @@ def _pretrain_class():
         model_type: str = field(
             default="llama",
             metadata={
-                "help": "Architecture when training from scratch (no model_name_or_path): 'llama' or 'gpt2'.",
-                "choices": ["llama", "gpt2"],
+                "help": "Architecture when training from scratch (no model_name_or_path): 'llama', 'gpt2', or "
+                "'lstm' (the recurrent baseline, align.modeling_lstm).",
+                "choices": ["llama", "gpt2", "lstm"],
             },
         )
         model_config: dict | str | None = field(
             default=None,
             metadata={
                 "help": "Sizes for a from-scratch model, passed to LlamaConfig/GPT2Config, e.g. {hidden_size: 128, "
-                "num_hidden_layers: 4, num_attention_heads: 4}. Keys use the transformers config names."
+                "num_hidden_layers: 4, num_attention_heads: 4}. Keys use the transformers config names; lstm takes "
+                "hidden_size, num_hidden_layers, dropout."
             },
         )
         trust_remote_code: bool = field(

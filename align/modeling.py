@@ -38,7 +38,12 @@ CHAT_TEMPLATE = (
 DEFAULT_SIZES = {
     "llama": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
     "gpt2": {"n_embd": 256, "n_layer": 4, "n_head": 4},
+    # The recurrent baseline (issue 18) at the llama default's budget: 2 LSTM layers of 8*H^2 weights at H=512 hold
+    # what its 4 layers of 16*H^2 hold at H=256, 4.2M (`modeling_lstm.lstm_sizes_for` picks sizes for any budget).
+    "lstm": {"hidden_size": 512, "num_hidden_layers": 2, "dropout": 0.0},
 }
+# The `model_config` keys an LSTM takes (its config has no others a recipe should set).
+LSTM_KEYS = ("hidden_size", "num_hidden_layers", "dropout")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,6 +318,8 @@ def new_causal_lm(model_type: str, sizes: dict[str, Any] | None, tokenizer, max_
         "pad_token_id": tokenizer.pad_token_id,
     }
     kwargs = {**DEFAULT_SIZES[model_type], **(sizes or {})}
+    if model_type == "lstm":
+        return _new_lstm(kwargs, len(tokenizer), ids)
     try:
         if model_type == "llama":
             kwargs.setdefault("max_position_embeddings", max_length)
@@ -325,10 +332,34 @@ def new_causal_lm(model_type: str, sizes: dict[str, Any] | None, tokenizer, max_
         raise AlignError(f"model_config: {_first_line(e)}. Use the {model_type} config's key names.") from None
 
 
+def _new_lstm(sizes: dict[str, Any], vocab_size: int, ids: dict[str, Any]):
+    """A randomly initialized `LSTMForCausalLM` (tied embeddings); AlignError on a key it does not take."""
+    import difflib
+
+    from align.modeling_lstm import LSTMForCausalLM, LSTMLMConfig
+
+    for key in sizes:
+        if key not in LSTM_KEYS:
+            close = difflib.get_close_matches(key, LSTM_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise AlignError(
+                f"model_config: unknown key '{key}' for model_type lstm; {hint}Use {', '.join(LSTM_KEYS)}."
+            )
+    if not 0.0 <= sizes["dropout"] < 1.0 or min(sizes["hidden_size"], sizes["num_hidden_layers"]) < 1:
+        raise AlignError(
+            f"model_config: hidden_size {sizes['hidden_size']}, num_hidden_layers {sizes['num_hidden_layers']}, "
+            f"dropout {sizes['dropout']} for model_type lstm. Use sizes >= 1 and 0 <= dropout < 1."
+        )
+    config = LSTMLMConfig(vocab_size=vocab_size, tie_word_embeddings=True, **ids, **sizes)
+    return LSTMForCausalLM(config)
+
+
 def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str | None = "auto", **kwargs: Any):
     """`AutoModelForCausalLM.from_pretrained` (path, `.gguf` file or Hub id) via `load_pretrained`: one-line errors, no
     remote code by default."""
     from transformers import AutoModelForCausalLM
+
+    from align import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM, so pretrained LSTM dirs load too
 
     return load_pretrained(
         AutoModelForCausalLM, name_or_path, what="a causal LM", revision=revision, dtype=dtype or "auto", **kwargs

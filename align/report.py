@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from align.copy_probe import FAR, NEAR
 from align.errors import AlignError
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
 
@@ -41,6 +42,8 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("entropy_floor", "entropy floor (nats/token)"),
         ("eval_loss_above_floor", "loss above the floor"),
         ("perplexity", "perplexity"),
+        ("copy_loss_near", f"copy loss, source within {NEAR} tokens (nats)"),
+        ("copy_loss_far", f"copy loss, source {FAR}+ tokens back (nats)"),
         ("tokens_per_second", "training tokens/s"),
     ],
     "sft": [
@@ -75,8 +78,13 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("updates", "PPO updates"),
     ],
 }
+# The recurrent baseline (issue 18): `align pretrain --config recipes/tiny/pretrain_lstm.yaml` writes it beside the
+# chain's stages; the chain itself does not run it, the report shows it when the dir is there.
+LSTM_DIR = "pretrain_lstm"
+TABLE[LSTM_DIR] = TABLE["pretrain"]
 MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
-LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "rankings", "reward": "reward model"}
+LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "rankings", "reward": "reward model",
+          LSTM_DIR: "LSTM baseline"}  # fmt: skip
 
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -101,9 +109,10 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def load_stages(root: Path) -> dict[str, dict[str, Any]]:
-    """`{stage: align_stage.json}` of the finished stages in `root/<stage>`, in chain order."""
+    """`{stage: align_stage.json}` of the finished stages in `root/<stage>`, in chain order, the LSTM baseline's
+    (`root/pretrain_lstm`) after pretrain when present."""
     found = {}
-    for stage in STAGES:
+    for stage in (STAGES[0], LSTM_DIR, *STAGES[1:]):
         info = read_stage_info(root / stage)
         if info is not None:
             found[stage] = info
@@ -147,8 +156,26 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["ppo_kl"] = ppo["metrics"].get("kl")
     if "reward" in stages:
         out["reward_pair_accuracy"] = stages["reward"]["metrics"].get("pair_accuracy")
+    if LSTM_DIR in stages:
+        out["lstm_vs_transformer"] = lstm_comparison(stages)
     if not out["gold_score"]:
         del out["gold_score"]
+    return out
+
+
+def lstm_comparison(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """`{"transformer"|"lstm": {metric: value}}`: held-out loss, entropy floor, copy loss near and far, parameters."""
+    out = {}
+    for name, stage in (("transformer", "pretrain"), ("lstm", LSTM_DIR)):
+        if stage not in stages:
+            continue
+        metrics = stages[stage].get("metrics") or {}
+        keys = ("eval_loss", "entropy_floor", "copy_loss_near", "copy_loss_far")
+        row = {k: metrics[k] for k in keys if k in metrics}
+        params = (stages[stage].get("model") or {}).get("parameters")
+        if params is not None:
+            row["parameters"] = params
+        out[name] = row
     return out
 
 
@@ -394,6 +421,17 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
     if "gold_win_rate_sft_vs_pretrain" in top:
         rate, n = top["gold_win_rate_sft_vs_pretrain"], top["held_out_prompts"]["sft_vs_pretrain"]
         lines.append(f"SFT beats the pretrained model on {rate:.1%} of the {n} held-out prompts.")
+    for name, row in (top.get("lstm_vs_transformer") or {}).items():
+        if "eval_loss" not in row:
+            continue
+        line = f"{'Transformer' if name == 'transformer' else 'LSTM baseline'}: held-out loss {row['eval_loss']:.4f}"
+        if "entropy_floor" in row:
+            line += f" (floor {row['entropy_floor']:.4f})"
+        if "parameters" in row:
+            line += f", {row['parameters'] / 1e6:.2f}M parameters"
+        if "copy_loss_near" in row and "copy_loss_far" in row:
+            line += f"; copy loss near {row['copy_loss_near']:.3f}, far {row['copy_loss_far']:.3f} nats"
+        lines.append(line + ".")
     gold = top.get("gold_score") or {}
     if gold:
         lines.append("Mean gold score: " + ", ".join(f"{LABELS[s]} {v:.3f}" for s, v in gold.items()) + ".")

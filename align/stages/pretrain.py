@@ -24,6 +24,7 @@ from align.io import parent_of, resume_checkpoint, stage_lifecycle, train_or_loa
 logger = logging.getLogger(__name__)
 
 TINYWORLD = "tinyworld"
+COPY_PROBE_TEXTS = 2000  # held-out texts read by the copy probe: ~560 far copies, a few seconds of forward passes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +217,7 @@ def run(cfg) -> Path:
         metrics["entropy_floor"] = tinyworld.entropy_floor(eval_text)
         if "eval_loss" in metrics:
             metrics["eval_loss_above_floor"] = metrics["eval_loss"] - metrics["entropy_floor"]
+        metrics.update(copy_metrics(trainer.model, tokenizer, eval_text, cfg))
     metrics = {k: float(v) for k, v in metrics.items()}
 
     # Save
@@ -245,6 +247,25 @@ def run(cfg) -> Path:
             push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def copy_metrics(model, tokenizer, eval_text, cfg) -> dict[str, float]:
+    """`copy_loss_near/far` (nats) and their token counts on the held-out tiny-world texts: the long-range probe
+    that compares a Transformer with the LSTM baseline (`align.copy_probe`). A bucket with no token is left out."""
+    from align.copy_probe import FAR, NEAR, copy_loss_by_distance
+
+    texts = eval_text.select(range(min(len(eval_text), COPY_PROBE_TEXTS)))["text"]
+    probe = copy_loss_by_distance(
+        model, tokenizer, texts, batch_size=cfg.per_device_eval_batch_size, max_length=cfg.max_length
+    )
+    out = {}
+    for bucket in ("near", "far"):
+        if probe[f"n_{bucket}"]:
+            out[f"copy_loss_{bucket}"] = probe[bucket]
+            out[f"copy_tokens_{bucket}"] = probe[f"n_{bucket}"]
+    logger.info("copy loss (nats): %.4f within %d tokens of the source (%d tokens), %.4f at %d or more (%d)",
+                probe["near"], NEAR, probe["n_near"], probe["far"], FAR, probe["n_far"])  # fmt: skip
+    return out
 
 
 def _step_of(checkpoint) -> int:
