@@ -194,7 +194,10 @@ class LSTMForCausalLM(PreTrainedModel, GenerationMixin):
         return model_kwargs
 
     def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
-        """Beam search: the state of the beams kept, in their new order (the batch is dim 1 of `(L, B, H)`)."""
+        """Beam search: the state of the beams kept, in their new order (the batch is dim 1 of `(L, B, H)`); None
+        with `use_cache=False` (transformers calls this whenever the `cache` key exists, even holding None)."""
+        if cache is None:
+            return None
         return tuple(s.index_select(1, beam_idx.to(s.device)) for s in cache)
 
 

@@ -140,6 +140,18 @@ def test_generate_with_left_padding_matches_each_row_alone():
     assert step["input_ids"].tolist() == together[:, 5:6].tolist() and step["cache"] is state
 
 
+def test_beam_search_reorders_the_state_and_runs_without_a_cache():
+    # Beam search keeps the best beams each step: their (h, c) must follow them (`_reorder_cache`), so the cached
+    # result equals rereading each beam's whole text; with use_cache=False there is no state to reorder (was a crash).
+    model = tiny()
+    batch, mask = torch.tensor([[1, 5, 6, 7], [0, 1, 9, 4]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": PAD, "eos_token_id": None}
+    with torch.no_grad():
+        cached = model.generate(input_ids=batch, attention_mask=mask, **kw)
+        recomputed = model.generate(input_ids=batch, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)
+
+
 def test_sizes_for_a_parameter_budget():
     # the tiny Transformer (recipes/tiny/pretrain.yaml): 869,632 parameters over a 129-token vocabulary
     for params, vocab, layers in [(869_632, 129, 2), (869_632, 129, 1), (5_000_000, 8192, 2), (30_000, 50, 3)]:
