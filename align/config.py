@@ -225,8 +225,24 @@ def _sft_class():
         gold_eval_prompts: int = field(
             default=200,
             metadata={
-                "help": "Held-out tiny-world prompts answered by this model and its parent and scored by the gold "
-                "labeler (tinyworld only; 0 = off)."
+                "help": "Held-out prompts answered by this model and its parent and scored by the gold labeler "
+                "(tiny world, or gold_labeler + gold_eval_dataset; 0 = off)."
+            },
+        )
+        gold_labeler: str | None = field(
+            default=None,
+            metadata={
+                "help": "Who scores the held-out answers: 'gold' (the tiny-world gold labeler, the default on "
+                "dataset_name: tinyworld), or 'package.module:function' / 'path/to/file.py:function' called as "
+                "function(prompt, response) -> float, higher = better (e.g. align.data.verifiable:score). Off the "
+                "tiny world it needs gold_eval_dataset."
+            },
+        )
+        gold_eval_dataset: str | None = field(
+            default=None,
+            metadata={
+                "help": "Held-out prompts for the gold evaluation: a file, save_to_disk dir or Hub id with a 'prompt' "
+                "column (its first gold_eval_prompts rows). None: the tiny world's held-out prompts."
             },
         )
         gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
@@ -581,8 +597,8 @@ def _parser(cls, prog: str):
 PATH_RULE = (
     "Relative paths, in a recipe or on the command line, are relative to the working directory (where you run "
     "align), as in TRL and the alignment-handbook: dataset_name, ptx_dataset_name, model_name_or_path, "
-    "tokenizer_name_or_path, reward_model_path, value_model_path, a labeler file, output_dir, and in a chain recipe "
-    "the stage recipes, output_root, accelerate_config and report.prompts_file."
+    "tokenizer_name_or_path, reward_model_path, value_model_path, a labeler file, gold_eval_dataset, output_dir, "
+    "and in a chain recipe the stage recipes, output_root, accelerate_config and report.prompts_file."
 )
 
 

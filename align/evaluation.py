@@ -1,15 +1,29 @@
-"""Gold-labeler evaluation on held-out tiny-world prompts: the honest measure of every stage's gain.
+"""Gold-labeler evaluation on held-out prompts: the honest measure of every stage's gain.
 
-The same prompts (`instruction_prompts(n, seed, split="test")`) and the same decoding are used for the pretrained,
-SFT and PPO models, so their `gold_score`s compare directly (and per prompt, for win-rates).
+The same prompts and the same decoding are used for a model and its parent, so their `gold_score`s compare directly
+(and per prompt, for win-rates). Two cases of one mechanism (`gold_setup`):
+- tiny world: the hidden gold labeler (`gold_labeler: gold`, the default there) on `instruction_prompts(n, seed,
+  split="test")`;
+- any data: `gold_labeler: package.module:function` (or `path/to/file.py:function`), called as
+  `function(prompt, response) -> float` (higher = better, e.g. in [0, 1]), on the `prompt` column of
+  `gold_eval_dataset`. If the module also has `score_detail(prompt, response)` returning `{"constraints": [{"kind",
+  "passed"}, ...]}` (as `align.data.verifiable`), the pass rate of each constraint kind is stored too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from align.errors import AlignError
+
 logger = logging.getLogger(__name__)
+
+GOLD = "gold"
+TINYWORLD = "tinyworld"
 
 # Sampled gold evaluation (`gold_eval_samples`): the model's own distribution, as PPO samples its rollouts.
 SAMPLED_TEMPERATURE = 1.0
@@ -20,6 +34,109 @@ def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     from align.data import tinyworld
 
     return list(tinyworld.instruction_prompts(n, seed=seed, split="test")["prompt"])
+
+
+@dataclass(frozen=True)
+class GoldLabeler:
+    """A checker of answers: `check(prompt, response) -> (score, {constraint: value in [0, 1]})` (the dict may be
+    empty); `name` is the recipe's `gold_labeler` value."""
+
+    name: str
+    check: Callable[[str, str], tuple[float, dict[str, float]]]
+
+    def score(self, prompt: str, response: str) -> float:
+        return self.check(prompt, response)[0]
+
+
+def load_gold_labeler(spec: str) -> GoldLabeler:
+    """`gold` (the tiny-world gold labeler) or a function spec (module docstring); AlignError naming `gold_labeler`."""
+    if spec == GOLD:
+        from align.data import tinyworld
+
+        def check_gold(prompt: str, response: str) -> tuple[float, dict[str, float]]:
+            d = tinyworld.score_details(prompt, response)
+            return d["score"], {k: v for k, v in d.items() if k != "score"}
+
+        return GoldLabeler(GOLD, check_gold)
+    if ":" not in spec:
+        raise AlignError(
+            f"gold_labeler {spec!r}: expected 'gold' (tiny world), 'package.module:function' or "
+            "'path/to/file.py:function'."
+        )
+    from align.score import load_function
+
+    module, fn = load_function(spec, key="gold_labeler")
+    detail = getattr(module, "score_detail", None)
+
+    def check(prompt: str, response: str) -> tuple[float, dict[str, float]]:
+        got = fn(prompt, response)
+        try:
+            value = math.nan if isinstance(got, (bool, str, bytes)) else float(got)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise AlignError(
+                f"gold_labeler {spec}: returned {got!r} for prompt {prompt[:40]!r}; it must return one finite number "
+                "per (prompt, response), higher = better."
+            )
+        if not callable(detail):
+            return value, {}
+        kinds: dict[str, list[float]] = {}
+        for c in detail(prompt, response).get("constraints") or []:
+            kinds.setdefault(str(c["kind"]), []).append(float(bool(c["passed"])))
+        return value, {k: sum(v) / len(v) for k, v in kinds.items()}
+
+    return GoldLabeler(spec, check)
+
+
+def gold_setup(cfg) -> tuple[GoldLabeler, list[str]] | None:
+    """(labeler, held-out prompts) for a stage config (`gold_labeler`, `gold_eval_dataset`, `gold_eval_prompts`,
+    `dataset_name`, `tinyworld_seed`), or None when the stage has no gold evaluation. Fails before any work on a bad
+    labeler or file."""
+    spec = resolved_gold_labeler(cfg)
+    if spec is None or cfg.gold_eval_prompts <= 0:
+        return None
+    labeler = load_gold_labeler(spec)
+    if not cfg.gold_eval_dataset:
+        return labeler, heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
+    from align.data import formats
+    from align.data import load as dl
+
+    source = cfg.gold_eval_dataset
+    ds = dl.load_data(source, split="train")
+    if "prompt" not in ds.column_names and "messages" not in ds.column_names:
+        raise AlignError(
+            f"gold_eval_dataset {source}: no 'prompt' or 'messages' column (columns present: "
+            f"{', '.join(ds.column_names)}). Give held-out prompts in a 'prompt' column."
+        )
+    keep = "prompt" if "prompt" in ds.column_names else "messages"
+    rows = ds.select_columns([keep]).to_list()[: cfg.gold_eval_prompts]
+    prompts = [formats.prompt_text(r, f"{source}:{i}", "gold eval") for i, r in enumerate(rows, 1)]
+    if len(ds) > len(prompts):
+        logger.info("gold eval: the first %d of %d prompts of %s (gold_eval_prompts).", len(prompts), len(ds), source)
+    return labeler, prompts
+
+
+def resolved_gold_labeler(cfg) -> str | None:
+    """`gold_labeler` as set, else `gold` on the tiny world without `gold_eval_dataset`, else None (no gold eval).
+    AlignError when one of `gold_labeler` / `gold_eval_dataset` lacks the other (off the tiny world)."""
+    spec, data = cfg.gold_labeler, cfg.gold_eval_dataset
+    tiny = cfg.dataset_name == TINYWORLD
+    if spec is None:
+        if data:
+            raise AlignError(
+                f"gold_eval_dataset {data} is set but no gold_labeler scores the answers. Set gold_labeler: "
+                "package.module:function (e.g. align.data.verifiable:score)."
+            )
+        return GOLD if tiny else None
+    if not data and not tiny:
+        raise AlignError(
+            f"gold_labeler {spec} is set but there are no held-out prompts to answer. Set gold_eval_dataset: FILE "
+            "(a 'prompt' column)."
+        )
+    if spec == GOLD and data:
+        logger.info("gold eval: the tiny-world gold labeler on %s (it scores only tiny-world prompts).", data)
+    return spec
 
 
 def gold_eval(
@@ -33,21 +150,24 @@ def gold_eval(
     num_samples: int = 4,
     samples_per_prompt: int = 1,
     seed: int = 0,
+    labeler: GoldLabeler | None = None,
 ) -> dict[str, Any]:
-    """Answer `prompts` with the chat template and score each answer with the gold labeler.
+    """Answer `prompts` with the chat template and score each answer with `labeler` (default: the tiny world's).
 
     With `samples_per_prompt` k > 1 (needs temperature > 0), each prompt is answered k times and its score is the mean
     of the k: the model as a distribution, which is what PPO optimizes (greedy decoding shows only its mode).
     Sampling is seeded with `seed` without touching the caller's RNG state, so two models (or two runs) are compared
     on the same random draws where their distributions agree.
 
-    Returns `{"gold_score": mean, "gold_pass_rates": {constraint: mean over all answers}, "gold_scores": per-prompt
-    list, "samples": first `num_samples` (prompt, response, gold_score), one answer per prompt}`.
+    Returns `{"gold_score": mean, "gold_pass_rates": {constraint: mean over the answers it applies to},
+    "gold_scores": per-prompt list, "responses": the first answer to each prompt, "samples": first `num_samples`
+    (prompt, response, gold_score), one answer per prompt}`.
     """
     import torch
 
-    from align.data import tinyworld
     from align.generate import generate
+
+    labeler = labeler or load_gold_labeler(GOLD)
 
     if samples_per_prompt < 1 or (samples_per_prompt > 1 and temperature <= 0):
         raise ValueError(
@@ -70,23 +190,26 @@ def gold_eval(
         )
     if was_training:
         model.train()
-    details = [[tinyworld.score_details(p, r) for r in g] for p, g in zip(prompts, groups, strict=True)]
-    scores = [sum(d["score"] for d in ds) / len(ds) for ds in details]
-    flat = [d for ds in details for d in ds]
-    keys = sorted({k for d in flat for k in d if k != "score"})
-    rates = {k: sum(d.get(k, 0.0) for d in flat) / len(flat) for k in keys}
+    checked = [[labeler.check(p, r) for r in g] for p, g in zip(prompts, groups, strict=True)]
+    scores = [sum(c[0] for c in cs) / len(cs) for cs in checked]
+    flat = [c[1] for cs in checked for c in cs]
+    keys = sorted({k for d in flat for k in d})
+    # Over the answers a constraint applies to (a verifiable prompt has 1-3 of 19 kinds; tiny world: all, always).
+    rates = {k: sum(d[k] for d in flat if k in d) / sum(k in d for d in flat) for k in keys}
     return {
         "gold_score": sum(scores) / len(scores),
         "gold_pass_rates": rates,
         "gold_scores": scores,
+        "responses": [g[0] for g in groups],
         "samples": [
-            {"prompt": p, "response": g[0], "gold_score": ds[0]["score"]}
-            for p, g, ds in list(zip(prompts, groups, details, strict=True))[:num_samples]
+            {"prompt": p, "response": g[0], "gold_score": cs[0][0]}
+            for p, g, cs in list(zip(prompts, groups, checked, strict=True))[:num_samples]
         ],
     }
 
 
-def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: float, samples: int = 0):
+def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: float, samples: int = 0,
+                    labeler: GoldLabeler | None = None):  # fmt: skip
     """`gold_eval` with a stage config's settings (`gold_eval_max_new_tokens`, `per_device_eval_batch_size`, `seed`):
     answers decoded at `temperature`, or, with `samples` > 0, that many answers per prompt at SAMPLED_TEMPERATURE."""
     return gold_eval(
@@ -98,6 +221,7 @@ def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: f
         batch_size=cfg.per_device_eval_batch_size,
         samples_per_prompt=max(samples, 1),
         seed=cfg.seed,
+        labeler=labeler,
     )
 
 

@@ -83,8 +83,10 @@ TABLE: dict[str, list[tuple[str, str]]] = {
 LSTM_DIR = "pretrain_lstm"
 TABLE[LSTM_DIR] = TABLE["pretrain"]
 MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
+# PPO's parent when it is not the chain's SFT stage (e.g. an instruct model off the Hub or a GGUF file).
+PARENT = "parent"
 LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "rankings", "reward": "reward model",
-          LSTM_DIR: "LSTM baseline"}  # fmt: skip
+          LSTM_DIR: "LSTM baseline", PARENT: "parent"}  # fmt: skip
 
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -135,22 +137,32 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["gold_win_rate_sft_vs_pretrain"] = win_rate(sft["gold_scores"], sft["parent_gold_scores"])
         out["held_out_prompts"] = {"sft_vs_pretrain": len(sft["gold_scores"])}
     if ppo and "gold_scores" in ppo:
-        if not _same((ppo.get("parent") or {}).get("path"), root / "sft"):
+        parent_path = (ppo.get("parent") or {}).get("path")
+        # `vs`: the chain's SFT stage, or (no SFT stage: e.g. PPO straight on an instruct model) PPO's own parent.
+        vs = "sft" if sft or _same(parent_path, root / "sft") else PARENT
+        if vs == "sft" and not _same(parent_path, root / "sft"):
             logger.warning(
                 "report: the PPO stage was not trained from %s; its win-rate is over its own parent.", root / "sft"
             )
+        if vs == PARENT:
+            out["gold_score"][PARENT] = ppo["metrics"]["parent_gold_score"]
+            out["ppo_parent"] = parent_path
+        out["gold_labeler"] = ppo.get("gold_labeler", "gold")
         out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
-        out["gold_win_rate_ppo_vs_sft"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
-        out.setdefault("held_out_prompts", {})["ppo_vs_sft"] = len(ppo["gold_scores"])
+        out[f"gold_win_rate_ppo_vs_{vs}"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
+        out.setdefault("held_out_prompts", {})[f"ppo_vs_{vs}"] = len(ppo["gold_scores"])
         if "gold_scores_sampled" in ppo:
             out["gold_score_sampled"] = {
-                "sft": ppo["metrics"]["parent_gold_score_sampled"],
+                vs: ppo["metrics"]["parent_gold_score_sampled"],
                 "ppo": ppo["metrics"]["gold_score_sampled"],
             }
-            out["gold_win_rate_ppo_vs_sft_sampled"] = win_rate(
+            out[f"gold_win_rate_ppo_vs_{vs}_sampled"] = win_rate(
                 ppo["gold_scores_sampled"], ppo["parent_gold_scores_sampled"]
             )
             out["gold_eval_samples"] = _resolved(stages, "ppo", "gold_eval_samples")
+        if ppo.get("gold_pass_rates") and ppo.get("parent_gold_pass_rates"):
+            # Per constraint (kind), greedy answers: where PPO gained and where it lost.
+            out["gold_pass_rates"] = {vs: ppo["parent_gold_pass_rates"], "ppo": ppo["gold_pass_rates"]}
     if ppo:
         out["ppo_reward"] = ppo["metrics"].get("reward")
         out["ppo_kl"] = ppo["metrics"].get("kl")
@@ -235,21 +247,26 @@ def _tinyworld(stages: dict[str, dict[str, Any]], stage: str) -> bool:
 
 
 def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
-    """Each prompt answered greedily by each model stage present; gold score (tiny world) and reward-model score."""
+    """Each prompt answered greedily by each model stage present (and PPO's parent when the chain has no SFT stage);
+    gold score (tiny world, or PPO's `gold_labeler`) and reward-model score."""
     if not prompts:
         return []
     from align.data import tinyworld
+    from align.evaluation import load_gold_labeler
     from align.generate import generate
     from align.modeling import load_causal_lm, load_tokenizer
 
     gold = all(_tinyworld(stages, s) for s in ("sft", "ppo") if s in stages)
+    spec = (stages.get("ppo") or {}).get("gold_labeler")
+    labeler = load_gold_labeler(spec) if spec and not gold else None
     last = "ppo" if "ppo" in stages else "sft"
     max_new_tokens = int(_resolved(stages, last, "gold_eval_max_new_tokens") or 64)
+    models = [(s, str(root / s)) for s in MODELS if s in stages]
+    parent = ((stages.get("ppo") or {}).get("parent") or {}).get("path")
+    if parent and "sft" not in stages and not any(_same(parent, root / s) for s in MODELS):
+        models.insert(0, (PARENT, str(parent)))
     answers: dict[str, list[str]] = {}
-    for stage in MODELS:
-        if stage not in stages:
-            continue
-        path = str(root / stage)
+    for stage, path in models:
         tokenizer = load_tokenizer(path)
         if not tokenizer.chat_template:
             logger.info("report: %s has no chat template; its answers are left out.", path)
@@ -274,6 +291,8 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
             entry: dict[str, Any] = {"response": responses[i]}
             if gold:
                 entry["gold_score"] = tinyworld.score(prompt, responses[i])
+            elif labeler is not None:
+                entry["gold_score"] = labeler.score(prompt, responses[i])
             if stage in rm_scores:
                 entry["reward"] = rm_scores[stage][i]
             row["answers"][stage] = entry
@@ -357,7 +376,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             out["reward_curves"] = ("Reward model: training loss and held-out accuracy", _png(fig))
     if "ppo" in stages:
         history = stages["ppo"].get("log_history")
-        sft_gold = (top.get("gold_score") or {}).get("sft")
+        sft_gold = (top.get("gold_score") or {}).get("sft", (top.get("gold_score") or {}).get(PARENT))
         fig, axes = _figure(3, "PPO, per update")
         drawn = [
             _panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
@@ -375,7 +394,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
     gold = top.get("gold_score") or {}
     if gold:
         fig, (ax,) = _figure(1, "Gold labeler, held-out prompts")
-        colors = {"pretrain": "#9e9e9e", "sft": "#5c8ddb", "ppo": "#e07b39"}
+        colors = {"pretrain": "#9e9e9e", "sft": "#5c8ddb", PARENT: "#5c8ddb", "ppo": "#e07b39"}
         sampled = top.get("gold_score_sampled") or {}
         names = [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled]
         values = list(gold.values()) + list(sampled.values())
@@ -407,16 +426,22 @@ def _fmt(v: Any) -> str:
 
 def _headline_lines(top: dict[str, Any]) -> list[str]:
     lines = []
-    if "gold_win_rate_ppo_vs_sft" in top:
+    vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
+    name = f"its parent ({Path(str(top.get('ppo_parent'))).name})" if vs == PARENT else "SFT"
+    labeler = "gold labeler" if top.get("gold_labeler", "gold") == "gold" else f"checker {top['gold_labeler']}"
+    if f"gold_win_rate_ppo_vs_{vs}" in top:
         kl = top.get("ppo_kl")
         at_kl = f", at KL {kl:.3f} nats." if kl is not None else "."
-        rate, n = top["gold_win_rate_ppo_vs_sft"], top["held_out_prompts"]["ppo_vs_sft"]
-        lines.append(f"PPO beats SFT on {rate:.1%} of {n} held-out prompts (gold labeler, ties count half){at_kl}")
-    if "gold_win_rate_ppo_vs_sft_sampled" in top:
-        rate, k, gold = top["gold_win_rate_ppo_vs_sft_sampled"], top["gold_eval_samples"], top["gold_score_sampled"]
+        rate, n = top[f"gold_win_rate_ppo_vs_{vs}"], top["held_out_prompts"][f"ppo_vs_{vs}"]
+        lines.append(f"PPO beats {name} on {rate:.1%} of {n} held-out prompts ({labeler}, ties count half){at_kl}")
+        if vs == PARENT:
+            gold = top["gold_score"]
+            lines.append(f"Mean score, greedy: parent {gold[PARENT]:.3f}, PPO {gold['ppo']:.3f}.")
+    if f"gold_win_rate_ppo_vs_{vs}_sampled" in top:
+        rate, k, gold = top[f"gold_win_rate_ppo_vs_{vs}_sampled"], top["gold_eval_samples"], top["gold_score_sampled"]
         lines.append(
-            f"Sampled at temperature 1 ({k} answers per prompt, each prompt scored by their mean), PPO beats SFT on "
-            f"{rate:.1%} of the prompts; mean gold score SFT {gold['sft']:.3f}, PPO {gold['ppo']:.3f}."
+            f"Sampled at temperature 1 ({k} answers per prompt, each prompt scored by their mean), PPO beats {name} "
+            f"on {rate:.1%} of the prompts; mean gold score {LABELS[vs]} {gold[vs]:.3f}, PPO {gold['ppo']:.3f}."
         )
     if "gold_win_rate_sft_vs_pretrain" in top:
         rate, n = top["gold_win_rate_sft_vs_pretrain"], top["held_out_prompts"]["sft_vs_pretrain"]
@@ -438,16 +463,32 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pass_rates(top: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(column labels, rows `[constraint, rate per model...]`) of the per-constraint pass-rate table, or empty."""
+    rates = top.get("gold_pass_rates") or {}
+    if not rates:
+        return [], []
+    models = list(rates)
+    kinds = sorted({k for r in rates.values() for k in r})
+    rows = [[k, *(f"{rates[m][k]:.1%}" if k in rates[m] else "n/a" for m in models)] for k in kinds]
+    return [LABELS[m] for m in models], rows
+
+
 def _markdown(root: Path, stages, top, table, examples, figures) -> str:
     out = [f"# align run report: `{root}`", ""]
     out += [f"- {line}" for line in _headline_lines(top)] + [""]
     out += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
     out += [f"| {r['stage']} | {r['label']} | {_fmt(r['value'])} |" for r in table]
+    columns, rows = _pass_rates(top)
+    if rows:
+        out += ["", "## Pass rate per constraint (greedy answers, held-out prompts)", ""]
+        out += ["| constraint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
     out += ["", "## Training curves", ""]
     for name, (caption, _) in figures.items():
         out += [f"![{caption}](report_files/{name}.png)", "", f"*{caption}*", ""]
     if examples:
-        models = [s for s in MODELS if s in examples[0]["answers"]]
+        models = [s for s in (PARENT, *MODELS) if s in examples[0]["answers"]]
         out += ["## The same prompts, answered by each model", ""]
         out += ["| prompt | " + " | ".join(LABELS[s] for s in models) + " |", "|---" * (len(models) + 1) + "|"]
         for row in examples:
@@ -499,7 +540,13 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
         f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(_fmt(r['value']))}</td></tr>"
         for r in table
     ]
-    out += ["</table><h2>Training curves</h2>"]
+    out += ["</table>"]
+    columns, rows = _pass_rates(top)
+    if rows:
+        out += ["<h2>Pass rate per constraint (greedy answers, held-out prompts)</h2><table><tr><th>constraint</th>"]
+        out += [f"<th>{e(c)}</th>" for c in columns] + ["</tr>"]
+        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows] + ["</table>"]
+    out += ["<h2>Training curves</h2>"]
     for caption, png in figures.values():
         data = base64.b64encode(png).decode("ascii")
         out.append(
@@ -507,7 +554,7 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
             f"<figcaption>{e(caption)}</figcaption></figure>"
         )
     if examples:
-        models = [s for s in MODELS if s in examples[0]["answers"]]
+        models = [s for s in (PARENT, *MODELS) if s in examples[0]["answers"]]
         out += ["<h2>The same prompts, answered by each model</h2><table><tr><th>prompt</th>"]
         out += [f"<th>{e(LABELS[s])}</th>" for s in models] + ["</tr>"]
         for row in examples:
@@ -544,7 +591,13 @@ def write_report(root: str | os.PathLike, options: dict[str, Any] | None = None)
         "output_root": str(root),
         **{
             k: top[k]
-            for k in ("gold_win_rate_ppo_vs_sft", "gold_win_rate_sft_vs_pretrain", "gold_win_rate_ppo_vs_sft_sampled")
+            for k in (
+                "gold_win_rate_ppo_vs_sft",
+                "gold_win_rate_sft_vs_pretrain",
+                "gold_win_rate_ppo_vs_sft_sampled",
+                f"gold_win_rate_ppo_vs_{PARENT}",
+                f"gold_win_rate_ppo_vs_{PARENT}_sampled",
+            )
             if k in top
         },
         "headline": top,

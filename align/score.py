@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from align.errors import AlignError
 
@@ -92,6 +93,43 @@ def load_scorer(
         return out.tolist()
 
     return reward
+
+
+def load_function(spec: str, *, key: str = "labeler") -> tuple[Any, Callable[..., Any]]:
+    """(module, function) named by `spec`, 'package.module:function' or 'path/to/file.py:function' (a path relative to
+    the working directory). `key` (e.g. "gold_labeler") names the recipe key in the AlignError of a bad spec."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise AlignError(
+            f"{key} {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'. Check the spelling."
+        )
+    # `align` as a console script does not put the working directory on sys.path; `python -m align` does.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        if module_name.endswith(".py"):  # a file: path/to/labeler.py:function
+            if not Path(module_name).is_file():
+                raise ImportError(f"no such file {module_name}, relative to the working directory {os.getcwd()}")
+            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise AlignError(
+            f"{key} {spec}: cannot import module '{module_name}' ({e}). Put it on PYTHONPATH or in the working "
+            "directory."
+        ) from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise AlignError(f"{key} {spec}: module '{module_name}' has no function '{attr}'. Check the name.")
+    return module, fn
 
 
 def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:

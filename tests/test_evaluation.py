@@ -57,3 +57,92 @@ def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone(monkeypatc
 def test_several_greedy_answers_are_refused():
     with pytest.raises(ValueError, match="samples_per_prompt=2 at temperature=0"):
         evaluation.gold_eval(_Model(), None, ["x"], temperature=0.0, samples_per_prompt=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Any checker: `gold_labeler: module:function` (or file.py:function), pass rates per constraint kind from score_detail
+
+LENGTH_LABELER = """
+def score(prompt, response):
+    return min(len(response.split()) / 4, 1.0)
+
+
+def score_detail(prompt, response):
+    n = len(response.split())
+    return {"constraints": [{"kind": "nonempty", "passed": n > 0}, {"kind": "short", "passed": 0 < n <= 2}]}
+
+
+def broken(prompt, response):
+    return "high"
+"""
+
+
+def test_function_labeler_scores_and_pass_rates_per_constraint_kind(tmp_path, monkeypatch):
+    (tmp_path / "length.py").write_text(LENGTH_LABELER)
+    monkeypatch.chdir(tmp_path)
+    labeler = evaluation.load_gold_labeler("length.py:score")
+    answers = {"p0": ["a b", "a b c d e"], "p1": ["", "a"]}
+    monkeypatch.setattr("align.generate.generate", _fake_generate(answers, []))
+
+    out = evaluation.gold_eval(_Model(), None, ["p0", "p1"], temperature=1.0, samples_per_prompt=2, labeler=labeler)
+
+    # p0: (2/4 + 1) / 2 = .75; p1: (0 + 1/4) / 2 = .125
+    assert out["gold_scores"] == pytest.approx([0.75, 0.125])
+    # nonempty: 3 of 4 answers; short (1-2 words): "a b" and "a"
+    assert out["gold_pass_rates"] == {"nonempty": 0.75, "short": 0.5}
+    assert out["samples"][0] == {"prompt": "p0", "response": "a b", "gold_score": 0.5}
+
+
+def test_verifiable_checker_reports_the_constraint_kinds_of_its_prompt():
+    from align.data import verifiable
+
+    labeler = evaluation.load_gold_labeler("align.data.verifiable:score")
+    prompts = [r["prompt"] for r in verifiable.make_prompts(6, split="test", seed=1)]
+    score, kinds = labeler.check(prompts[0], "Rain falls.")
+    assert score == verifiable.score(prompts[0], "Rain falls.")
+    assert set(kinds) == {c["kind"] for c in verifiable.score_detail(prompts[0], "Rain falls.")["constraints"]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("length", r"expected 'gold' \(tiny world\), 'package.module:function'"),
+        ("no_such_module_xyz:score", "gold_labeler no_such_module_xyz:score: cannot import module"),
+        ("length.py:missing", "has no function 'missing'"),
+        ("nope.py:score", "no such file nope.py"),
+    ],
+)
+def test_bad_gold_labeler_is_one_align_error(tmp_path, monkeypatch, spec, message):
+    from align.errors import AlignError
+
+    (tmp_path / "length.py").write_text(LENGTH_LABELER)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AlignError, match=message):
+        evaluation.load_gold_labeler(spec)
+
+
+def test_a_labeler_returning_no_number_names_it(tmp_path, monkeypatch):
+    from align.errors import AlignError
+
+    (tmp_path / "length.py").write_text(LENGTH_LABELER)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AlignError, match=r"gold_labeler length.py:broken: returned 'high'"):
+        evaluation.load_gold_labeler("length.py:broken").score("p", "r")
+
+
+def test_labeler_and_prompts_come_together_off_the_tiny_world():
+    from types import SimpleNamespace
+
+    from align.errors import AlignError
+
+    def cfg(**kw):
+        base = {"gold_labeler": None, "gold_eval_dataset": None, "dataset_name": "data.jsonl"}
+        return SimpleNamespace(**{**base, **kw})
+
+    assert evaluation.resolved_gold_labeler(cfg(dataset_name="tinyworld")) == "gold"
+    assert evaluation.resolved_gold_labeler(cfg()) is None  # own data, no checker: no gold eval
+    assert evaluation.resolved_gold_labeler(cfg(gold_labeler="m:f", gold_eval_dataset="t.jsonl")) == "m:f"
+    with pytest.raises(AlignError, match="no held-out prompts"):
+        evaluation.resolved_gold_labeler(cfg(gold_labeler="m:f"))
+    with pytest.raises(AlignError, match="no gold_labeler"):
+        evaluation.resolved_gold_labeler(cfg(gold_eval_dataset="t.jsonl"))

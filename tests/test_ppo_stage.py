@@ -165,8 +165,65 @@ def test_own_prompt_file_and_parent_scored_when_settings_differ(tmp_path, stages
     assert any("eval/reward" in h for h in info["log_history"])  # held-out prompts scored by the reward model
 
 
+# A checker for any data (`gold_labeler: length.py:score`): longer answers score higher; two constraint kinds.
+LENGTH_LABELER = """
+def score(prompt, response):
+    return min(len(response.split()) / 8, 1.0)
+
+
+def score_detail(prompt, response):
+    n = len(response.split())
+    return {"constraints": [{"kind": "nonempty", "passed": n > 0}, {"kind": "long", "passed": n >= 8}]}
+"""
+
+
+def test_any_checker_scores_parent_and_policy_and_the_report_shows_them(tmp_path, stages, monkeypatch):
+    from align.report import write_report
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "length.py").write_text(LENGTH_LABELER)
+    rows = [{"prompt": f"where is {n} ?"} for n in ("tom", "amy") * 4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "run"
+    out = run_stage(stages, root / "ppo", dataset_name="train.jsonl", gold_labeler="length.py:score",
+                    gold_eval_dataset="heldout.jsonl", max_steps=2, eval_steps=1, save_strategy="no",
+                    gold_eval_samples=2)  # fmt: skip
+    info = read_stage_info(out)
+    assert info["gold_labeler"] == "length.py:score"
+    # the SFT stage's stored scores are of the tiny world's labeler: the parent is scored again, with this one
+    assert len(info["parent_gold_scores"]) == len(info["gold_scores"]) == 8
+    assert info["parent_gold_scores"] != PARENT_GOLD
+    assert info["metrics"]["gold_win_rate"] == win_rate(info["gold_scores"], info["parent_gold_scores"])
+    assert info["metrics"]["gold_win_rate_sampled"] == win_rate(info["gold_scores_sampled"],
+                                                                info["parent_gold_scores_sampled"])  # fmt: skip
+    for key in ("gold_pass_rates", "parent_gold_pass_rates"):
+        assert set(info[key]) == {"nonempty", "long"}, key
+    assert [h["step"] for h in info["log_history"] if "eval/gold_score" in h] == [1, 2]
+
+    (report_md, _, report_json) = write_report(root, {"examples": 2, "prompts_file": "heldout.jsonl"})
+    top = json.loads(report_json.read_text())["headline"]
+    assert top["gold_win_rate_ppo_vs_parent"] == info["metrics"]["gold_win_rate"]
+    assert top["gold_score"] == {"parent": info["metrics"]["parent_gold_score"], "ppo": info["metrics"]["gold_score"]}
+    assert top["gold_pass_rates"] == {"parent": info["parent_gold_pass_rates"], "ppo": info["gold_pass_rates"]}
+    text = report_md.read_text()
+    assert "PPO beats its parent (sft) on" in text and "checker length.py:score, ties count half" in text
+    assert "| constraint | parent | PPO |" in text and "| long |" in text
+    assert "| prompt | parent | PPO |" in text  # the parent answers beside PPO, each with its checker score
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors
+
+
+def test_bad_gold_labeler_exits_2_with_one_line(tmp_path, stages):
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(recipe(stages, tmp_path / "out", gold_labeler="no_such_checker.py:score")))
+    result = cli("--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: gold_labeler no_such_checker.py:score: cannot import")
+    assert not (tmp_path / "out").exists() or not (tmp_path / "out" / "align_stage.json").exists()
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path, stages):

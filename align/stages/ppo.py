@@ -10,8 +10,9 @@ Four roles: the policy (`model_name_or_path`: the SFT stage, or any causal LM; f
 (`reward_model_path`: an `align reward` output with its own tokenizer and stored offset) and the value model
 (`value_model_path`, else a copy of the reward model as InstructGPT, or the policy with a fresh head:
 `value_model_init`). Prompts: tiny-world instructions (train split), or your file (`prompt` column, or `messages`
-ending in a user turn). On the tiny world the policy and its SFT parent answer the held-out prompts `align sft` used
-and the gold labeler scores both.
+ending in a user turn). The policy and its parent answer held-out prompts and a gold labeler scores both: on the tiny
+world the prompts `align sft` used and its hidden labeler; on any data `gold_eval_dataset` and `gold_labeler`
+(`align.evaluation`, e.g. align.data.verifiable:score).
 """
 
 from __future__ import annotations
@@ -156,17 +157,19 @@ def load_value_model(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Gold evaluation (tiny world)
+# Gold evaluation (tiny world, or gold_labeler + gold_eval_dataset)
 
 
-def _gold(cfg, model, tokenizer, prompts: list[str], samples: int = 0) -> dict[str, Any]:
+def _gold(cfg, model, tokenizer, prompts: list[str], samples: int = 0, labeler=None) -> dict[str, Any]:
     """Gold eval at `eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`, as `align sft`)."""
     from align.evaluation import stage_gold_eval
 
-    return stage_gold_eval(cfg, model, tokenizer, prompts, temperature=cfg.eval_temperature, samples=samples)
+    return stage_gold_eval(cfg, model, tokenizer, prompts, temperature=cfg.eval_temperature, samples=samples,
+                           labeler=labeler)  # fmt: skip
 
 
-GOLD_KEYS = ("dataset_name", "tinyworld_seed", "gold_eval_prompts", "gold_eval_max_new_tokens")
+GOLD_KEYS = ("dataset_name", "tinyworld_seed", "gold_eval_prompts", "gold_eval_max_new_tokens", "gold_labeler",
+             "gold_eval_dataset")  # fmt: skip
 
 
 def parent_gold_settings(info: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -181,22 +184,34 @@ def parent_gold_settings(info: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: recipe.get(k, defaults[k]) for k in keys}
 
 
-def parent_gold_score(cfg, model, tokenizer, prompts: list[str], samples: int = 0) -> tuple[list[float], str]:
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def parent_gold_score(cfg, model, tokenizer, prompts: list[str], samples: int = 0, labeler=None) -> dict[str, Any]:
     """The parent's per-prompt gold scores on `prompts` (greedy, or `samples` per prompt as `_gold`): read from the
-    SFT stage when it used the same prompts and decoding, else computed now (before training: the policy is trained
-    in place). Returns (scores, their source)."""
+    SFT stage when it used the same prompts, labeler and decoding, else computed now (before training: the policy is
+    trained in place). Returns `{"gold_scores", "gold_pass_rates" (per constraint), "responses" (the first answer
+    per prompt), "source"}`; pass rates and responses are None when the SFT stage did not store them."""
     info = read_stage_info(cfg.model_name_or_path)
     settings = parent_gold_settings(info)
-    ours = {k: getattr(cfg, k) for k in GOLD_KEYS}  # dataset_name is tinyworld: gold evals run only there
+    ours = {k: getattr(cfg, k) for k in GOLD_KEYS}
     ours.update({"gold_eval_samples": samples} if samples else {"gold_eval_temperature": cfg.eval_temperature})
     key = "gold_scores_sampled" if samples else "gold_scores"
-    if settings is not None and all(float(settings[k]) == float(v) if k != "dataset_name" else settings[k] == v
-                                    for k, v in ours.items()):  # fmt: skip
+    if settings is not None and all(_same_setting(settings[k], v) for k, v in ours.items()):
         if len(info.get(key) or []) == len(prompts):
-            return [float(s) for s in info[key]], f"{cfg.model_name_or_path}/align_stage.json"
+            greedy = not samples
+            return {"gold_scores": [float(s) for s in info[key]],
+                    "gold_pass_rates": info.get("gold_pass_rates") if greedy else None,
+                    "responses": info.get("gold_responses") if greedy else None,
+                    "source": f"{cfg.model_name_or_path}/align_stage.json"}  # fmt: skip
     if settings is not None:
         logger.info("ppo: the SFT stage's gold eval used other settings (%s); scoring the parent again.", settings)
-    return [float(s) for s in _gold(cfg, model, tokenizer, prompts, samples)["gold_scores"]], "computed"
+    result = _gold(cfg, model, tokenizer, prompts, samples, labeler)
+    return {"gold_scores": [float(s) for s in result["gold_scores"]], "gold_pass_rates": result["gold_pass_rates"],
+            "responses": result["responses"], "source": "computed"}  # fmt: skip
 
 
 def final_mean(log_history: list[dict[str, Any]], key: str) -> float:
@@ -218,10 +233,12 @@ def run(cfg) -> Path:
     from trl import get_peft_config
 
     from align import modeling
+    from align.evaluation import gold_setup
     from align.stages.sft import load_model_and_tokenizer
     from align.trainers.ppo import PPOTrainer
 
     set_seed(cfg.seed)
+    gold_spec = gold_setup(cfg)  # first: a bad gold_labeler or gold_eval_dataset is one line, before any work
     log_config(cfg)
     output_dir = Path(cfg.output_dir)
 
@@ -235,31 +252,36 @@ def run(cfg) -> Path:
     peft_config = get_peft_config(cfg)
     ptx_ds = load_ptx(cfg, tokenizer)
 
-    gold = cfg.dataset_name == TINYWORLD and cfg.gold_eval_prompts > 0
+    gold = gold_spec is not None
     metrics: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     eval_fn, eval_metric = None, "gold_score"
     if gold:
-        from align.data import tinyworld
-        from align.evaluation import heldout_prompts, win_rate
+        from align.evaluation import win_rate
 
-        prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
+        labeler, prompts = gold_spec
+        extra["gold_labeler"] = labeler.name
         # Before the trainer exists: the policy is trained in place (and a resumed run loads its checkpoint later).
-        parent_scores, source = parent_gold_score(cfg, policy, tokenizer, prompts)
+        parent = parent_gold_score(cfg, policy, tokenizer, prompts, labeler=labeler)
+        parent_scores = parent["gold_scores"]
         metrics["parent_gold_score"] = sum(parent_scores) / len(parent_scores)
         extra["parent_gold_scores"] = parent_scores
+        if parent["gold_pass_rates"] is not None:
+            extra["parent_gold_pass_rates"] = parent["gold_pass_rates"]
+        if parent["responses"] is not None:
+            extra["parent_gold_responses"] = parent["responses"]
         logger.info("Parent model (%s): gold score %.4f (%s).", cfg.model_name_or_path, metrics["parent_gold_score"],
-                    source)  # fmt: skip
+                    parent["source"])  # fmt: skip
         if cfg.gold_eval_samples:
-            parent_sampled, source = parent_gold_score(cfg, policy, tokenizer, prompts, cfg.gold_eval_samples)
-            metrics["parent_gold_score_sampled"] = sum(parent_sampled) / len(parent_sampled)
-            extra["parent_gold_scores_sampled"] = parent_sampled
+            parent_sampled = parent_gold_score(cfg, policy, tokenizer, prompts, cfg.gold_eval_samples, labeler=labeler)
+            metrics["parent_gold_score_sampled"] = sum(parent_sampled["gold_scores"]) / len(prompts)
+            extra["parent_gold_scores_sampled"] = parent_sampled["gold_scores"]
             logger.info("Parent model: gold score sampled (%d per prompt) %.4f (%s).", cfg.gold_eval_samples,
-                        metrics["parent_gold_score_sampled"], source)  # fmt: skip
+                        metrics["parent_gold_score_sampled"], parent_sampled["source"])  # fmt: skip
         eval_ds = [{"prompt": p} for p in prompts]
 
         def eval_fn(ps: list[str], rs: list[str]) -> float:
-            return sum(tinyworld.score(p, r) for p, r in zip(ps, rs, strict=True)) / len(ps)
+            return sum(labeler.score(p, r) for p, r in zip(ps, rs, strict=True)) / len(ps)
 
     elif eval_ds is not None:
         from align.trainers.reward import score
@@ -302,13 +324,14 @@ def run(cfg) -> Path:
 
     # Evaluate
     if gold and acc.is_main_process:
-        this = _gold(cfg, trainer.policy, tokenizer, prompts)
+        this = _gold(cfg, trainer.policy, tokenizer, prompts, labeler=labeler)
         metrics["gold_score"] = this["gold_score"]
         metrics["gold_win_rate"] = win_rate(this["gold_scores"], parent_scores)
+        # gold_responses (and parent_gold_responses): the greedy answers the per-prompt scores are of, to audit them.
         extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"],
-                     gold_samples=this["samples"])  # fmt: skip
+                     gold_responses=this["responses"], gold_samples=this["samples"])  # fmt: skip
         if cfg.gold_eval_samples:
-            sampled = _gold(cfg, trainer.policy, tokenizer, prompts, cfg.gold_eval_samples)
+            sampled = _gold(cfg, trainer.policy, tokenizer, prompts, cfg.gold_eval_samples, labeler)
             metrics["gold_score_sampled"] = sampled["gold_score"]
             metrics["gold_win_rate_sampled"] = win_rate(sampled["gold_scores"], extra["parent_gold_scores_sampled"])
             extra["gold_scores_sampled"] = sampled["gold_scores"]

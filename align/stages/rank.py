@@ -261,36 +261,9 @@ def _flat(scorer: Callable[[Sequence[str], Sequence[str]], list[float]], name: s
 def _function_labeler(spec: str) -> Labeler:
     """`package.module:function` or `path/to/file.py:function`, called as function(prompt, responses) -> K scores;
     each result is checked."""
-    import importlib
+    from align.score import load_function
 
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise AlignError(
-            f"labeler {spec!r}: expected 'package.module:function', 'path/to/file.py:function', 'gold' or a reward "
-            "model path."
-        )
-    # `align` as a console script does not put the working directory on sys.path; `python -m align` does.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        if module_name.endswith(".py"):  # a file: path/to/labeler.py:function
-            import importlib.util
-
-            if not Path(module_name).is_file():
-                raise ImportError(f"no such file {module_name}, relative to the working directory {os.getcwd()}")
-            spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise AlignError(
-            f"labeler {spec}: cannot import module '{module_name}' ({e}). Put it on PYTHONPATH or in the working "
-            "directory."
-        ) from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise AlignError(f"labeler {spec}: module '{module_name}' has no function '{attr}'. Check the name.")
+    _, fn = load_function(spec, key="labeler")
 
     def label(prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[float]]:
         out = []

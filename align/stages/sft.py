@@ -7,7 +7,8 @@ Demonstrations in any common format (messages, prompt/completion, alpaca, ShareG
 conversational prompt/completion form, so the loss is on the response only under any chat template
 (`completion_only_loss: false` trains on the whole sequence; `assistant_only_loss: true` trains every assistant turn
 of multi-turn data, which needs `{% generation %}` markers in the template). LoRA/QLoRA through peft (`use_peft`).
-On the tiny world, the model and its parent answer the same held-out prompts and the gold labeler scores both.
+The model and its parent answer the same held-out prompts and a gold labeler scores both: the tiny world's hidden
+labeler, or on any data `gold_labeler` on `gold_eval_dataset` (`align.evaluation`).
 """
 
 from __future__ import annotations
@@ -138,8 +139,10 @@ def run(cfg) -> Path:
     from trl import SFTTrainer, get_peft_config
 
     from align import modeling
+    from align.evaluation import gold_setup
 
     set_seed(cfg.seed)
+    gold_spec = gold_setup(cfg)  # first: a bad gold_labeler or gold_eval_dataset is one line, before any work
     log_config(cfg)
     output_dir = Path(cfg.output_dir)
 
@@ -151,14 +154,15 @@ def run(cfg) -> Path:
     # Model
     model, tokenizer = load_model_and_tokenizer(cfg)
     peft_config = get_peft_config(cfg)
-    gold = cfg.dataset_name == TINYWORLD and cfg.gold_eval_prompts > 0
+    gold = gold_spec is not None
     metrics: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     if gold:
-        from align.evaluation import SAMPLED_TEMPERATURE, heldout_prompts, win_rate
+        from align.evaluation import SAMPLED_TEMPERATURE, win_rate
 
-        prompts = heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
-        parent_eval = _gold(cfg, model, tokenizer, prompts)
+        labeler, prompts = gold_spec
+        extra["gold_labeler"] = labeler.name
+        parent_eval = _gold(cfg, model, tokenizer, prompts, labeler=labeler)
         metrics["parent_gold_score"] = parent_eval["gold_score"]
         extra["parent_gold_pass_rates"] = parent_eval["gold_pass_rates"]
         extra["parent_gold_scores"] = parent_eval["gold_scores"]
@@ -200,12 +204,12 @@ def run(cfg) -> Path:
         if "eval_mean_token_accuracy" in ev:
             metrics["eval_mean_token_accuracy"] = ev["eval_mean_token_accuracy"]
     if gold:
-        this = _gold(cfg, trainer.model, tokenizer, prompts)
+        this = _gold(cfg, trainer.model, tokenizer, prompts, labeler=labeler)
         metrics["gold_score"] = this["gold_score"]
         metrics["gold_win_rate"] = win_rate(this["gold_scores"], extra["parent_gold_scores"])
         extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"])
         if cfg.gold_eval_samples:
-            sampled = _gold(cfg, trainer.model, tokenizer, prompts, samples=cfg.gold_eval_samples)
+            sampled = _gold(cfg, trainer.model, tokenizer, prompts, samples=cfg.gold_eval_samples, labeler=labeler)
             metrics["gold_score_sampled"] = sampled["gold_score"]
             extra["gold_scores_sampled"] = sampled["gold_scores"]
             logger.info("Gold score sampled (%d per prompt, temperature %g): %.4f.", cfg.gold_eval_samples,
@@ -242,11 +246,13 @@ def run(cfg) -> Path:
     return output_dir
 
 
-def _gold(cfg, model, tokenizer, prompts, samples: int = 0):
+def _gold(cfg, model, tokenizer, prompts, samples: int = 0, labeler=None):
     """Gold eval at `gold_eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`)."""
     from align.evaluation import stage_gold_eval
 
-    return stage_gold_eval(cfg, model, tokenizer, prompts, temperature=cfg.gold_eval_temperature, samples=samples)
+    return stage_gold_eval(
+        cfg, model, tokenizer, prompts, temperature=cfg.gold_eval_temperature, samples=samples, labeler=labeler
+    )
 
 
 def save(trainer, tokenizer, cfg, output_dir: Path) -> None:

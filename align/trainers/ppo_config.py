@@ -389,8 +389,25 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     gold_eval_prompts: int = field(
         default=200,
         metadata={
-            "help": "Held-out tiny-world prompts answered by this policy and its SFT parent and scored by the gold "
-            "labeler, the same prompts as `align sft` (tinyworld only; 0 = off). Decoding: eval_temperature."
+            "help": "Held-out prompts answered by this policy and its parent and scored by the gold labeler, the "
+            "same prompts as `align sft` (tiny world, or gold_labeler + gold_eval_dataset; 0 = off). Decoding: "
+            "eval_temperature."
+        },
+    )
+    gold_labeler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Who scores the held-out answers: 'gold' (the tiny-world gold labeler, the default on "
+            "dataset_name: tinyworld), or 'package.module:function' / 'path/to/file.py:function' called as "
+            "function(prompt, response) -> float, higher = better (e.g. align.data.verifiable:score). Off the "
+            "tiny world it needs gold_eval_dataset."
+        },
+    )
+    gold_eval_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts for the gold evaluation: a file, save_to_disk dir or Hub id with a 'prompt' "
+            "column (its first gold_eval_prompts rows). None: the tiny world's held-out prompts."
         },
     )
     gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
@@ -419,5 +436,12 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
         if self.ptx_dataset_name and self.ptx_coef == 0:
             errors.append(f"ptx_dataset_name {self.ptx_dataset_name!r} is set but ptx_coef is 0; set ptx_coef > 0 "
                           "(InstructGPT: 27.8) or drop ptx_dataset_name")  # fmt: skip
+        # The tiny world has its own held-out prompts; any other data needs a file of them (align.evaluation).
+        if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != "tinyworld":
+            errors.append(f"gold_labeler {self.gold_labeler!r} needs held-out prompts off the tiny world; set "
+                          "gold_eval_dataset: FILE (a 'prompt' column) or drop gold_labeler")  # fmt: skip
+        if self.gold_eval_dataset and not self.gold_labeler:
+            errors.append(f"gold_eval_dataset {self.gold_eval_dataset!r} is set but no gold_labeler scores the "
+                          "answers; set gold_labeler: module:function (e.g. align.data.verifiable:score)")  # fmt: skip
         if errors:
             raise ValueError("ppo: " + "; ".join(errors) + ".")
