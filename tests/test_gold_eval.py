@@ -1,0 +1,157 @@
+"""Gold evaluation in `align ppo` with any checker (`gold_labeler: file.py:function` on `gold_eval_dataset`): the
+parent and the policy answer the same held-out prompts, align_stage.json keeps what the tiny world keeps (per-prompt
+scores, greedy and sampled, and the greedy answers), the report's headline shows the win-rate; a bad spec is one
+line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from align.evaluation import win_rate
+from align.io import read_stage_info, write_stage_info
+
+WORDS = "tom amy is in the park shop kitchen where ? . has a new red lamp write one sentence about read : question"
+# The checker of the test: a tenth per answer word found in the prompt, up to 10 (answers here are 8 tokens long, so
+# a plain word count would score every answer alike).
+LABELER = """
+def score(prompt, response):
+    return min(sum(w in prompt.split() for w in response.split()), 10) / 10
+"""
+PROMPTS = [f"where is {name} ? write one sentence about the {place} ." for name in ("tom", "amy")
+           for place in ("park", "shop", "kitchen", "lamp")]  # fmt: skip
+
+
+def words_score(prompt: str, response: str) -> float:
+    return min(sum(w in prompt.split() for w in response.split()), 10) / 10
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> dict[str, Path]:
+    """As tests/test_ppo_stage.py: an untrained tiny llama policy saved as an "sft" stage (no gold scores stored, so
+    the parent is scored here) and a tiny llama reward model as a "reward" stage, one word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from align import modeling
+
+    root = tmp_path_factory.mktemp("stages")
+    tok = modeling.wordlevel_tokenizer(WORDS.split() + [str(i) for i in range(10)])
+    modeling.ensure_chat_template(tok)
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    policy = modeling.new_causal_lm("llama", sizes, tok, max_length=128)
+    modeling.set_generation_defaults(policy, tok)
+    with torch.no_grad():  # larger weights: greedy answers differ from prompt to prompt (at init, all are one token)
+        for p in policy.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    sft = root / "sft"
+    policy.save_pretrained(sft)
+    tok.save_pretrained(sft)
+    write_stage_info(sft, "sft", parent=None, recipe={}, data=None, metrics={})
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
+                                                    tie_word_embeddings=False, **sizes, **ids))  # fmt: skip
+    rm.config.align_reward_offset = 0.25
+    reward = root / "reward"
+    rm.save_pretrained(reward)
+    tok.save_pretrained(reward)
+    write_stage_info(reward, "reward", parent={"stage": "sft", "path": str(sft)}, recipe={}, data=None, metrics={})
+    return {"sft": sft, "reward": reward}
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch) -> Path:
+    """Working dir with prompts.jsonl (8 prompts, train and held out) and words.py (the checker)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "words.py").write_text(LABELER)
+    return tmp_path
+
+
+def recipe(stages, out: Path, **over) -> dict:
+    base = {
+        "model_name_or_path": str(stages["sft"]),
+        "reward_model_path": str(stages["reward"]),
+        "output_dir": str(out),
+        "dataset_name": "prompts.jsonl",
+        "gold_labeler": "words.py:score",
+        "gold_eval_dataset": "prompts.jsonl",
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "num_mini_batches": 2,
+        "num_ppo_epochs": 1,
+        "max_new_tokens": 8,
+        "learning_rate": 1e-3,
+        "gold_eval_prompts": 8,
+        "gold_eval_max_new_tokens": 8,
+        "gold_eval_samples": 2,
+        "per_device_eval_batch_size": 8,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "num_sample_generations": 0,
+        "seed": 3,
+    }
+    return {**base, **over}
+
+
+def test_checker_scores_parent_and_policy_per_prompt_and_the_report_shows_the_win_rate(data, stages):
+    from align.config import parse_config
+    from align.report import write_report
+    from align.stages.ppo import run
+
+    root = data / "run"
+    out = run(parse_config("ppo", [], overrides=recipe(stages, root / "ppo")))
+    info = read_stage_info(out)
+
+    assert info["gold_labeler"] == "words.py:score"
+    # Greedy: the stored scores are the checker's on the stored answers, prompt by prompt, for both models.
+    for who in ("parent_gold", "gold"):
+        answers = info[f"{who}_responses"]
+        assert len(answers) == len(info[f"{who}_scores"]) == len(PROMPTS), who
+        assert info[f"{who}_scores"] == [words_score(p, r) for p, r in zip(PROMPTS, answers, strict=True)], who
+    assert len(set(info["parent_gold_scores"])) > 1  # the check above is not on eight empty answers
+    assert info["metrics"]["parent_gold_score"] == pytest.approx(sum(info["parent_gold_scores"]) / 8)
+    assert info["metrics"]["gold_score"] == pytest.approx(sum(info["gold_scores"]) / 8)
+    assert info["metrics"]["gold_win_rate"] == win_rate(info["gold_scores"], info["parent_gold_scores"])
+    # Sampled (2 answers per prompt at temperature 1, as on the tiny world): per-prompt means, in the checker's range.
+    for key in ("parent_gold_scores_sampled", "gold_scores_sampled"):
+        assert len(info[key]) == 8 and all(0.0 <= s <= 1.0 for s in info[key]), key
+    assert info["metrics"]["gold_win_rate_sampled"] == win_rate(info["gold_scores_sampled"],
+                                                                info["parent_gold_scores_sampled"])  # fmt: skip
+
+    report_md, _, report_json = write_report(root, {"examples": 0})
+    top = json.loads(report_json.read_text())["headline"]
+    assert top["gold_win_rate_ppo_vs_parent"] == info["metrics"]["gold_win_rate"]
+    assert top["gold_win_rate_ppo_vs_parent_sampled"] == info["metrics"]["gold_win_rate_sampled"]
+    rate = info["metrics"]["gold_win_rate"]
+    assert (f"PPO beats its parent (sft) on {rate:.1%} of 8 held-out prompts (checker words.py:score, ties count "
+            "half)") in report_md.read_text()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"gold_labeler": "no_such_checker.py:score"}, "error: gold_labeler no_such_checker.py:score: cannot import"),
+        ({"gold_labeler": "words.py:missing"}, "error: gold_labeler words.py:missing: module 'words.py' has no "),
+        ({"gold_labeler": "words"}, "error: gold_labeler 'words': expected 'gold' (tiny world)"),
+        # a config error (PPOStageConfig.__post_init__), so it names the recipe file
+        ({"gold_eval_dataset": None}, "error: {recipe}: ppo: gold_labeler 'words.py:score' needs held-out prompts"),
+    ],
+)
+def test_bad_gold_labeler_is_one_line_and_exit_2(data, stages, capsys, over, message):
+    from align.cli import main
+
+    path = data / "ppo.yaml"
+    path.write_text(yaml.safe_dump({**recipe(stages, data / "out"), **over}))
+    capsys.readouterr()
+    assert main(["ppo", "--config", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(recipe=path)), lines
+    assert not (data / "out" / "align_stage.json").exists()
