@@ -77,6 +77,28 @@ def _test_size_field():
     )
 
 
+def _gold_labeler_field():
+    return field(
+        default=None,
+        metadata={
+            "help": "Who scores the held-out answers: 'gold' (the tiny-world gold labeler, the default on "
+            "dataset_name: tinyworld), or 'package.module:function' / 'path/to/file.py:function' called as "
+            "function(prompt, response) -> float, higher = better (e.g. align.data.verifiable:score). Off the "
+            "tiny world it needs gold_eval_dataset."
+        },
+    )
+
+
+def _gold_eval_dataset_field():
+    return field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts for the gold evaluation: a file, save_to_disk dir or Hub id with a 'prompt' "
+            "column (its first gold_eval_prompts rows). None: the tiny world's held-out prompts."
+        },
+    )
+
+
 def _tinyworld_seed_field():
     return field(
         default=0,
@@ -229,22 +251,8 @@ def _sft_class():
                 "(tiny world, or gold_labeler + gold_eval_dataset; 0 = off)."
             },
         )
-        gold_labeler: str | None = field(
-            default=None,
-            metadata={
-                "help": "Who scores the held-out answers: 'gold' (the tiny-world gold labeler, the default on "
-                "dataset_name: tinyworld), or 'package.module:function' / 'path/to/file.py:function' called as "
-                "function(prompt, response) -> float, higher = better (e.g. align.data.verifiable:score). Off the "
-                "tiny world it needs gold_eval_dataset."
-            },
-        )
-        gold_eval_dataset: str | None = field(
-            default=None,
-            metadata={
-                "help": "Held-out prompts for the gold evaluation: a file, save_to_disk dir or Hub id with a 'prompt' "
-                "column (its first gold_eval_prompts rows). None: the tiny world's held-out prompts."
-            },
-        )
+        gold_labeler: str | None = _gold_labeler_field()
+        gold_eval_dataset: str | None = _gold_eval_dataset_field()
         gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
         gold_eval_temperature: float = field(
             default=0.0,

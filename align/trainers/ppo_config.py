@@ -11,7 +11,7 @@ from accelerate.utils import LoggerType
 from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments
 
-from align.config import _changed, _post_init_common, check_values
+from align.config import _changed, _gold_eval_dataset_field, _gold_labeler_field, _post_init_common, check_values
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy")
@@ -394,22 +394,8 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             "eval_temperature."
         },
     )
-    gold_labeler: str | None = field(
-        default=None,
-        metadata={
-            "help": "Who scores the held-out answers: 'gold' (the tiny-world gold labeler, the default on "
-            "dataset_name: tinyworld), or 'package.module:function' / 'path/to/file.py:function' called as "
-            "function(prompt, response) -> float, higher = better (e.g. align.data.verifiable:score). Off the "
-            "tiny world it needs gold_eval_dataset."
-        },
-    )
-    gold_eval_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out prompts for the gold evaluation: a file, save_to_disk dir or Hub id with a 'prompt' "
-            "column (its first gold_eval_prompts rows). None: the tiny world's held-out prompts."
-        },
-    )
+    gold_labeler: str | None = _gold_labeler_field()
+    gold_eval_dataset: str | None = _gold_eval_dataset_field()
     gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
     gold_eval_samples: int = field(
         default=4,
