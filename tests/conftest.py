@@ -17,3 +17,16 @@ def isolated_datasets_cache(tmp_path_factory, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
     datasets.disable_progress_bars()
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    """An installed package `align_fake_models` (on sys.path) shipping `tiny.gguf` and `sub/w.safetensors`, whose
+    `__init__` raises: a `package:` reference must find its files without importing it."""
+    root = tmp_path / "site" / "align_fake_models"
+    (root / "sub").mkdir(parents=True)
+    (root / "__init__.py").write_text("raise ImportError('align_fake_models must not be imported')\n")
+    (root / "tiny.gguf").write_bytes(b"GGUF")
+    (root / "sub" / "w.safetensors").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return root

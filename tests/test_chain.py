@@ -114,6 +114,19 @@ def test_shared_inline_and_command_line_keys_in_that_order(tmp_path):
     assert chain.plan("pretrain").recipe["seed"] == 9
 
 
+def test_a_package_model_ref_resolves_in_the_chain(tmp_path, fake_package):
+    from align.chain import fingerprint, resolved_recipe
+
+    ref = "package:align_fake_models/tiny.gguf"
+    stages = {"sft": {"recipe": str(tmp_path / "sft.yaml"), "model_name_or_path": ref, "model_hub_id": "acme/tiny"}}
+    plan = load_chain(write_chain(tmp_path, stages=stages)).plan("sft")
+    assert plan.recipe["model_name_or_path"] == ref  # the stage recipe written for a rerun keeps the reference
+    resolved = resolved_recipe(plan)  # what the stage validates and records, before anything runs
+    assert resolved["model_name_or_path"] == str((fake_package / "tiny.gguf").resolve())
+    assert resolved["model_hub_id"] == "acme/tiny"
+    assert fingerprint(plan, resolved) == fingerprint(plan, resolved_recipe(plan))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

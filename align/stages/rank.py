@@ -543,7 +543,7 @@ def run(cfg) -> Path:
             output_dir,
             rows,
             metrics=metrics,
-            parent=parent_of(cfg.model_name_or_path),
+            parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
             recipe=recipe_dict(cfg),
             data=data_info,
             sampling=sampling_settings(cfg),

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments
 
-from align.config import _changed, _column_mapping_field, _json_dict, _tinyworld_seed_field, check_values
+from align.config import (
+    _changed,
+    _column_mapping_field,
+    _json_dict,
+    _model_hub_id_field,
+    _tinyworld_seed_field,
+    check_values,
+    resolve_model_keys,
+)
 
 GOLD = "gold"
 
@@ -32,6 +40,7 @@ class RankConfig(ModelConfig, ScriptArguments):
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to sample with (default: the policy's own, model_name_or_path)."}
     )
+    model_hub_id: str | None = _model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
     )
@@ -95,6 +104,7 @@ class RankConfig(ModelConfig, ScriptArguments):
 
     def __post_init__(self):
         check_values(self)  # ranges: align.config.VALUE_RULES (num_generations >= 2, 0 < top_p <= 1, ...)
+        resolve_model_keys(self)  # `package:` references -> paths, model_hub_id checked
         self.dataset_column_mapping = _json_dict(self.dataset_column_mapping, "dataset_column_mapping")
         if not self.output_dir:
             raise ValueError("output_dir is not set; add `output_dir: runs/<name>/rank` to the recipe.")

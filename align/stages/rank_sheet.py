@@ -118,7 +118,7 @@ def export_main(argv: list[str]) -> int:
     else:
         atomic_write_text(sheet, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     meta = {
-        "parent": parent_of(cfg.model_name_or_path),
+        "parent": parent_of(cfg.model_name_or_path, cfg.model_hub_id),
         "recipe": recipe_dict(cfg),
         "data": data_info,
         "sampling": sampling_settings(cfg),

@@ -423,7 +423,7 @@ def run(cfg) -> Path:
         write_stage_info(
             output_dir,
             "reward",
-            parent=parent_of(cfg.model_name_or_path),
+            parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
             recipe=recipe_dict(cfg),
             data=data_info,
             metrics={k: float(v) for k, v in metrics.items()},

@@ -229,7 +229,7 @@ def run(cfg) -> Path:
         write_stage_info(
             output_dir,
             "sft",
-            parent=parent_of(cfg.model_name_or_path),
+            parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
             recipe=recipe_dict(cfg),
             data=data_info,
             metrics={k: float(v) for k, v in metrics.items()},

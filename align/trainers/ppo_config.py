@@ -11,7 +11,15 @@ from accelerate.utils import LoggerType
 from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments
 
-from align.config import _changed, _gold_eval_dataset_field, _gold_labeler_field, _post_init_common, check_values
+from align.config import (
+    _changed,
+    _gold_eval_dataset_field,
+    _gold_labeler_field,
+    _model_hub_id_field,
+    _post_init_common,
+    check_values,
+    resolve_auto_bf16,
+)
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy")
@@ -60,8 +68,9 @@ class PPOConfig(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 autocast. None (default): on where a CUDA GPU supports it, off on CPUs (emulated "
-            "bf16 was measured ~15x slower than float32 on CPUs without avx512_bf16/AMX)."
+            "help": "bf16 autocast. None (default, auto): on for a CUDA GPU with bf16 and for CPUs with AMX or "
+            "avx512_bf16 (sampling stays float32 on a CPU, where it is faster), off elsewhere (emulated bf16 was "
+            "measured ~15x slower than float32)."
         },
     )
 
@@ -256,10 +265,7 @@ class PPOConfig(TrainingArguments):
     def __post_init__(self):
         # Ranges (kl_coef >= 0, 0 < top_p <= 1, batch keys >= 1, ...) are declared in align.config.VALUE_RULES.
         check_values(self)
-        if self.bf16 is None:
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+        resolve_auto_bf16(self)
         super().__post_init__()
         errors = []
 
@@ -345,6 +351,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Policy tokenizer dir or Hub id, when not the policy's own."}
     )
+    model_hub_id: str | None = _model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repos. Off unless you ask."}
     )

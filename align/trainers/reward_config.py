@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, ScriptArguments
 
-from align.config import _changed, _column_mapping_field, _post_init_common, check_values
+from align.config import (
+    _changed,
+    _column_mapping_field,
+    _model_hub_id_field,
+    _post_init_common,
+    check_values,
+    resolve_auto_bf16,
+)
 
 RANKING_LOSSES = ("pairwise", "plackett_luce")
 
@@ -52,8 +59,8 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
     """`align reward`: train a reward model on K-way rankings (InstructGPT step 2), RankingRewardTrainer underneath.
 
     Changed defaults: `report_to="none"`, `save_total_limit=2`, `dtype="auto"`, `gradient_checkpointing` unset =
-    off (TRL turns it on; small models do not need it, GPU recipes set it), `bf16` = on only where the hardware has
-    fast bf16 (a CUDA GPU), `dataset_test_size=0.1`, `lora_task_type="SEQ_CLS"` (with `use_peft` the adapters and the
+    off (TRL turns it on; small models do not need it, GPU recipes set it), `bf16` = auto (on where the hardware has
+    fast bf16: a CUDA GPU, or a CPU with AMX/avx512_bf16), `dataset_test_size=0.1`, `lora_task_type="SEQ_CLS"` (with `use_peft` the adapters and the
     new score head train; the stage saves the model merged, the adapter beside it). `dataset_name` has no default: an
     `align rank` output dir, a rankings or pairs file, a save_to_disk dir or a Hub id.
     """
@@ -74,6 +81,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
             "always uses the reward model's own tokenizer and chat template, whatever the policy's are."
         },
     )
+    model_hub_id: str | None = _model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
     )
@@ -119,10 +127,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
     )
 
     def __post_init__(self):
-        if self.bf16 is None:
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+        resolve_auto_bf16(self)
         _post_init_common(self, RankingRewardConfig)
         errors = []
         if not self.dataset_name:
