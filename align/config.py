@@ -212,8 +212,8 @@ def _sft_class():
         """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
 
         Changed defaults: `dataset_name="tinyworld"`, `report_to="none"`, `save_total_limit=2`, `dtype="auto"`,
-        `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = auto (null: on where the hardware
-        has fast bf16, a CUDA GPU or a CPU with AMX/avx512_bf16; `resolve_auto_bf16`).
+        `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = auto
+        (null: on where the hardware has fast bf16, a CUDA GPU or a CPU with AMX/avx512_bf16; `resolve_auto_bf16`).
         """
 
         # Changed defaults

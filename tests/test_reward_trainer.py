@@ -588,8 +588,8 @@ def test_ppo_scores_rollouts_with_the_encoder_pair(bert_tok, tmp_path):
     reward = BertForSequenceClassification(bert_config(bert_tok, num_labels=1))
     reward.config.align_reward_offset = 0.25
     args = PPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_mini_batches=1,
-                     num_ppo_epochs=1, max_new_tokens=4, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-                     disable_tqdm=True, seed=1)  # fmt: skip
+                     num_ppo_epochs=1, max_new_tokens=4, save_strategy="no", report_to="none", use_cpu=True,
+                     bf16=False, disable_tqdm=True, seed=1)  # fmt: skip
     trainer = PPOTrainer(args, policy, reward_model=reward, value_model=value, processing_class=tok,
                          reward_tokenizer=bert_tok, train_dataset=[{"prompt": "q w1"}] * 4)  # fmt: skip
     ids = bert_tok("q w1", "good w2")["input_ids"]  # [CLS] q w1 [SEP] good w2 [SEP]

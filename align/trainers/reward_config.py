@@ -59,9 +59,10 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
     """`align reward`: train a reward model on K-way rankings (InstructGPT step 2), RankingRewardTrainer underneath.
 
     Changed defaults: `report_to="none"`, `save_total_limit=2`, `dtype="auto"`, `gradient_checkpointing` unset =
-    off (TRL turns it on; small models do not need it, GPU recipes set it), `bf16` = auto (on where the hardware has
-    fast bf16: a CUDA GPU, or a CPU with AMX/avx512_bf16), `dataset_test_size=0.1`, `lora_task_type="SEQ_CLS"` (with `use_peft` the adapters and the
-    new score head train; the stage saves the model merged, the adapter beside it). `dataset_name` has no default: an
+    off (TRL turns it on; small models do not need it, GPU recipes set it), `bf16` = auto (on where the
+    hardware has fast bf16: a CUDA GPU, or a CPU with AMX/avx512_bf16), `dataset_test_size=0.1`,
+    `lora_task_type="SEQ_CLS"` (with `use_peft` the adapters and the new score head train; the stage saves the model
+    merged, the adapter beside it). `dataset_name` has no default: an
     `align rank` output dir, a rankings or pairs file, a save_to_disk dir or a Hub id.
     """
 
