@@ -30,6 +30,7 @@ from typing import Any
 
 from align.copy_probe import FAR, NEAR
 from align.errors import AlignError
+from align.hub_lineage import is_hub_id
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["gold_win_rate_sft_vs_pretrain"] = win_rate(sft["gold_scores"], sft["parent_gold_scores"])
         out["held_out_prompts"] = {"sft_vs_pretrain": len(sft["gold_scores"])}
     if ppo and "gold_scores" in ppo:
-        parent_path = (ppo.get("parent") or {}).get("path")
+        parent = ppo.get("parent") or {}
+        parent_path = parent.get("path")
         # `vs`: the chain's SFT stage, or (no SFT stage: e.g. PPO straight on an instruct model) PPO's own parent.
         vs = "sft" if sft or _same(parent_path, root / "sft") else PARENT
         if vs == "sft" and not _same(parent_path, root / "sft"):
@@ -146,7 +148,8 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
             )
         if vs == PARENT:
             out["gold_score"][PARENT] = ppo["metrics"]["parent_gold_score"]
-            out["ppo_parent"] = parent_path
+            # a stage dir, or a base model: named by its Hub id when the stage recorded one (model_hub_id)
+            out["ppo_parent"] = parent_path or parent.get("hub_id") or parent.get("model")
         out["gold_labeler"] = ppo.get("gold_labeler", "gold")
         out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
         out[f"gold_win_rate_ppo_vs_{vs}"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
@@ -168,11 +171,32 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["ppo_kl"] = ppo["metrics"].get("kl")
     if "reward" in stages:
         out["reward_pair_accuracy"] = stages["reward"]["metrics"].get("pair_accuracy")
+    best = best_of_n_reference(root, ppo)
+    if best:
+        out["best_of_n"] = best
     if LSTM_DIR in stages:
         out["lstm_vs_transformer"] = lstm_comparison(stages)
     if not out["gold_score"]:
         del out["gold_score"]
     return out
+
+
+def best_of_n_reference(root: Path, ppo: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest `best_of_<n>.json` beside the stages (`python -m align.best_of_n`), if it is of this PPO stage's
+    parent and prompts: `{n, gold_score, win_rate_vs_parent_greedy, ppo_win_rate_vs_best_of_n}`."""
+    if not ppo or "parent_gold_scores" not in ppo:
+        return None
+    for file in sorted(root.glob("best_of_*.json"), key=lambda f: f.stat().st_mtime, reverse=True):
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not _same(data.get("ppo_dir"), root / "ppo") or data.get("prompts") != len(ppo["parent_gold_scores"]):
+            continue
+        return {"n": data["n"], "gold_score": data["gold_score_best_of_n"],
+                "win_rate_vs_parent_greedy": data["win_rate_vs_parent_greedy"],
+                "ppo_win_rate_vs_best_of_n": data.get("ppo_win_rate_vs_best_of_n"), "file": file.name}  # fmt: skip
+    return None
 
 
 def lstm_comparison(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -427,7 +451,8 @@ def _fmt(v: Any) -> str:
 def _headline_lines(top: dict[str, Any]) -> list[str]:
     lines = []
     vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
-    name = f"its parent ({Path(str(top.get('ppo_parent'))).name})" if vs == PARENT else "SFT"
+    parent = str(top.get("ppo_parent"))
+    name = f"its parent ({parent if is_hub_id(parent) else Path(parent).name})" if vs == PARENT else "SFT"
     labeler = "gold labeler" if top.get("gold_labeler", "gold") == "gold" else f"checker {top['gold_labeler']}"
     if f"gold_win_rate_ppo_vs_{vs}" in top:
         kl = top.get("ppo_kl")
@@ -442,6 +467,15 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
         lines.append(
             f"Sampled at temperature 1 ({k} answers per prompt, each prompt scored by their mean), PPO beats {name} "
             f"on {rate:.1%} of the prompts; mean gold score {LABELS[vs]} {gold[vs]:.3f}, PPO {gold['ppo']:.3f}."
+        )
+    if top.get("best_of_n"):
+        best = top["best_of_n"]
+        versus = best["ppo_win_rate_vs_best_of_n"]
+        lines.append(
+            f"Reference, best-of-{best['n']} by the reward model from PPO's parent (no training, {best['n']}x the "
+            f"samples): mean score {best['gold_score']:.3f}, beats the parent's greedy answer on "
+            f"{best['win_rate_vs_parent_greedy']:.1%}" + ("." if versus is None else f"; PPO's greedy answer beats it "
+                                                        f"on {versus:.1%}.")  # fmt: skip
         )
     if "gold_win_rate_sft_vs_pretrain" in top:
         rate, n = top["gold_win_rate_sft_vs_pretrain"], top["held_out_prompts"]["sft_vs_pretrain"]

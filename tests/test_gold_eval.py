@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from align.errors import AlignError
 from align.evaluation import win_rate
 from align.io import read_stage_info, write_stage_info
 
@@ -133,6 +134,46 @@ def test_checker_scores_parent_and_policy_per_prompt_and_the_report_shows_the_wi
     rate = info["metrics"]["gold_win_rate"]
     assert (f"PPO beats its parent (sft) on {rate:.1%} of 8 held-out prompts (checker words.py:score, ties count "
             "half)") in report_md.read_text()  # fmt: skip
+
+
+def test_best_of_n_keeps_the_reward_models_favourite_and_the_checker_scores_it(data, stages):
+    from align.best_of_n import pick_best
+    from align.best_of_n import run as best_of_n
+    from align.config import parse_config
+    from align.report import write_report
+    from align.score import load_scorer
+    from align.stages.ppo import run
+
+    assert pick_best([[0.1, 0.3, 0.3], [-1.0, -2.0], [5.0]]) == [1, 0, 0]  # the first of tied maxima
+    root = data / "run"
+    out = run(parse_config("ppo", [], overrides=recipe(stages, root / "ppo", gold_eval_samples=0)))
+    result = best_of_n(str(out), n=3, batch_size=8)
+    assert json.loads((root / "best_of_3.json").read_text()) == result
+    groups, rewards, picked = result["responses"], result["rewards"], result["picked"]
+    assert [len(g) for g in groups] == [3] * 8 and len({r for g in groups for r in g}) > 8  # sampled, not greedy
+    reward = load_scorer(str(stages["reward"]))
+    for prompt, group, scores, i, gold in zip(PROMPTS, groups, rewards, picked, result["gold_scores_best_of_n"],
+                                              strict=True):  # fmt: skip
+        assert scores == pytest.approx(reward([prompt] * 3, group), abs=1e-5)
+        assert scores[i] == max(scores) and gold == words_score(prompt, group[i])
+    info = read_stage_info(out)
+    assert result["win_rate_vs_parent_greedy"] == win_rate(result["gold_scores_best_of_n"], info["parent_gold_scores"])
+    assert result["gold_score_sampled"] == pytest.approx(
+        sum(words_score(p, r) for p, g in zip(PROMPTS, groups, strict=True) for r in g) / 24
+    )
+    with pytest.raises(AlignError, match="not a finished `align ppo` stage"):
+        best_of_n(str(stages["reward"]))
+
+    # PPO straight on a base model: the report names the parent by the Hub id the stage recorded (model_hub_id)
+    stage_file = out / "align_stage.json"
+    info["parent"] = {"model": str(data / "SmolLM2-135M-Instruct.Q4_1.gguf"), "hub_id": "org/instruct"}
+    stage_file.write_text(json.dumps(info))
+    report_md, _, report_json = write_report(root, {"examples": 0})
+    assert "PPO beats its parent (org/instruct) on" in report_md.read_text()
+    best = json.loads(report_json.read_text())["headline"]["best_of_n"]
+    assert (best["n"], best["gold_score"]) == (3, result["gold_score_best_of_n"])
+    assert (f"best-of-3 by the reward model from PPO's parent (no training, 3x the samples): mean score "
+            f"{result['gold_score_best_of_n']:.3f}") in report_md.read_text()  # fmt: skip
 
 
 @pytest.mark.parametrize(
