@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -330,63 +329,25 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
 # Plots
 
 
-def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    pts = [(h["step"], h[key]) for h in history or [] if isinstance(h.get(key), (int, float)) and "step" in h]
-    pts = [(x, y) for x, y in pts if math.isfinite(y)]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _figure(ncols: int, title: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.4 * ncols, 3.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    if ncols > 1:  # one panel carries its own title
-        fig.suptitle(title, fontsize=11)
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _panel(ax, history, keys: list[tuple[str, str]], title: str, hline: tuple[float, str] | None = None) -> bool:
-    drawn = False
-    for key, label in keys:
-        xs, ys = _series(history, key)
-        if xs:
-            ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, markersize=3, label=label)
-            drawn = True
-    if hline is not None and hline[0] is not None:
-        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1, label=hline[1])
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    if drawn:
-        ax.legend(fontsize=7)
-    return drawn
-
-
 def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
     """`{name: (caption, png)}` for each plot that has data."""
+    from align.plots import bar_panel, figure, line_panel, png
+
     out: dict[str, tuple[str, bytes]] = {}
     for stage, keys, caption in (
         ("pretrain", [("loss", "train"), ("eval_loss", "held-out")], "Pretraining loss (nats/token)"),
         ("sft", [("loss", "train"), ("eval_loss", "held-out")], "SFT loss on demonstrations"),
     ):
         if stage in stages:
-            fig, (ax,) = _figure(1, caption)
+            fig, (ax,) = figure(1)  # one panel carries its own title
             floor = (stages[stage]["metrics"].get("entropy_floor"), "entropy floor") if stage == "pretrain" else None
-            if _panel(ax, stages[stage].get("log_history"), keys, caption, floor):
-                out[f"{stage}_loss"] = (caption, _png(fig))
+            if line_panel(ax, stages[stage].get("log_history"), keys, caption, floor):
+                out[f"{stage}_loss"] = (caption, png(fig))
     if "reward" in stages:
         history = stages["reward"].get("log_history")
-        fig, (ax1, ax2) = _figure(2, "Reward model")
-        a = _panel(ax1, history, [("loss", "train")], "ranking loss")
-        b = _panel(
+        fig, (ax1, ax2) = figure(2, title="Reward model")
+        a = line_panel(ax1, history, [("loss", "train")], "ranking loss")
+        b = line_panel(
             ax2,
             history,
             [
@@ -397,15 +358,15 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             "held-out accuracy",
         )
         if a or b:
-            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", _png(fig))
+            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", png(fig))
     if "ppo" in stages:
         history = stages["ppo"].get("log_history")
         sft_gold = (top.get("gold_score") or {}).get("sft", (top.get("gold_score") or {}).get(PARENT))
-        fig, axes = _figure(3, "PPO, per update")
+        fig, axes = figure(3, title="PPO, per update")
         drawn = [
-            _panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
-            _panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
-            _panel(
+            line_panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
+            line_panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
+            line_panel(
                 axes[2],
                 history,
                 [("eval/gold_score", "PPO")],
@@ -414,27 +375,25 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             ),
         ]
         if any(drawn):
-            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", _png(fig))
+            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", png(fig))
     gold = top.get("gold_score") or {}
     if gold:
-        fig, (ax,) = _figure(1, "Gold labeler, held-out prompts")
+        fig, (ax,) = figure(1)
         colors = {"pretrain": "#9e9e9e", "sft": "#5c8ddb", PARENT: "#5c8ddb", "ppo": "#e07b39"}
         sampled = top.get("gold_score_sampled") or {}
-        names = [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled]
-        values = list(gold.values()) + list(sampled.values())
-        bars = ax.bar(names, values, color=[colors[s] for s in gold] + [colors[s] for s in sampled])
-        for bar in bars[len(gold) :]:
-            bar.set_alpha(0.55)
-        for bar, v in zip(bars, values, strict=True):
-            ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_title("Gold labeler, held-out prompts", fontsize=9)
-        ax.set_ylabel("mean gold score", fontsize=8)
-        ax.tick_params(labelsize=8)
+        bar_panel(
+            ax,
+            [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled],
+            list(gold.values()) + list(sampled.values()),
+            [colors[s] for s in gold] + [colors[s] for s in sampled],
+            title="Gold labeler, held-out prompts",
+            ylabel="mean gold score",
+            faded=len(sampled),
+        )
         caption = "Mean gold score of each model on the same held-out prompts"
         if sampled:
             caption += " (greedy; `sampled`: the mean over answers sampled at temperature 1)"
-        out["gold_scores"] = (caption, _png(fig))
+        out["gold_scores"] = (caption, png(fig))
     return out
 
 
