@@ -52,6 +52,7 @@ from typing import Any
 
 from align.errors import AlignError
 from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, output_lock, read_stage_info
+from align.stage_metrics import summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -360,17 +361,6 @@ def _banner(text: str) -> None:
     logger.info("%s", "=" * 100)
 
 
-def _headline(stage: str, metrics: dict[str, Any]) -> str:
-    keys = {
-        "pretrain": ("eval_loss", "entropy_floor", "perplexity"),
-        "sft": ("gold_score", "parent_gold_score", "eval_loss"),
-        "rank": ("num_groups", "gold_agreement", "tie_rate"),
-        "reward": ("pair_accuracy", "kendall_tau", "gold_agreement"),
-        "ppo": ("gold_score", "parent_gold_score", "gold_score_sampled", "reward", "kl"),
-    }[stage]
-    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
-
-
 def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
     """Run (or skip) each stage in order; returns one summary row per stage."""
     names = [p.stage for p in chain.stages]
@@ -411,7 +401,7 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
             state[plan.stage] = {**state.get(plan.stage, {}), "fingerprint": fp, "lineage": lineage(chain, plan)}
             atomic_write_json(chain.output_root / STATE_FILE, state)
             summary.append({"stage": plan.stage, "status": "skipped", "seconds": 0.0, "dir": str(plan.output_dir),
-                            "headline": _headline(plan.stage, info.get("metrics") or {})})  # fmt: skip
+                            "headline": summary_line(plan.stage, info.get("metrics") or {})})  # fmt: skip
             continue
         started = state.get(plan.stage) or {}
         stale = plan.output_dir.exists() and (
@@ -438,7 +428,7 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
                              "seconds": round(seconds, 1), "stage_sha256": _file_sha(plan.output_dir)}  # fmt: skip
         atomic_write_json(chain.output_root / STATE_FILE, state)
         invalidated_by = invalidated_by or plan.stage
-        headline = _headline(plan.stage, info.get("metrics") or {})
+        headline = summary_line(plan.stage, info.get("metrics") or {})
         logger.info("%s finished in %s: %s", plan.stage, _clock(seconds), headline or "no metrics")
         summary.append({"stage": plan.stage, "status": "resumed" if resuming else "ran", "seconds": seconds,
                         "dir": str(plan.output_dir), "headline": headline})  # fmt: skip

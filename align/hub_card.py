@@ -27,6 +27,7 @@ from align.hub_lineage import (
 )
 from align.io import STAGE_FILE, read_stage_info
 from align.plots import has_curves
+from align.stage_metrics import format_value
 
 CURVES_FILE = "training_curves.png"
 
@@ -84,10 +85,6 @@ METRIC_HELP = {
 
 
 # Card text
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _numeric(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -160,7 +157,7 @@ def _metrics_markdown(metrics: Mapping[str, Any] | None) -> str:
     if not nums:
         return "## Metrics\n\nThis stage recorded no metrics."
     lines = ["## Metrics", "", "| metric | value | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | {_fmt(v)} | {METRIC_HELP.get(k, '')} |" for k, v in nums.items()]
+    lines += [f"| `{k}` | {format_value(v)} | {METRIC_HELP.get(k, '')} |" for k, v in nums.items()]
     return "\n".join(lines)
 
 
@@ -173,7 +170,7 @@ def _samples_markdown(samples: list[Any] | None, limit: int = 5) -> str:
         if not isinstance(s, Mapping):
             lines += [f"**Sample {i + 1}**", "", _fence(_clip(s)), ""]
             continue
-        extra = ", ".join(f"{k} = {_fmt(v)}" for k, v in s.items() if k not in ("prompt", "response", "text"))
+        extra = ", ".join(f"{k} = {format_value(v)}" for k, v in s.items() if k not in ("prompt", "response", "text"))
         lines.append(f"**Sample {i + 1}**" + (f" ({extra})" if extra else ""))
         lines.append("")
         for key in ("prompt", "response", "text"):

@@ -27,61 +27,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from align.copy_probe import FAR, NEAR
 from align.errors import AlignError
 from align.hub_lineage import is_hub_id
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
+from align.stage_metrics import TABLE, format_value
 
 logger = logging.getLogger(__name__)
 
 OPTIONS = {"examples": int, "prompts_file": str}
-# Stage -> (metric, label) rows of the metrics table, in this order, when present.
-TABLE: dict[str, list[tuple[str, str]]] = {
-    "pretrain": [
-        ("eval_loss", "held-out loss (nats/token)"),
-        ("entropy_floor", "entropy floor (nats/token)"),
-        ("eval_loss_above_floor", "loss above the floor"),
-        ("perplexity", "perplexity"),
-        ("copy_loss_near", f"copy loss, source within {NEAR} tokens (nats)"),
-        ("copy_loss_far", f"copy loss, source {FAR}+ tokens back (nats)"),
-        ("tokens_per_second", "training tokens/s"),
-    ],
-    "sft": [
-        ("eval_loss", "held-out loss"),
-        ("parent_gold_score", "gold score of the parent (pretrained)"),
-        ("gold_score", "gold score"),
-        ("gold_win_rate", "gold win-rate over the parent"),
-        ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-    ],
-    "rank": [
-        ("num_groups", "ranked groups"),
-        ("k", "responses per prompt (K)"),
-        ("gold_agreement", "pairwise agreement with the gold labeler"),
-        ("tie_rate", "tied pairs"),
-    ],
-    "reward": [
-        ("pair_accuracy", "held-out pair accuracy"),
-        ("top1_accuracy", "held-out top-1 accuracy"),
-        ("kendall_tau", "held-out Kendall tau"),
-        ("gold_agreement", "pair accuracy against the gold labeler"),
-        ("reward_offset", "reward offset (mean raw score of SFT samples)"),
-    ],
-    "ppo": [
-        ("reward", "reward-model score (last 10% of updates)"),
-        ("kl", "KL to the SFT model (last 10% of updates)"),
-        ("parent_gold_score", "gold score of the parent (SFT)"),
-        ("gold_score", "gold score"),
-        ("gold_win_rate", "gold win-rate over the parent"),
-        ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
-        ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-        ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
-        ("updates", "PPO updates"),
-    ],
-}
 # The recurrent baseline (issue 18): `align pretrain --config recipes/tiny/pretrain_lstm.yaml` writes it beside the
 # chain's stages; the chain itself does not run it, the report shows it when the dir is there.
 LSTM_DIR = "pretrain_lstm"
-TABLE[LSTM_DIR] = TABLE["pretrain"]
+ROWS = {**TABLE, LSTM_DIR: TABLE["pretrain"]}  # the metrics table's rows per stage dir
 MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
 # PPO's parent when it is not the chain's SFT stage (e.g. an instruct model off the Hub or a GGUF file).
 PARENT = "parent"
@@ -219,7 +176,7 @@ def metrics_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for stage, info in stages.items():
         metrics = info.get("metrics") or {}
-        for key, label in TABLE.get(stage, []):
+        for key, label in ROWS.get(stage, []):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 rows.append({"stage": stage, "metric": key, "label": label, "value": float(value)})
@@ -401,12 +358,6 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
 # Writing
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return str(v)
-
-
 def _headline_lines(top: dict[str, Any]) -> list[str]:
     lines = []
     vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
@@ -471,7 +422,7 @@ def _markdown(root: Path, stages, top, table, examples, figures) -> str:
     out = [f"# align run report: `{root}`", ""]
     out += [f"- {line}" for line in _headline_lines(top)] + [""]
     out += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
-    out += [f"| {r['stage']} | {r['label']} | {_fmt(r['value'])} |" for r in table]
+    out += [f"| {r['stage']} | {r['label']} | {format_value(r['value'])} |" for r in table]
     columns, rows = _pass_rates(top)
     if rows:
         out += ["", "## Pass rate per constraint (greedy answers, held-out prompts)", ""]
@@ -530,7 +481,7 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
     out += [f"<li>{e(line)}</li>" for line in _headline_lines(top)] + ["</ul>"]
     out += ["<h2>Metrics</h2><table><tr><th>stage</th><th>metric</th><th>value</th></tr>"]
     out += [
-        f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(_fmt(r['value']))}</td></tr>"
+        f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(format_value(r['value']))}</td></tr>"
         for r in table
     ]
     out += ["</table>"]
