@@ -122,6 +122,8 @@ def _pretrain_class():
     from transformers import TrainingArguments
     from trl import ModelConfig, ScriptArguments
 
+    from align.data.tinyworld import TINYWORLD
+
     @dataclass
     class PretrainConfig(TrainingArguments, ModelConfig, ScriptArguments):
         """`align pretrain`: causal-LM pretraining (GPT-style), from scratch or continued.
@@ -132,7 +134,7 @@ def _pretrain_class():
         """
 
         # Changed defaults
-        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", TINYWORLD)
         logging_steps: float = _changed(TrainingArguments, "logging_steps", 10)
         report_to: None | str | list[str] = _changed(TrainingArguments, "report_to", "none")
         save_total_limit: int | None = _changed(TrainingArguments, "save_total_limit", 2)
@@ -207,6 +209,8 @@ def _pretrain_class():
 def _sft_class():
     from trl import ModelConfig, ScriptArguments, SFTConfig
 
+    from align.data.tinyworld import TINYWORLD
+
     @dataclass
     class SFTStageConfig(SFTConfig, ModelConfig, ScriptArguments):
         """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
@@ -217,7 +221,7 @@ def _sft_class():
         """
 
         # Changed defaults
-        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", TINYWORLD)
         report_to: None | str | list[str] = _changed(SFTConfig, "report_to", "none")
         save_total_limit: int | None = _changed(SFTConfig, "save_total_limit", 2)
         dtype: str | None = _changed(ModelConfig, "dtype", "auto")

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
 from align.hub_lineage import is_hub_id
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
@@ -106,7 +107,7 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out["gold_score"][PARENT] = ppo["metrics"]["parent_gold_score"]
             # a stage dir, or a base model: named by its Hub id when the stage recorded one (model_hub_id)
             out["ppo_parent"] = parent_path or parent.get("hub_id") or parent.get("model")
-        out["gold_labeler"] = ppo.get("gold_labeler", "gold")
+        out["gold_labeler"] = ppo.get("gold_labeler", GOLD)
         out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
         out[f"gold_win_rate_ppo_vs_{vs}"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
         out.setdefault("held_out_prompts", {})[f"ppo_vs_{vs}"] = len(ppo["gold_scores"])
@@ -223,7 +224,7 @@ def _resolved(stages: dict[str, dict[str, Any]], stage: str, key: str) -> Any:
 
 def _tinyworld(stages: dict[str, dict[str, Any]], stage: str) -> bool:
     """Whether `stage` ran on tiny-world prompts (its lineage's data entry; recipes hold only the keys users set)."""
-    return ((stages.get(stage) or {}).get("data") or {}).get("name") == "tinyworld"
+    return ((stages.get(stage) or {}).get("data") or {}).get("name") == TINYWORLD
 
 
 def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
@@ -363,7 +364,7 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
     vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
     parent = str(top.get("ppo_parent"))
     name = f"its parent ({parent if is_hub_id(parent) else Path(parent).name})" if vs == PARENT else "SFT"
-    labeler = "gold labeler" if top.get("gold_labeler", "gold") == "gold" else f"checker {top['gold_labeler']}"
+    labeler = "gold labeler" if top.get("gold_labeler", GOLD) == GOLD else f"checker {top['gold_labeler']}"
     if f"gold_win_rate_ppo_vs_{vs}" in top:
         kl = top.get("ppo_kl")
         at_kl = f", at KL {kl:.3f} nats." if kl is not None else "."

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
+from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle, write_stage_info
 
 logger = logging.getLogger(__name__)
 
-TINYWORLD = "tinyworld"
 # `reward` and `kl` in align_stage.json: means over the last tenth of the updates (at least one logged entry), where
 # the policy has settled; the first updates would mostly measure the SFT model.
 FINAL_SHARE = 0.1

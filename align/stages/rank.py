@@ -47,13 +47,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from align.data.tinyworld import GOLD, TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import stage_lifecycle
 
 logger = logging.getLogger(__name__)
 
-TINYWORLD = "tinyworld"
-GOLD = "gold"
 HUMAN = "human"
 RANKINGS_FILE = "rankings.jsonl"
 DATASET_DIR = "dataset"
@@ -140,18 +139,6 @@ def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
             raise AlignError(f"{source}:{dl.source_row(ds, i)}: the prompt is empty. Drop or fix the row.")
     info = {"name": source, "config": cfg.dataset_config, "fingerprint": ds._fingerprint, "rows": len(prompts)}
     return prompts, info
-
-
-def is_tinyworld(prompts: Sequence[str]) -> bool:
-    """Whether every prompt is a tiny-world instruction (then the gold labeler can score the responses)."""
-    from align.data.tinyworld_labeler import parse_prompt
-
-    try:
-        for p in prompts:
-            parse_prompt(p)
-    except AlignError:
-        return False
-    return bool(prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

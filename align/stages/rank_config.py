@@ -21,8 +21,7 @@ from align.config import (
     check_values,
     resolve_model_keys,
 )
-
-GOLD = "gold"
+from align.data.tinyworld import GOLD, TINYWORLD
 
 
 @dataclass
@@ -34,7 +33,7 @@ class RankConfig(ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", TINYWORLD)
     dtype: str | None = _changed(ModelConfig, "dtype", "auto")
     # Model
     tokenizer_name_or_path: str | None = field(

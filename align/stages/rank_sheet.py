@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from align.data.tinyworld import TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import output_lock
 from align.stages.rank import (
@@ -21,11 +22,9 @@ from align.stages.rank import (
     HUMAN,
     SHEET_META_SUFFIX,
     SHEET_SUFFIXES,
-    TINYWORLD,
     _start,
     finish,
     group_stats,
-    is_tinyworld,
     load_prompts,
     sample,
     sampling_settings,

@@ -274,17 +274,6 @@ def gold_ranks(scores):
     return torch.where(present, ranks, torch.full_like(ranks, -1))
 
 
-def is_tinyworld(prompts: list[str]) -> bool:
-    from align.data import tinyworld_labeler
-
-    try:
-        for p in set(prompts):
-            tinyworld_labeler.parse_prompt(p)
-    except AlignError:
-        return False
-    return True
-
-
 def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: int, max_length: int | None):
     """Raw scores of every held-out response -> reward offset and, on tiny world, gold agreement.
 
@@ -300,6 +289,8 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
     metrics = {"reward_offset": raw.mean().item()}
     extra: dict[str, Any] = {"reward_offset_samples": len(responses)}
     if gold is None:
+        from align.data.tinyworld import is_tinyworld
+
         gold = is_tinyworld(prompts)
     if gold:
         from align.data import tinyworld

@@ -20,6 +20,7 @@ from align.config import (
     check_values,
     resolve_auto_bf16,
 )
+from align.data.tinyworld import TINYWORLD
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy")
@@ -329,7 +330,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
+    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", TINYWORLD)
     report_to: None | str | list[str] = _changed(TrainingArguments, "report_to", "none")
     save_total_limit: int | None = _changed(TrainingArguments, "save_total_limit", 2)
     dtype: str | None = _changed(ModelConfig, "dtype", "auto")
@@ -430,7 +431,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             errors.append(f"ptx_dataset_name {self.ptx_dataset_name!r} is set but ptx_coef is 0; set ptx_coef > 0 "
                           "(InstructGPT: 27.8) or drop ptx_dataset_name")  # fmt: skip
         # The tiny world has its own held-out prompts; any other data needs a file of them (align.evaluation).
-        if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != "tinyworld":
+        if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != TINYWORLD:
             errors.append(f"gold_labeler {self.gold_labeler!r} needs held-out prompts off the tiny world; set "
                           "gold_eval_dataset: FILE (a 'prompt' column) or drop gold_labeler")  # fmt: skip
         if self.gold_eval_dataset and not self.gold_labeler:
