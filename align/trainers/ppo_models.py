@@ -1,9 +1,7 @@
 """The model pieces of align's PPO: value and policy forwards over a rollout, the policy+value wrapper that one DDP
-module trains, GPT-2's fused GELU, and padding helpers (used by `align.trainers.ppo.PPOTrainer`)."""
+module trains, GPT-2's fused GELU (used by `align.trainers.ppo.PPOTrainer`)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -61,27 +59,6 @@ def fuse_gelu_new(model: nn.Module) -> int:
     for parent, name in targets:
         setattr(parent, name, nn.GELU(approximate="tanh"))
     return len(targets)
-
-
-def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, length - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-    return ids, mask
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def _encode_for_reward_fallback(

@@ -16,11 +16,10 @@ from torch import nn
 from align.errors import AlignError
 from align.io import last_checkpoint
 from align.rl.ppo import gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards, response_mask
+from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import (
     _encode_for_reward_fallback,
     _max_positions,
-    _pad_left,
-    _pad_right,
     policy_logits,
     value_head_forward,
 )
@@ -170,7 +169,7 @@ class PPORolloutMixin:
         policy = self.policy
         was_training = policy.training
         policy.eval()
-        input_ids, prompt_mask = _pad_left(prompt_ids, tok.pad_token_id)
+        input_ids, prompt_mask = pad_left(prompt_ids, tok.pad_token_id)
         device = self.accelerator.device
         responses, logprobs = [], []
         chunk = args.local_rollout_forward_batch_size
@@ -248,7 +247,7 @@ class PPORolloutMixin:
         device = self.accelerator.device
         with self.accelerator.autocast():
             for s in range(0, len(seqs), chunk):
-                ids, mask = _pad_right(seqs[s : s + chunk], self.reward_model.config.get_text_config().pad_token_id)
+                ids, mask = pad_right(seqs[s : s + chunk], self.reward_model.config.get_text_config().pad_token_id)
                 logits = self.reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 out[s : s + chunk] = logits[:, 0].float().cpu()
         return out - self.reward_offset

@@ -31,6 +31,7 @@ from align.rl.ranking import (
     ranking_to_ranks,
     top1_accuracy,
 )
+from align.trainers.padding import pad_right
 
 logger = logging.getLogger(__name__)
 
@@ -240,19 +241,6 @@ def tokenize_rankings(
 # Collator
 
 
-def _pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int, multiple: int | None = None):
-    """(input_ids, attention_mask), both `(N, T)`, right-padded to the longest sequence (rounded up to `multiple`)."""
-    length = max(len(s) for s in seqs)
-    if multiple:
-        length = -(-length // multiple) * multiple
-    input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-    return input_ids, attention_mask
-
-
 @dataclass
 class RankingCollator:
     """Groups of K_g tokenized responses -> one batch that scores every present response exactly once.
@@ -277,7 +265,7 @@ class RankingCollator:
                 raise ValueError(f"group {g}: {len(f['input_ids'])} responses but {len(f['ranks'])} ranks")
             ranks[g, : len(f["ranks"])] = torch.as_tensor(f["ranks"], dtype=torch.long)
             seqs.extend(f["input_ids"])
-        input_ids, attention_mask = _pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of)
+        input_ids, attention_mask = pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "ranks": ranks}
         with_margin = ["margin" in f and f["margin"] is not None for f in features]
         if any(with_margin):
@@ -552,7 +540,7 @@ def score(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            input_ids, attention_mask = _pad_right([seqs[i] for i in idx], text_config.pad_token_id)
+            input_ids, attention_mask = pad_right([seqs[i] for i in idx], text_config.pad_token_id)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             out[idx] = logits.squeeze(-1).float().cpu()
     finally:
