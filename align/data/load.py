@@ -17,12 +17,12 @@ import csv
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.hub_lineage import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ SUPPORTED = ", ".join(BUILDERS)
 # (hashing a multi-GB corpus on every run would cost more than it protects).
 _FULL_HASH_MAX = 64 * 2**20
 _EDGE_BYTES = 4 * 2**20
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 _TYPE_NAMES = {
     str: "a string",
@@ -79,7 +77,7 @@ def load_data(name: str, *, config: str | None = None, split: str | None = None,
         if config is not None:
             raise AlignError(f"{name}: a local file has no configurations; remove dataset_config.")
         out = _load_files({"train": [path]}, name, split=split, streaming=streaming)
-    elif _looks_like_hub_id(name):
+    elif is_hub_id(name, bare=True):
         out = _load_hub(name, config, split=split, streaming=streaming)
     else:
         raise AlignError(f"{name}: no such file or directory. Check the path (relative to {os.getcwd()}).")
@@ -88,10 +86,6 @@ def load_data(name: str, *, config: str | None = None, split: str | None = None,
         parts = out.items() if isinstance(out, datasets.DatasetDict) else [(split, out)]
         logger.info("Loaded %s: %s", name, ", ".join(f"{k} {len(v):,} rows" for k, v in parts))
     return out
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and Path(name).suffix.lower() not in BUILDERS
 
 
 def _is_saved_dataset(path: Path) -> bool:
