@@ -437,6 +437,54 @@ def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str
     )
 
 
+def load_model_and_tokenizer(cfg):
+    """The causal LM at `cfg.model_name_or_path` (SFT's policy to fine-tune, rank's sampler, PPO's policy) + its
+    tokenizer, with a chat template (the model's own, or ours) and a pad token; QLoRA's k-bit loading when asked."""
+    import torch
+    from trl import get_quantization_config
+
+    if not cfg.model_name_or_path:
+        raise AlignError(
+            "align sft: no model_name_or_path. Point it at a pretrain output (runs/tiny/pretrain) or a Hub id."
+        )
+    quantization = None
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        if not torch.cuda.is_available():
+            raise AlignError(
+                "load_in_4bit/load_in_8bit (QLoRA) needs a CUDA GPU and bitsandbytes; on CPU use plain LoRA "
+                "(use_peft: true without load_in_4bit)."
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise AlignError("QLoRA needs bitsandbytes: pip install bitsandbytes.") from None
+        quantization = get_quantization_config(cfg)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model = load_causal_lm(
+        cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        quantization_config=quantization,
+        # quantized weights are placed at load time: each process on its own GPU
+        device_map=_kbit_device_map() if quantization is not None else None,
+    )
+    ensure_chat_template(tokenizer, model)
+    set_generation_defaults(model, tokenizer)
+    return model, tokenizer
+
+
+def _kbit_device_map() -> dict[str, int]:
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
 def is_encoder(config, tokenizer=None) -> bool:
     """True when the model is a bidirectional encoder (BERT, RoBERTa, DeBERTa, MiniLM, ...): a reward model on one
     reads (prompt, response) as the tokenizer's sentence pair, `[CLS] prompt [SEP] response [SEP]`, not a chat text.

@@ -234,7 +234,6 @@ def run(cfg) -> Path:
 
     from align import modeling
     from align.evaluation import gold_setup
-    from align.stages.sft import load_model_and_tokenizer
     from align.trainers.ppo import PPOTrainer
 
     set_seed(cfg.seed)
@@ -247,7 +246,7 @@ def run(cfg) -> Path:
 
     # Model
     reward_model, reward_tokenizer = load_reward_model(cfg)
-    policy, tokenizer = load_model_and_tokenizer(cfg)
+    policy, tokenizer = modeling.load_model_and_tokenizer(cfg)
     value_model = load_value_model(cfg)
     peft_config = get_peft_config(cfg)
     ptx_ds = load_ptx(cfg, tokenizer)

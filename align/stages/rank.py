@@ -160,7 +160,7 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
 
     from align import modeling
     from align.generate import generate
-    from align.stages.sft import load_model_and_tokenizer
+    from align.modeling import load_model_and_tokenizer
 
     if not cfg.model_name_or_path:
         raise AlignError("align rank: no model_name_or_path. Point it at the policy, usually the SFT stage dir.")
