@@ -100,15 +100,11 @@ class Chain:
         return next(p for p in self.stages if p.stage == stage)
 
 
-def _config_fields(stage: str) -> set[str] | None:
-    """The keys a stage's config accepts, or None when that stage's module is not installed yet."""
+def _config_fields(stage: str) -> set[str]:
+    """The keys a stage's config accepts."""
     from align.config import config_class
 
-    try:
-        cls = config_class(stage)
-    except (ImportError, AttributeError):
-        return None
-    return {f.name for f in dataclasses.fields(cls) if f.init}
+    return {f.name for f in dataclasses.fields(config_class(stage)) if f.init}
 
 
 def load_chain(
@@ -176,7 +172,7 @@ def load_chain(
         entry.pop("recipe", None)
         valid = fields[stage]
         for key, value in shared_keys.items():
-            if valid is None or key in valid:
+            if key in valid:
                 recipe[key] = value
                 used.add(key)
         recipe.update(entry)
@@ -194,7 +190,7 @@ def load_chain(
                 recipe[key] = str(root / parent)
                 if parent not in parents:
                     parents.append(parent)
-        if check_keys and valid is not None:
+        if check_keys:
             for key in recipe:
                 if key not in valid:
                     raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{_closest(key, sorted(valid))}")
