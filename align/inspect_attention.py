@@ -322,8 +322,8 @@ def encode_input(
     """(token ids, the text they spell). `text`: tokenized as is (with the tokenizer's special tokens, e.g. BOS).
     (prompt, response) to a reward model: `encode_for_reward`, the reward stage's format; to a causal LM with `chat`:
     the chat template's user turn and generation prompt, then the response (what PPO's policy reads)."""
+    from align.data.rankings import REWARD_SEPARATOR, encode_for_reward
     from align.modeling import is_encoder
-    from align.trainers.reward import REWARD_SEPARATOR, encode_for_reward
 
     if text is not None:
         return tokenizer(text, verbose=False)["input_ids"], text

@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from align.data.rankings import format_ranking
 from align.data.tinyworld import GOLD, TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import stage_lifecycle
@@ -416,11 +417,6 @@ def write_rankings(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     final = output_dir / DATASET_DIR
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-
-
-def format_ranking(ranking: Sequence[Sequence[int]]) -> str:
-    """[[2], [0, 3], [1]] -> "2>0=3>1"."""
-    return ">".join("=".join(str(i) for i in block) for block in ranking)
 
 
 def _samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -79,7 +79,7 @@ def _resolve_source(name: str) -> tuple[str, dict[str, Any] | None]:
 def _validate(ds, source: str) -> int:
     """Check every row (before splitting, so errors name the row of the file); returns the number of pairs."""
     from align.data import load as dl
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     columns = ds.column_names
     if "prompt" not in columns or not ({"responses", "chosen"} & set(columns)):
@@ -104,7 +104,7 @@ def as_pairs(ds):
     trainers see the same labels. Rows must be valid (`_validate`)."""
     import datasets
 
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
     has_margin = "margin" in ds.column_names
@@ -159,7 +159,7 @@ def load_model_and_tokenizer(cfg):
     from transformers import AutoModelForSequenceClassification
 
     from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.trainers.reward import reward_format
+    from align.data.rankings import reward_format
 
     tokenizer = modeling.load_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
@@ -240,7 +240,7 @@ def _likelihood_model(cfg, tokenizer):
 
 def _flat(groups) -> tuple[list[str], list[str], list[int]]:
     """(prompts, responses, group sizes) of valid ranked groups."""
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     prompts, responses, sizes = [], [], []
     for i, row in enumerate(groups):

@@ -61,7 +61,7 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         reward_fn: `(prompts, responses) -> (B,) tensor`, used instead of reward_model (tests, rule-based rewards).
         eval_fn: `(prompts, responses) -> float` on eval_dataset's prompts, logged as `eval/<eval_metric>`.
         eval_metric: name of that metric: "gold_score" (tiny world's labeler, default) or e.g. "reward".
-        format_fn: `(prompt, response) -> str` for the reward model; None = `align.trainers.reward.format_for_reward`.
+        format_fn: `(prompt, response) -> str` for the reward model; None = `align.data.rankings.format_for_reward`.
         ptx_dataset: pretraining-style data ("text" or "input_ids") for PPO-ptx when `args.ptx_coef > 0`.
         callbacks: `transformers.TrainerCallback`s; `on_train_begin`, `on_step_end`, `on_log`, `on_save`,
             `on_train_end` are called, and `control.should_training_stop` is honoured.

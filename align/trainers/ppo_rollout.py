@@ -235,7 +235,7 @@ class PPORolloutMixin:
             ]
         else:
             try:
-                from align.trainers.reward import encode_for_reward
+                from align.data.rankings import encode_for_reward
             except ImportError:
                 encode_for_reward = _encode_for_reward_fallback
             from align.modeling import is_encoder
