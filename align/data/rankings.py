@@ -20,7 +20,7 @@ from align.modeling import is_encoder
 logger = logging.getLogger(__name__)
 
 # Between prompt and response when the tokenizer has no chat template. One space, as TRL's implicit-prompt format
-# concatenates and as the PPO stage's fallback does, so train-time and score-time texts match.
+# concatenates; PPO and `align score` format with the same functions, so train-time and score-time texts match.
 REWARD_SEPARATOR = " "
 
 

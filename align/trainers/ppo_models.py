@@ -61,21 +61,6 @@ def fuse_gelu_new(model: nn.Module) -> int:
     return len(targets)
 
 
-def _encode_for_reward_fallback(
-    tokenizer, prompt: str, response: str, max_length: int | None, *, pair: bool = False
-) -> list[int]:
-    """Used only if `align.trainers.reward` is missing; the same ids as its `encode_for_reward`."""
-    if pair:  # an encoder reward model: the tokenizer's sentence pair, cut as transformers cuts pairs
-        return tokenizer(prompt, response or " ", truncation=bool(max_length), max_length=max_length)["input_ids"]
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt + " " + response + (tokenizer.eos_token or ""))["input_ids"]
-    return ids[-max_length:] if max_length else ids
-
-
 def _max_positions(config) -> int | None:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):

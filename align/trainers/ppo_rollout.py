@@ -18,7 +18,6 @@ from align.io import last_checkpoint
 from align.rl.ppo import gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import (
-    _encode_for_reward_fallback,
     _max_positions,
     policy_logits,
     value_head_forward,
@@ -234,10 +233,7 @@ class PPORolloutMixin:
                 for p, r in zip(prompts, responses, strict=True)
             ]
         else:
-            try:
-                from align.data.rankings import encode_for_reward
-            except ImportError:
-                encode_for_reward = _encode_for_reward_fallback
+            from align.data.rankings import encode_for_reward
             from align.modeling import is_encoder
 
             pair = is_encoder(self.reward_model.config, tok)  # an encoder reads the tokenizer's pair, as in training
