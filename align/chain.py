@@ -117,7 +117,7 @@ def load_chain(
     check_keys: bool = True,
 ) -> Chain:
     """Read a chain recipe and resolve every stage's recipe. Errors name the chain file and the key."""
-    from align.config import _closest, load_recipe
+    from align.config import did_you_mean, load_recipe
 
     path = Path(path)
     data = load_recipe(path)
@@ -130,7 +130,7 @@ def load_chain(
     names = list(stages_raw)
     for name in names:
         if name not in STAGES:
-            raise AlignError(f"{path}: unknown stage '{name}'{_closest(name, list(STAGES))}")
+            raise AlignError(f"{path}: unknown stage '{name}'{did_you_mean(name, list(STAGES))}")
     order = [s for s in STAGES if s in names]
     if names != order:
         raise AlignError(f"{path}: stages are listed as {names}; the chain runs in order {order}. Reorder them.")
@@ -193,7 +193,8 @@ def load_chain(
         if check_keys:
             for key in recipe:
                 if key not in valid:
-                    raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{_closest(key, sorted(valid))}")
+                    hint = did_you_mean(key, sorted(valid))
+                    raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{hint}")
         plans.append(StagePlan(stage, recipe, source, parents))
     if check_keys:
         unused = set(shared_keys) - used
@@ -201,7 +202,7 @@ def load_chain(
         if unused and known:
             key = sorted(unused)[0]
             every = sorted(set().union(*[f for f in fields.values() if f]))
-            raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{_closest(key, every)}")
+            raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{did_you_mean(key, every)}")
     launch = accelerate_config or data.get("accelerate_config")
     if launch is not None:
         launch = Path(str(launch))
@@ -498,9 +499,9 @@ def _split_overrides(rest: list[str]) -> tuple[dict[str, Any], dict[str, dict[st
         if "." in key:
             stage, _, k = key.partition(".")
             if stage not in STAGES:
-                from align.config import _closest
+                from align.config import did_you_mean
 
-                raise AlignError(f"align run: --{key}: unknown stage '{stage}'{_closest(stage, list(STAGES))}")
+                raise AlignError(f"align run: --{key}: unknown stage '{stage}'{did_you_mean(stage, list(STAGES))}")
             per_stage.setdefault(stage, {})[k] = parsed
         else:
             shared[key] = parsed

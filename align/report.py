@@ -49,12 +49,12 @@ LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "ranking
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated report options (see the module docstring); errors name `where` and the key."""
-    from align.config import _closest
+    from align.config import did_you_mean
 
     out = {"examples": 6, "prompts_file": None}
     for key, value in options.items():
         if key not in OPTIONS:
-            raise AlignError(f"{where}: unknown report key '{key}'{_closest(key, list(OPTIONS))}")
+            raise AlignError(f"{where}: unknown report key '{key}'{did_you_mean(key, list(OPTIONS))}")
         kind = OPTIONS[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise AlignError(f"{where}: report.{key} is {value!r}, expected {kind.__name__}.")

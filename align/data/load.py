@@ -261,7 +261,7 @@ def _signature(path: Path, *, check_utf8: bool = False) -> tuple[str]:
                 if decoder:
                     decoder.decode(b"", final=True)
             except UnicodeDecodeError as e:
-                raise AlignError(_first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
+                raise AlignError(first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
         else:
             h.update(f"{st.st_mtime_ns}".encode())
             h.update(f.read(_EDGE_BYTES))
@@ -276,7 +276,7 @@ def _signature(path: Path, *, check_utf8: bool = False) -> tuple[str]:
 
 def _diagnose(path: Path, builder: str) -> str | None:
     """The first problem in a data file, as an AlignError message, or None when none is found."""
-    bad = _first_non_utf8_line(path) if builder != "parquet" else None
+    bad = first_non_utf8_line(path) if builder != "parquet" else None
     if bad:
         return bad
     if builder == "csv":
@@ -286,7 +286,8 @@ def _diagnose(path: Path, builder: str) -> str | None:
     return None
 
 
-def _first_non_utf8_line(path: Path) -> str | None:
+def first_non_utf8_line(path: Path) -> str | None:
+    """The error naming the first line of `path` that is not UTF-8 (line and column), or None if all of it is."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_help() -> None:
     """The recipe keys (as every stage's --help) plus the export/import subcommands; exits 0 like argparse."""
-    from align.config import _parser, config_class
+    from align.config import config_class, stage_parser
 
-    parser = _parser(config_class("rank"), "align rank")
+    parser = stage_parser(config_class("rank"), "align rank")
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.parse_args(["--help"])
@@ -453,7 +453,7 @@ def finish(
     return info
 
 
-def _start(output_dir: Path) -> None:
+def start_output(output_dir: Path) -> None:
     """Create the output dir; drop a previous align_stage.json so an interrupted rerun never looks finished."""
     from align.io import STAGE_FILE
 
@@ -485,7 +485,7 @@ def run(cfg) -> Path:
             "labeler scores only those. Use a 'package.module:function' labeler or a reward model dir."
         )
     kind, labeler = load_labeler(cfg)  # before sampling: a bad labeler fails in seconds, not after generation
-    _start(output_dir)
+    start_output(output_dir)
 
     # Sample
     start = time.perf_counter()

@@ -23,12 +23,12 @@ from align.stages.rank import (
     HUMAN,
     SHEET_META_SUFFIX,
     SHEET_SUFFIXES,
-    _start,
     finish,
     group_stats,
     load_prompts,
     sample,
     sampling_settings,
+    start_output,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,11 @@ def export_main(argv: list[str]) -> int:
 
 
 def _has_output_dir(argv: list[str]) -> bool:
-    from align.config import _find_config, load_recipe
+    from align.config import find_config, load_recipe
 
     if any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         return True
-    config = _find_config(argv)
+    config = find_config(argv)
     return bool(config and load_recipe(config).get("output_dir"))
 
 
@@ -200,7 +200,7 @@ def import_sheet(sheet: str | os.PathLike, output_dir: str | os.PathLike) -> Pat
     output_dir = Path(output_dir)
     data = {"name": str(path), "rows": len(parsed), "exported": meta.get("data")}
     with output_lock(output_dir):  # one writer per dir, as `align rank` (its run is a stage_lifecycle)
-        _start(output_dir)
+        start_output(output_dir)
         finish(output_dir, parsed, metrics=metrics, parent=meta.get("parent"), recipe=meta.get("recipe") or {},
                data=data, sampling=meta.get("sampling"), labeler={"name": HUMAN, "kind": HUMAN, "sheet": str(path)})
     return output_dir

@@ -228,7 +228,7 @@ def _likelihood_model(cfg, tokenizer):
     except (OSError, ValueError) as e:
         raise AlignError(
             f"{cfg.model_name_or_path}: likelihood_features need a causal LM with its LM head (e.g. the SFT stage) "
-            f"and this is not one ({modeling._first_line(e)}). {modeling._where_fix(cfg.model_name_or_path)}"
+            f"and this is not one ({modeling.first_line(e)}). {modeling.where_fix(cfg.model_name_or_path)}"
         ) from e
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model

@@ -18,7 +18,7 @@ from align.io import last_checkpoint
 from align.rl.ppo import gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import (
-    _max_positions,
+    max_positions,
     policy_logits,
     value_head_forward,
 )
@@ -98,7 +98,7 @@ class PPORolloutMixin:
             return [list(x) for x in ds["input_ids"]]
         if "text" not in columns:
             raise AlignError(f"ptx_dataset: no 'text' or 'input_ids' column (columns present: {columns}).")
-        limit = _max_positions(policy.config)
+        limit = max_positions(policy.config)
         return [
             self.processing_class(t, truncation=limit is not None, max_length=limit)["input_ids"] for t in ds["text"]
         ]
@@ -226,7 +226,7 @@ class PPORolloutMixin:
         if self.reward_fn is not None:
             return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1).cpu()
         tok = self.reward_tokenizer
-        limit = _max_positions(self.reward_model.config)
+        limit = max_positions(self.reward_model.config)
         if self.format_fn is not None:
             seqs = [
                 tok(self.format_fn(p, r))["input_ids"][-limit if limit else 0 :]
@@ -276,7 +276,7 @@ class PPORolloutMixin:
         idx = self._batch_indices(step - 1)
         prompt_ids = [self.train_prompts[0][i] for i in idx]
         prompt_texts = [self.train_prompts[1][i] for i in idx]
-        limit = _max_positions(self.policy.config)
+        limit = max_positions(self.policy.config)
         longest = max(len(p) for p in prompt_ids)
         if limit is not None and longest + args.max_new_tokens > limit:
             raise AlignError(
