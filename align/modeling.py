@@ -485,6 +485,17 @@ def _kbit_device_map() -> dict[str, int]:
     return {"": PartialState().local_process_index}
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its (text) config; None if it names none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # GPT-2 says n_positions, most others max_position_embeddings; the rest are older or remote-code spellings.
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def is_encoder(config, tokenizer=None) -> bool:
     """True when the model is a bidirectional encoder (BERT, RoBERTa, DeBERTa, MiniLM, ...): a reward model on one
     reads (prompt, response) as the tokenizer's sentence pair, `[CLS] prompt [SEP] response [SEP]`, not a chat text.

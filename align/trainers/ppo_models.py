@@ -59,13 +59,3 @@ def fuse_gelu_new(model: nn.Module) -> int:
     for parent, name in targets:
         setattr(parent, name, nn.GELU(approximate="tanh"))
     return len(targets)
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence the model's position embeddings cover, from its (text) config; None if it names none."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

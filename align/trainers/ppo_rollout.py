@@ -15,10 +15,10 @@ from torch import nn
 
 from align.errors import AlignError
 from align.io import last_checkpoint
+from align.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import (
-    max_positions,
     policy_logits,
     value_head_forward,
 )
