@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = Non
         gold_labeler=recipe.get("gold_labeler") or info.get("gold_labeler"),
         gold_eval_dataset=recipe.get("gold_eval_dataset"),
         gold_eval_prompts=len(info["parent_gold_scores"]),
-        dataset_name=recipe.get("dataset_name", "tinyworld"),
+        dataset_name=recipe.get("dataset_name", TINYWORLD),
         tinyworld_seed=recipe.get("tinyworld_seed", 0),
     )
     labeler, prompts = gold_setup(cfg)  # the stage's held-out prompts, in its order: per-prompt scores line up

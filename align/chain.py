@@ -52,6 +52,7 @@ from typing import Any
 
 from align.errors import AlignError
 from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, output_lock, read_stage_info
+from align.stage_metrics import summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,11 @@ class Chain:
         return next(p for p in self.stages if p.stage == stage)
 
 
-def _config_fields(stage: str) -> set[str] | None:
-    """The keys a stage's config accepts, or None when that stage's module is not installed yet."""
+def _config_fields(stage: str) -> set[str]:
+    """The keys a stage's config accepts."""
     from align.config import config_class
 
-    try:
-        cls = config_class(stage)
-    except (ImportError, AttributeError):
-        return None
-    return {f.name for f in dataclasses.fields(cls) if f.init}
+    return {f.name for f in dataclasses.fields(config_class(stage)) if f.init}
 
 
 def load_chain(
@@ -120,7 +117,7 @@ def load_chain(
     check_keys: bool = True,
 ) -> Chain:
     """Read a chain recipe and resolve every stage's recipe. Errors name the chain file and the key."""
-    from align.config import _closest, load_recipe
+    from align.config import did_you_mean, load_recipe
 
     path = Path(path)
     data = load_recipe(path)
@@ -133,7 +130,7 @@ def load_chain(
     names = list(stages_raw)
     for name in names:
         if name not in STAGES:
-            raise AlignError(f"{path}: unknown stage '{name}'{_closest(name, list(STAGES))}")
+            raise AlignError(f"{path}: unknown stage '{name}'{did_you_mean(name, list(STAGES))}")
     order = [s for s in STAGES if s in names]
     if names != order:
         raise AlignError(f"{path}: stages are listed as {names}; the chain runs in order {order}. Reorder them.")
@@ -175,7 +172,7 @@ def load_chain(
         entry.pop("recipe", None)
         valid = fields[stage]
         for key, value in shared_keys.items():
-            if valid is None or key in valid:
+            if key in valid:
                 recipe[key] = value
                 used.add(key)
         recipe.update(entry)
@@ -193,10 +190,11 @@ def load_chain(
                 recipe[key] = str(root / parent)
                 if parent not in parents:
                     parents.append(parent)
-        if check_keys and valid is not None:
+        if check_keys:
             for key in recipe:
                 if key not in valid:
-                    raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{_closest(key, sorted(valid))}")
+                    hint = did_you_mean(key, sorted(valid))
+                    raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{hint}")
         plans.append(StagePlan(stage, recipe, source, parents))
     if check_keys:
         unused = set(shared_keys) - used
@@ -204,7 +202,7 @@ def load_chain(
         if unused and known:
             key = sorted(unused)[0]
             every = sorted(set().union(*[f for f in fields.values() if f]))
-            raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{_closest(key, every)}")
+            raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{did_you_mean(key, every)}")
     launch = accelerate_config or data.get("accelerate_config")
     if launch is not None:
         launch = Path(str(launch))
@@ -360,17 +358,6 @@ def _banner(text: str) -> None:
     logger.info("%s", "=" * 100)
 
 
-def _headline(stage: str, metrics: dict[str, Any]) -> str:
-    keys = {
-        "pretrain": ("eval_loss", "entropy_floor", "perplexity"),
-        "sft": ("gold_score", "parent_gold_score", "eval_loss"),
-        "rank": ("num_groups", "gold_agreement", "tie_rate"),
-        "reward": ("pair_accuracy", "kendall_tau", "gold_agreement"),
-        "ppo": ("gold_score", "parent_gold_score", "gold_score_sampled", "reward", "kl"),
-    }[stage]
-    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
-
-
 def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
     """Run (or skip) each stage in order; returns one summary row per stage."""
     names = [p.stage for p in chain.stages]
@@ -411,7 +398,7 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
             state[plan.stage] = {**state.get(plan.stage, {}), "fingerprint": fp, "lineage": lineage(chain, plan)}
             atomic_write_json(chain.output_root / STATE_FILE, state)
             summary.append({"stage": plan.stage, "status": "skipped", "seconds": 0.0, "dir": str(plan.output_dir),
-                            "headline": _headline(plan.stage, info.get("metrics") or {})})  # fmt: skip
+                            "headline": summary_line(plan.stage, info.get("metrics") or {})})  # fmt: skip
             continue
         started = state.get(plan.stage) or {}
         stale = plan.output_dir.exists() and (
@@ -438,7 +425,7 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
                              "seconds": round(seconds, 1), "stage_sha256": _file_sha(plan.output_dir)}  # fmt: skip
         atomic_write_json(chain.output_root / STATE_FILE, state)
         invalidated_by = invalidated_by or plan.stage
-        headline = _headline(plan.stage, info.get("metrics") or {})
+        headline = summary_line(plan.stage, info.get("metrics") or {})
         logger.info("%s finished in %s: %s", plan.stage, _clock(seconds), headline or "no metrics")
         summary.append({"stage": plan.stage, "status": "resumed" if resuming else "ran", "seconds": seconds,
                         "dir": str(plan.output_dir), "headline": headline})  # fmt: skip
@@ -512,9 +499,9 @@ def _split_overrides(rest: list[str]) -> tuple[dict[str, Any], dict[str, dict[st
         if "." in key:
             stage, _, k = key.partition(".")
             if stage not in STAGES:
-                from align.config import _closest
+                from align.config import did_you_mean
 
-                raise AlignError(f"align run: --{key}: unknown stage '{stage}'{_closest(stage, list(STAGES))}")
+                raise AlignError(f"align run: --{key}: unknown stage '{stage}'{did_you_mean(stage, list(STAGES))}")
             per_stage.setdefault(stage, {})[k] = parsed
         else:
             shared[key] = parsed

@@ -7,7 +7,6 @@ as one `error: ...` line with exit code 2; anything else is our bug and keeps it
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -40,15 +39,10 @@ def _usage() -> str:
         "commands:",
     ]
     width = max(map(len, COMMANDS))
-    for name, (module, help_) in COMMANDS.items():
-        if _available(module):
-            lines.append(f"  {name:<{width}}  {help_}")
+    for name, (_, help_) in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {help_}")
     lines += ["", "`align <command> --help` lists every key of that command's recipe."]
     return "\n".join(lines)
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def _setup_logging() -> None:
@@ -67,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS or not _available(COMMANDS[name][0]):
+    if name not in COMMANDS:
         import difflib
 
-        known = [n for n, (m, _) in COMMANDS.items() if _available(m)]
-        hint = difflib.get_close_matches(name, known, n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"choose one of: {', '.join(known)}."
+        hint = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"choose one of: {', '.join(COMMANDS)}."
         print(f"error: unknown command '{name}'; {fix}", file=sys.stderr)
         return 2
     _setup_logging()

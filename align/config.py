@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 C = TypeVar("C")
 
 
-def _json_dict(value: Any, key: str) -> dict | None:
+def json_dict(value: Any, key: str) -> dict | None:
     """Accept a dict (from YAML) or a JSON object string (from the CLI) for dict-valued keys."""
     if value is None or isinstance(value, dict):
         return value
@@ -51,13 +51,14 @@ def _json_dict(value: Any, key: str) -> dict | None:
     raise ValueError(f"{key}: expected a mapping, got {type(value).__name__}")
 
 
-def _changed(base, name: str, default: Any):
+def changed_default(base, name: str, default: Any):
     """A field of `base` with a new default, keeping its type and help (TRL lists changed defaults the same way)."""
     f = next(f for f in dataclasses.fields(base) if f.name == name)
     return field(default=default, metadata=f.metadata)
 
 
-def _column_mapping_field():
+def column_mapping_field():
+    """`dataset_column_mapping`, declared once for every stage that reads a dataset."""
     return field(
         default=None,
         metadata={
@@ -77,7 +78,8 @@ def _test_size_field():
     )
 
 
-def _gold_labeler_field():
+def gold_labeler_field():
+    """`gold_labeler`, declared once for SFT and PPO (their gold evaluation)."""
     return field(
         default=None,
         metadata={
@@ -89,7 +91,8 @@ def _gold_labeler_field():
     )
 
 
-def _gold_eval_dataset_field():
+def gold_eval_dataset_field():
+    """`gold_eval_dataset`, declared once for SFT and PPO (their gold evaluation)."""
     return field(
         default=None,
         metadata={
@@ -99,7 +102,8 @@ def _gold_eval_dataset_field():
     )
 
 
-def _model_hub_id_field():
+def model_hub_id_field():
+    """`model_hub_id`, declared once for every stage that starts from a model."""
     return field(
         default=None,
         metadata={
@@ -111,7 +115,8 @@ def _model_hub_id_field():
     )
 
 
-def _tinyworld_seed_field():
+def tinyworld_seed_field():
+    """`tinyworld_seed`, declared once for every stage that can read the tiny world."""
     return field(
         default=0,
         metadata={"help": "Seed of the generated tiny world (dataset_name: tinyworld); kept apart from `seed`."},
@@ -121,6 +126,8 @@ def _tinyworld_seed_field():
 def _pretrain_class():
     from transformers import TrainingArguments
     from trl import ModelConfig, ScriptArguments
+
+    from align.data.tinyworld import TINYWORLD
 
     @dataclass
     class PretrainConfig(TrainingArguments, ModelConfig, ScriptArguments):
@@ -132,11 +139,11 @@ def _pretrain_class():
         """
 
         # Changed defaults
-        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
-        logging_steps: float = _changed(TrainingArguments, "logging_steps", 10)
-        report_to: None | str | list[str] = _changed(TrainingArguments, "report_to", "none")
-        save_total_limit: int | None = _changed(TrainingArguments, "save_total_limit", 2)
-        dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+        dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+        logging_steps: float = changed_default(TrainingArguments, "logging_steps", 10)
+        report_to: None | str | list[str] = changed_default(TrainingArguments, "report_to", "none")
+        save_total_limit: int | None = changed_default(TrainingArguments, "save_total_limit", 2)
+        dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
         # Model
         model_type: str = field(
             default="llama",
@@ -176,7 +183,7 @@ def _pretrain_class():
         vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size when training a BPE tokenizer."})
         # Data
         dataset_text_field: str = field(default="text", metadata={"help": "Column holding the raw text."})
-        dataset_column_mapping: dict | str | None = _column_mapping_field()
+        dataset_column_mapping: dict | str | None = column_mapping_field()
         dataset_test_size: float = _test_size_field()
         max_length: int = field(
             default=256,
@@ -186,7 +193,7 @@ def _pretrain_class():
             default=20_000,
             metadata={"help": "Number of generated documents, one story each (dataset_name: tinyworld)."},
         )
-        tinyworld_seed: int = _tinyworld_seed_field()
+        tinyworld_seed: int = tinyworld_seed_field()
         # Output
         num_samples: int = field(
             default=4, metadata={"help": "Texts sampled from the trained model and stored in align_stage.json."}
@@ -194,7 +201,7 @@ def _pretrain_class():
         sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of those samples."})
 
         def __post_init__(self):
-            _post_init_common(self)
+            post_init_common(self)
             if self.model_name_or_path and self.model_config:
                 raise ValueError(
                     "model_config sets sizes for a model trained from scratch, but model_name_or_path loads an "
@@ -207,6 +214,8 @@ def _pretrain_class():
 def _sft_class():
     from trl import ModelConfig, ScriptArguments, SFTConfig
 
+    from align.data.tinyworld import TINYWORLD
+
     @dataclass
     class SFTStageConfig(SFTConfig, ModelConfig, ScriptArguments):
         """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
@@ -217,18 +226,18 @@ def _sft_class():
         """
 
         # Changed defaults
-        dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
-        report_to: None | str | list[str] = _changed(SFTConfig, "report_to", "none")
-        save_total_limit: int | None = _changed(SFTConfig, "save_total_limit", 2)
-        dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+        dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+        report_to: None | str | list[str] = changed_default(SFTConfig, "report_to", "none")
+        save_total_limit: int | None = changed_default(SFTConfig, "save_total_limit", 2)
+        dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
         # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
-        gradient_checkpointing: bool | None = _changed(SFTConfig, "gradient_checkpointing", None)
-        bf16: bool | None = _changed(SFTConfig, "bf16", None)
+        gradient_checkpointing: bool | None = changed_default(SFTConfig, "gradient_checkpointing", None)
+        bf16: bool | None = changed_default(SFTConfig, "bf16", None)
         # Model
         tokenizer_name_or_path: str | None = field(
             default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."}
         )
-        model_hub_id: str | None = _model_hub_id_field()
+        model_hub_id: str | None = model_hub_id_field()
         merge_adapter: bool = field(
             default=False,
             metadata={
@@ -244,7 +253,7 @@ def _sft_class():
                 "choices": ["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"],
             },
         )
-        dataset_column_mapping: dict | str | None = _column_mapping_field()
+        dataset_column_mapping: dict | str | None = column_mapping_field()
         dataset_test_size: float = _test_size_field()
         skip_invalid_rows: bool = field(
             default=False,
@@ -255,7 +264,7 @@ def _sft_class():
             default=0.3,
             metadata={"help": "Share of flawed demonstrations (tinyworld), as imperfect human demonstrators."},
         )
-        tinyworld_seed: int = _tinyworld_seed_field()
+        tinyworld_seed: int = tinyworld_seed_field()
         # Evaluation
         gold_eval_prompts: int = field(
             default=200,
@@ -264,8 +273,8 @@ def _sft_class():
                 "(tiny world, or gold_labeler + gold_eval_dataset; 0 = off)."
             },
         )
-        gold_labeler: str | None = _gold_labeler_field()
-        gold_eval_dataset: str | None = _gold_eval_dataset_field()
+        gold_labeler: str | None = gold_labeler_field()
+        gold_eval_dataset: str | None = gold_eval_dataset_field()
         gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
         gold_eval_temperature: float = field(
             default=0.0,
@@ -282,7 +291,7 @@ def _sft_class():
 
         def __post_init__(self):
             resolve_auto_bf16(self)
-            _post_init_common(self, SFTConfig)
+            post_init_common(self, SFTConfig)
             if self.merge_adapter and not self.use_peft:
                 raise ValueError("merge_adapter: true needs use_peft: true (there is no adapter to merge).")
             if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
@@ -291,7 +300,7 @@ def _sft_class():
     return SFTStageConfig
 
 
-def _post_init_common(cfg, trainer_config: type | None = None) -> None:
+def post_init_common(cfg, trainer_config: type | None = None) -> None:
     """Validation shared by all stage configs, then the base classes' own checks.
 
     `trainer_config` is the transformers/TRL config the stage subclasses (default TrainingArguments); its
@@ -302,9 +311,9 @@ def _post_init_common(cfg, trainer_config: type | None = None) -> None:
 
     check_values(cfg)
     resolve_model_keys(cfg)
-    cfg.dataset_column_mapping = _json_dict(cfg.dataset_column_mapping, "dataset_column_mapping")
+    cfg.dataset_column_mapping = json_dict(cfg.dataset_column_mapping, "dataset_column_mapping")
     if hasattr(cfg, "model_config"):
-        cfg.model_config = _json_dict(cfg.model_config, "model_config")
+        cfg.model_config = json_dict(cfg.model_config, "model_config")
     if not cfg.output_dir:
         raise ValueError("output_dir is not set; add `output_dir: runs/<name>/<stage>` to the recipe.")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0 and getattr(cfg, "total_episodes", None) is None:
@@ -660,7 +669,9 @@ def __getattr__(name: str):
 # Recipe loading
 
 
-def _parser(cls, prog: str):
+def stage_parser(cls, prog: str):
+    """The command-line parser of config class `cls` (`--config` plus every field, value rules in the help); its
+    errors are one-line AlignErrors."""
     from transformers import HfArgumentParser
 
     class _Parser(HfArgumentParser):
@@ -688,7 +699,8 @@ PATH_RULE = (
 )
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """The end of an unknown-key error: `; did you mean 'x'?` for the closest valid key, else a pointer to --help."""
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else ". See `--help` for the valid keys."
 
@@ -764,9 +776,9 @@ def parse_config(
     """
     cls = config_class(stage)
     prog = f"align {stage}"
-    parser = _parser(cls, prog)
+    parser = stage_parser(cls, prog)
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = _find_config(argv)
+    config = find_config(argv)
     pre, _ = parser.parse_known_args(["--config", config] if config else [])
     recipe: dict[str, Any] = {}
     where = source or "command line"
@@ -777,14 +789,14 @@ def parse_config(
     valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
     for key in recipe:
         if key not in valid:
-            raise AlignError(f"{where}: unknown key '{key}'{_closest(key, valid)}")
+            raise AlignError(f"{where}: unknown key '{key}'{did_you_mean(key, valid)}")
     types = typing.get_type_hints(cls)  # not f.type: HfArgumentParser rewrites it
     checked = {k: _check_value(parser, k, v, where, types[k]) for k, v in recipe.items()}
     parser.set_defaults(**checked)
     cli_keys = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
     for key in cli_keys:
         if key != "config" and f"--{key}" not in parser._option_string_actions:
-            raise AlignError(f"command line: unknown option '--{key}'{_closest(key, valid)}")
+            raise AlignError(f"command line: unknown option '--{key}'{did_you_mean(key, valid)}")
     try:
         cfg = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
     except ValueError as e:
@@ -794,7 +806,7 @@ def parse_config(
     return cfg
 
 
-def _find_config(argv: list[str]) -> str | None:
+def find_config(argv: list[str]) -> str | None:
     """The `--config` file of `argv`; given twice is an error, not "the first wins"."""
     found = []
     for i, a in enumerate(argv):

@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
-
-GOLD = "gold"
-TINYWORLD = "tinyworld"
 
 # Sampled gold evaluation (`gold_eval_samples`): the model's own distribution, as PPO samples its rollouts.
 SAMPLED_TEMPERATURE = 1.0

@@ -1,13 +1,12 @@
 """Model and dataset cards for align stages: YAML metadata, prose, metrics, curves, samples, lineage.
 
 Everything here is pure: it reads a stage dir (`align_stage.json` and, for adapters, `adapter_config.json`) and returns
-a card or PNG bytes. Network and file writes live in `align/hub.py`. The lineage a card shows (parents, their Hub
-repos, the base model) is found by `align/hub_lineage.py`.
+a card. Network and file writes live in `align/hub.py`, the curves PNG is drawn by `align/plots.py`. The lineage a card
+shows (parents, their Hub repos, the base model) is found by `align/hub_lineage.py`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -27,6 +26,8 @@ from align.hub_lineage import (
     resolve_parent_path,
 )
 from align.io import STAGE_FILE, read_stage_info
+from align.plots import has_curves
+from align.stage_metrics import format_value
 
 CURVES_FILE = "training_curves.png"
 
@@ -83,80 +84,7 @@ METRIC_HELP = {
 }
 
 
-# Training curves
-
-
-_NOT_CURVES = ("epoch", "step", "total_flos")
-
-
-def _curve_keys(log_history: list[dict[str, Any]]) -> list[str]:
-    keys: dict[str, None] = {}
-    for entry in log_history:
-        for k, v in entry.items():
-            if k in _NOT_CURVES or k.endswith(("_runtime", "_per_second")) or k == "train_loss":
-                continue
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                keys[k] = None
-    return list(keys)
-
-
-def _panels(keys: list[str]) -> list[list[str]]:
-    """Group `x` with `eval_x` (train vs held-out on one axis); `loss` first, then `learning_rate`, then the rest."""
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        base = k[len("eval_") :] if k.startswith("eval_") and k[len("eval_") :] in keys else k
-        groups.setdefault(base, []).append(k)
-    first = [g for g in ("loss", "learning_rate", "grad_norm") if g in groups]
-    return [groups[g] for g in first + sorted(set(groups) - set(first))]
-
-
-def has_curves(log_history: list[dict[str, Any]] | None) -> bool:
-    """Whether `training_curves_png` would draw anything."""
-    return bool(_panels(_curve_keys(_logged_steps(log_history))))
-
-
-def _logged_steps(log_history: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    return [e for e in log_history or [] if isinstance(e, dict) and isinstance(e.get("step"), (int, float))]
-
-
-def training_curves_png(log_history: list[dict[str, Any]] | None, title: str, max_panels: int = 9) -> bytes | None:
-    """A PNG of every numeric series in Trainer's `log_history` against `step`, or None if there is nothing to plot.
-
-    Uses matplotlib's Agg canvas directly (no pyplot), so no GUI backend and no global state is touched.
-    """
-    rows = _logged_steps(log_history)
-    panels = _panels(_curve_keys(rows))[:max_panels]
-    if not panels:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, keys in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        for k in keys:
-            pts = [(e["step"], e[k]) for e in rows if isinstance(e.get(k), (int, float)) and math.isfinite(e[k])]
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=k)
-        ax.set_title(keys[0] if len(keys) == 1 else " / ".join(keys), fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 # Card text
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _numeric(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -229,7 +157,7 @@ def _metrics_markdown(metrics: Mapping[str, Any] | None) -> str:
     if not nums:
         return "## Metrics\n\nThis stage recorded no metrics."
     lines = ["## Metrics", "", "| metric | value | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | {_fmt(v)} | {METRIC_HELP.get(k, '')} |" for k, v in nums.items()]
+    lines += [f"| `{k}` | {format_value(v)} | {METRIC_HELP.get(k, '')} |" for k, v in nums.items()]
     return "\n".join(lines)
 
 
@@ -242,7 +170,7 @@ def _samples_markdown(samples: list[Any] | None, limit: int = 5) -> str:
         if not isinstance(s, Mapping):
             lines += [f"**Sample {i + 1}**", "", _fence(_clip(s)), ""]
             continue
-        extra = ", ".join(f"{k} = {_fmt(v)}" for k, v in s.items() if k not in ("prompt", "response", "text"))
+        extra = ", ".join(f"{k} = {format_value(v)}" for k, v in s.items() if k not in ("prompt", "response", "text"))
         lines.append(f"**Sample {i + 1}**" + (f" ({extra})" if extra else ""))
         lines.append("")
         for key in ("prompt", "response", "text"):

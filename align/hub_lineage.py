@@ -35,11 +35,16 @@ class Link:
     found: bool = True
 
 
-def is_hub_id(name: Any) -> bool:
-    """True for `org/name` Hub ids: one slash, a valid repo id, not a local path (existing, absolute, a file)."""
+def is_hub_id(name: Any, *, bare: bool = False) -> bool:
+    """True for `org/name` Hub ids: one slash, a valid repo id, not a local path (existing, absolute, a file).
+
+    `bare`: a name without `org/` counts too, as datasets' canonical ids do (`imdb`); a card's base model or parent
+    needs the `org/` to be linked."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not isinstance(name, str) or name.count("/") != 1 or os.path.isabs(name) or Path(name).exists():
+    if not isinstance(name, str) or name.count("/") not in ((0, 1) if bare else (1,)):
+        return False
+    if os.path.isabs(name) or Path(name).exists():
         return False
     if Path(name).suffix.lower() in _FILE_SUFFIXES:  # `data/sft.jsonl` is a file that moved, not a repo
         return False

@@ -33,6 +33,7 @@ from typing import Any
 
 from align.errors import AlignError
 from align.inspect_attention_files import CAVEAT, describe_target, write_outputs
+from align.modeling import max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +110,6 @@ def model_kind(config, stage: str | None) -> str:
     if any(a.endswith("ForSequenceClassification") or a == "LikelihoodRewardModel" for a in archs):
         return "classifier"
     return "causal_lm"
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence the model's position embeddings cover, from its (text) config; None if it names none."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
@@ -322,8 +313,8 @@ def encode_input(
     """(token ids, the text they spell). `text`: tokenized as is (with the tokenizer's special tokens, e.g. BOS).
     (prompt, response) to a reward model: `encode_for_reward`, the reward stage's format; to a causal LM with `chat`:
     the chat template's user turn and generation prompt, then the response (what PPO's policy reads)."""
+    from align.data.rankings import REWARD_SEPARATOR, encode_for_reward
     from align.modeling import is_encoder
-    from align.trainers.reward import REWARD_SEPARATOR, encode_for_reward
 
     if text is not None:
         return tokenizer(text, verbose=False)["input_ids"], text

@@ -236,7 +236,7 @@ def _check_safetensors(file: Path) -> None:
             f.keys()
     except (SafetensorError, OSError) as e:
         raise AlignError(
-            f"{file}: corrupt or truncated safetensors file ({_first_line(e)}). Save or download the model again "
+            f"{file}: corrupt or truncated safetensors file ({first_line(e)}). Save or download the model again "
             "(an interrupted copy or download leaves such a file)."
         ) from None
 
@@ -249,7 +249,7 @@ def _check_json(file: Path) -> None:
     try:
         json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise AlignError(f"{file}: not valid JSON ({_first_line(e)}); the file is damaged. Save it again.") from None
+        raise AlignError(f"{file}: not valid JSON ({first_line(e)}); the file is damaged. Save it again.") from None
 
 
 def _check_gguf(file: Path, local: bool) -> None:
@@ -267,7 +267,7 @@ def _check_gguf(file: Path, local: bool) -> None:
         GGUFReader(str(file))  # header, metadata and tensor table; a damaged file fails here
     except Exception as e:  # the reader raises ValueError, struct or numpy errors on a bad file
         raise AlignError(
-            f"{file}: not a readable GGUF file ({_first_line(e)}): it is corrupt or truncated. Download or convert "
+            f"{file}: not a readable GGUF file ({first_line(e)}): it is corrupt or truncated. Download or convert "
             "it again."
         ) from None
 
@@ -351,8 +351,8 @@ def _load_pretrained(auto_class, name_or_path: str, what: str, revision, trust_r
         elif kind == "tokenizer" and _looks_local(path):
             fix = "Its tokenizer files are damaged or from another tokenizers version; save the tokenizer again."
         else:
-            fix = _where_fix(name_or_path)
-        raise AlignError(f"{name_or_path}: cannot load {what} ({_first_line(e)}). {fix}") from e
+            fix = where_fix(name_or_path)
+        raise AlignError(f"{name_or_path}: cannot load {what} ({first_line(e)}). {fix}") from e
     if gguf_file is not None and kind == "model":
         _forget_gguf_quantizer(loaded)
     return loaded
@@ -400,7 +400,7 @@ def new_causal_lm(model_type: str, sizes: dict[str, Any] | None, tokenizer, max_
         config = GPT2Config(vocab_size=len(tokenizer), **ids, **kwargs)
         return GPT2LMHeadModel(config)
     except (TypeError, ValueError) as e:
-        raise AlignError(f"model_config: {_first_line(e)}. Use the {model_type} config's key names.") from None
+        raise AlignError(f"model_config: {first_line(e)}. Use the {model_type} config's key names.") from None
 
 
 def _new_lstm(sizes: dict[str, Any], vocab_size: int, ids: dict[str, Any]):
@@ -435,6 +435,65 @@ def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str
     return load_pretrained(
         AutoModelForCausalLM, name_or_path, what="a causal LM", revision=revision, dtype=dtype or "auto", **kwargs
     )
+
+
+def load_model_and_tokenizer(cfg):
+    """The causal LM at `cfg.model_name_or_path` (SFT's policy to fine-tune, rank's sampler, PPO's policy) + its
+    tokenizer, with a chat template (the model's own, or ours) and a pad token; QLoRA's k-bit loading when asked."""
+    import torch
+    from trl import get_quantization_config
+
+    if not cfg.model_name_or_path:
+        raise AlignError(
+            "align sft: no model_name_or_path. Point it at a pretrain output (runs/tiny/pretrain) or a Hub id."
+        )
+    quantization = None
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        if not torch.cuda.is_available():
+            raise AlignError(
+                "load_in_4bit/load_in_8bit (QLoRA) needs a CUDA GPU and bitsandbytes; on CPU use plain LoRA "
+                "(use_peft: true without load_in_4bit)."
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise AlignError("QLoRA needs bitsandbytes: pip install bitsandbytes.") from None
+        quantization = get_quantization_config(cfg)
+    tokenizer = load_tokenizer(
+        cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model = load_causal_lm(
+        cfg.model_name_or_path,
+        revision=cfg.model_revision,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        quantization_config=quantization,
+        # quantized weights are placed at load time: each process on its own GPU
+        device_map=_kbit_device_map() if quantization is not None else None,
+    )
+    ensure_chat_template(tokenizer, model)
+    set_generation_defaults(model, tokenizer)
+    return model, tokenizer
+
+
+def _kbit_device_map() -> dict[str, int]:
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, from its (text) config; None if it names none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # GPT-2 says n_positions, most others max_position_embeddings; the rest are older or remote-code spellings.
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def is_encoder(config, tokenizer=None) -> bool:
@@ -523,12 +582,14 @@ def precision_summary(args) -> str:
     return f"{device}, float32 (bf16: false; set bf16: true for autocast)"
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages), for one-line AlignErrors."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
-def _where_fix(name_or_path: str) -> str:
+def where_fix(name_or_path: str) -> str:
+    """The fix to suggest when a model at `name_or_path` does not load: local dir, offline cache or Hub id."""
     if Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")):
         return "Check that the directory holds a saved model (config.json, weights, tokenizer)."
     if os.environ.get("HF_HUB_OFFLINE") == "1":

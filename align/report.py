@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -28,61 +27,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from align.copy_probe import FAR, NEAR
+from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
 from align.hub_lineage import is_hub_id
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
+from align.stage_metrics import TABLE, format_value
 
 logger = logging.getLogger(__name__)
 
 OPTIONS = {"examples": int, "prompts_file": str}
-# Stage -> (metric, label) rows of the metrics table, in this order, when present.
-TABLE: dict[str, list[tuple[str, str]]] = {
-    "pretrain": [
-        ("eval_loss", "held-out loss (nats/token)"),
-        ("entropy_floor", "entropy floor (nats/token)"),
-        ("eval_loss_above_floor", "loss above the floor"),
-        ("perplexity", "perplexity"),
-        ("copy_loss_near", f"copy loss, source within {NEAR} tokens (nats)"),
-        ("copy_loss_far", f"copy loss, source {FAR}+ tokens back (nats)"),
-        ("tokens_per_second", "training tokens/s"),
-    ],
-    "sft": [
-        ("eval_loss", "held-out loss"),
-        ("parent_gold_score", "gold score of the parent (pretrained)"),
-        ("gold_score", "gold score"),
-        ("gold_win_rate", "gold win-rate over the parent"),
-        ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-    ],
-    "rank": [
-        ("num_groups", "ranked groups"),
-        ("k", "responses per prompt (K)"),
-        ("gold_agreement", "pairwise agreement with the gold labeler"),
-        ("tie_rate", "tied pairs"),
-    ],
-    "reward": [
-        ("pair_accuracy", "held-out pair accuracy"),
-        ("top1_accuracy", "held-out top-1 accuracy"),
-        ("kendall_tau", "held-out Kendall tau"),
-        ("gold_agreement", "pair accuracy against the gold labeler"),
-        ("reward_offset", "reward offset (mean raw score of SFT samples)"),
-    ],
-    "ppo": [
-        ("reward", "reward-model score (last 10% of updates)"),
-        ("kl", "KL to the SFT model (last 10% of updates)"),
-        ("parent_gold_score", "gold score of the parent (SFT)"),
-        ("gold_score", "gold score"),
-        ("gold_win_rate", "gold win-rate over the parent"),
-        ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
-        ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-        ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
-        ("updates", "PPO updates"),
-    ],
-}
 # The recurrent baseline (issue 18): `align pretrain --config recipes/tiny/pretrain_lstm.yaml` writes it beside the
 # chain's stages; the chain itself does not run it, the report shows it when the dir is there.
 LSTM_DIR = "pretrain_lstm"
-TABLE[LSTM_DIR] = TABLE["pretrain"]
+ROWS = {**TABLE, LSTM_DIR: TABLE["pretrain"]}  # the metrics table's rows per stage dir
 MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
 # PPO's parent when it is not the chain's SFT stage (e.g. an instruct model off the Hub or a GGUF file).
 PARENT = "parent"
@@ -92,12 +49,12 @@ LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "ranking
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated report options (see the module docstring); errors name `where` and the key."""
-    from align.config import _closest
+    from align.config import did_you_mean
 
     out = {"examples": 6, "prompts_file": None}
     for key, value in options.items():
         if key not in OPTIONS:
-            raise AlignError(f"{where}: unknown report key '{key}'{_closest(key, list(OPTIONS))}")
+            raise AlignError(f"{where}: unknown report key '{key}'{did_you_mean(key, list(OPTIONS))}")
         kind = OPTIONS[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise AlignError(f"{where}: report.{key} is {value!r}, expected {kind.__name__}.")
@@ -150,7 +107,7 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out["gold_score"][PARENT] = ppo["metrics"]["parent_gold_score"]
             # a stage dir, or a base model: named by its Hub id when the stage recorded one (model_hub_id)
             out["ppo_parent"] = parent_path or parent.get("hub_id") or parent.get("model")
-        out["gold_labeler"] = ppo.get("gold_labeler", "gold")
+        out["gold_labeler"] = ppo.get("gold_labeler", GOLD)
         out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
         out[f"gold_win_rate_ppo_vs_{vs}"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
         out.setdefault("held_out_prompts", {})[f"ppo_vs_{vs}"] = len(ppo["gold_scores"])
@@ -220,7 +177,7 @@ def metrics_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for stage, info in stages.items():
         metrics = info.get("metrics") or {}
-        for key, label in TABLE.get(stage, []):
+        for key, label in ROWS.get(stage, []):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 rows.append({"stage": stage, "metric": key, "label": label, "value": float(value)})
@@ -267,7 +224,7 @@ def _resolved(stages: dict[str, dict[str, Any]], stage: str, key: str) -> Any:
 
 def _tinyworld(stages: dict[str, dict[str, Any]], stage: str) -> bool:
     """Whether `stage` ran on tiny-world prompts (its lineage's data entry; recipes hold only the keys users set)."""
-    return ((stages.get(stage) or {}).get("data") or {}).get("name") == "tinyworld"
+    return ((stages.get(stage) or {}).get("data") or {}).get("name") == TINYWORLD
 
 
 def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:
@@ -330,63 +287,25 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
 # Plots
 
 
-def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    pts = [(h["step"], h[key]) for h in history or [] if isinstance(h.get(key), (int, float)) and "step" in h]
-    pts = [(x, y) for x, y in pts if math.isfinite(y)]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _figure(ncols: int, title: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.4 * ncols, 3.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    if ncols > 1:  # one panel carries its own title
-        fig.suptitle(title, fontsize=11)
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _panel(ax, history, keys: list[tuple[str, str]], title: str, hline: tuple[float, str] | None = None) -> bool:
-    drawn = False
-    for key, label in keys:
-        xs, ys = _series(history, key)
-        if xs:
-            ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, markersize=3, label=label)
-            drawn = True
-    if hline is not None and hline[0] is not None:
-        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1, label=hline[1])
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    if drawn:
-        ax.legend(fontsize=7)
-    return drawn
-
-
 def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
     """`{name: (caption, png)}` for each plot that has data."""
+    from align.plots import bar_panel, figure, line_panel, png
+
     out: dict[str, tuple[str, bytes]] = {}
     for stage, keys, caption in (
         ("pretrain", [("loss", "train"), ("eval_loss", "held-out")], "Pretraining loss (nats/token)"),
         ("sft", [("loss", "train"), ("eval_loss", "held-out")], "SFT loss on demonstrations"),
     ):
         if stage in stages:
-            fig, (ax,) = _figure(1, caption)
+            fig, (ax,) = figure(1)  # one panel carries its own title
             floor = (stages[stage]["metrics"].get("entropy_floor"), "entropy floor") if stage == "pretrain" else None
-            if _panel(ax, stages[stage].get("log_history"), keys, caption, floor):
-                out[f"{stage}_loss"] = (caption, _png(fig))
+            if line_panel(ax, stages[stage].get("log_history"), keys, caption, floor):
+                out[f"{stage}_loss"] = (caption, png(fig))
     if "reward" in stages:
         history = stages["reward"].get("log_history")
-        fig, (ax1, ax2) = _figure(2, "Reward model")
-        a = _panel(ax1, history, [("loss", "train")], "ranking loss")
-        b = _panel(
+        fig, (ax1, ax2) = figure(2, title="Reward model")
+        a = line_panel(ax1, history, [("loss", "train")], "ranking loss")
+        b = line_panel(
             ax2,
             history,
             [
@@ -397,15 +316,15 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             "held-out accuracy",
         )
         if a or b:
-            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", _png(fig))
+            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", png(fig))
     if "ppo" in stages:
         history = stages["ppo"].get("log_history")
         sft_gold = (top.get("gold_score") or {}).get("sft", (top.get("gold_score") or {}).get(PARENT))
-        fig, axes = _figure(3, "PPO, per update")
+        fig, axes = figure(3, title="PPO, per update")
         drawn = [
-            _panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
-            _panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
-            _panel(
+            line_panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
+            line_panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
+            line_panel(
                 axes[2],
                 history,
                 [("eval/gold_score", "PPO")],
@@ -414,27 +333,25 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             ),
         ]
         if any(drawn):
-            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", _png(fig))
+            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", png(fig))
     gold = top.get("gold_score") or {}
     if gold:
-        fig, (ax,) = _figure(1, "Gold labeler, held-out prompts")
+        fig, (ax,) = figure(1)
         colors = {"pretrain": "#9e9e9e", "sft": "#5c8ddb", PARENT: "#5c8ddb", "ppo": "#e07b39"}
         sampled = top.get("gold_score_sampled") or {}
-        names = [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled]
-        values = list(gold.values()) + list(sampled.values())
-        bars = ax.bar(names, values, color=[colors[s] for s in gold] + [colors[s] for s in sampled])
-        for bar in bars[len(gold) :]:
-            bar.set_alpha(0.55)
-        for bar, v in zip(bars, values, strict=True):
-            ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-        ax.set_ylim(0, 1.05)
-        ax.set_title("Gold labeler, held-out prompts", fontsize=9)
-        ax.set_ylabel("mean gold score", fontsize=8)
-        ax.tick_params(labelsize=8)
+        bar_panel(
+            ax,
+            [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled],
+            list(gold.values()) + list(sampled.values()),
+            [colors[s] for s in gold] + [colors[s] for s in sampled],
+            title="Gold labeler, held-out prompts",
+            ylabel="mean gold score",
+            faded=len(sampled),
+        )
         caption = "Mean gold score of each model on the same held-out prompts"
         if sampled:
             caption += " (greedy; `sampled`: the mean over answers sampled at temperature 1)"
-        out["gold_scores"] = (caption, _png(fig))
+        out["gold_scores"] = (caption, png(fig))
     return out
 
 
@@ -442,18 +359,12 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
 # Writing
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return str(v)
-
-
 def _headline_lines(top: dict[str, Any]) -> list[str]:
     lines = []
     vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
     parent = str(top.get("ppo_parent"))
     name = f"its parent ({parent if is_hub_id(parent) else Path(parent).name})" if vs == PARENT else "SFT"
-    labeler = "gold labeler" if top.get("gold_labeler", "gold") == "gold" else f"checker {top['gold_labeler']}"
+    labeler = "gold labeler" if top.get("gold_labeler", GOLD) == GOLD else f"checker {top['gold_labeler']}"
     if f"gold_win_rate_ppo_vs_{vs}" in top:
         kl = top.get("ppo_kl")
         at_kl = f", at KL {kl:.3f} nats." if kl is not None else "."
@@ -512,7 +423,7 @@ def _markdown(root: Path, stages, top, table, examples, figures) -> str:
     out = [f"# align run report: `{root}`", ""]
     out += [f"- {line}" for line in _headline_lines(top)] + [""]
     out += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
-    out += [f"| {r['stage']} | {r['label']} | {_fmt(r['value'])} |" for r in table]
+    out += [f"| {r['stage']} | {r['label']} | {format_value(r['value'])} |" for r in table]
     columns, rows = _pass_rates(top)
     if rows:
         out += ["", "## Pass rate per constraint (greedy answers, held-out prompts)", ""]
@@ -571,7 +482,7 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
     out += [f"<li>{e(line)}</li>" for line in _headline_lines(top)] + ["</ul>"]
     out += ["<h2>Metrics</h2><table><tr><th>stage</th><th>metric</th><th>value</th></tr>"]
     out += [
-        f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(_fmt(r['value']))}</td></tr>"
+        f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(format_value(r['value']))}</td></tr>"
         for r in table
     ]
     out += ["</table>"]

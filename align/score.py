@@ -18,11 +18,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from align.data.tinyworld import GOLD
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
-
-GOLD = "gold"
 
 Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 

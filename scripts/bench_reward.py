@@ -104,7 +104,8 @@ def common_args(args, out: str) -> dict:
 
 
 def held_out_accuracy(model, tokenizer, test_rows: list[dict]) -> float:
-    from align.rl.ranking import pair_accuracy, ranking_to_ranks
+    from align.data.rankings import ranking_to_ranks
+    from align.rl.ranking import pair_accuracy
     from align.trainers.reward import score
 
     prompts = [r["prompt"] for r in test_rows for _ in r["responses"]]
@@ -119,7 +120,8 @@ def run_ranking(args, tokenizer, train: list[dict], test: list[dict]) -> dict:
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from align.trainers.reward import RankingRewardTrainer, tokenize_rankings
+    from align.data.rankings import tokenize_rankings
+    from align.trainers.reward import RankingRewardTrainer
     from align.trainers.reward_config import RankingRewardConfig
 
     data = tokenize_rankings(Dataset.from_list(train), tokenizer, max_length=None, source="bench")
@@ -143,7 +145,7 @@ def run_trl(args, tokenizer, train: list[dict], test: list[dict]) -> dict:
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
-    from align.trainers.reward import encode_for_reward
+    from align.data.rankings import encode_for_reward
 
     # Same token ids as (a): each response encoded once, then every ordered pair of the group (C(K,2) rows).
     pairs = []

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from align.cli import COMMANDS, _available, main
+from align.cli import COMMANDS, main
 
 
 def _run(*args, **kw):
@@ -19,7 +19,7 @@ def test_top_level_help_lists_stages(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("command", [c for c, (m, _) in COMMANDS.items() if _available(m)])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_has_help(command):
     result = _run(command, "--help")
     assert result.returncode == 0, result.stderr

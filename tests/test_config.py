@@ -110,7 +110,7 @@ def test_package_refs_resolve_to_absolute_paths_at_validation(tmp_path, fake_pac
     cfg = parse_config("sft", ["--config", recipe])
     assert (cfg.model_name_or_path, cfg.tokenizer_name_or_path) == (tiny, tiny)
     assert cfg.model_hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    rank = parse_config("rank", ["--config", recipe])  # RankConfig validates apart from _post_init_common
+    rank = parse_config("rank", ["--config", recipe])  # RankConfig validates apart from post_init_common
     assert rank.model_name_or_path == tiny
     ppo = parse_config("ppo", [], overrides={"output_dir": str(tmp_path / "ppo"), "model_name_or_path": ref,
                                              "reward_model_path": ref, "value_model_path": ref})  # fmt: skip

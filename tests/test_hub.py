@@ -121,14 +121,14 @@ def expected_files(stage_dir: Path) -> dict[str, bytes]:
 
 
 def test_curve_panels_pair_train_with_eval():
-    from align.hub_card import _curve_keys, _panels, training_curves_png
+    from align.plots import curve_keys, curve_panels, training_curves_png
 
     # epoch/step/total_flos, *_runtime, *_per_second and the one-off train_loss are not curves.
-    keys = _curve_keys(LOG_HISTORY)
+    keys = curve_keys(LOG_HISTORY)
     assert keys == ["loss", "learning_rate", "grad_norm", "eval_loss"]
-    assert _panels(keys) == [["loss", "eval_loss"], ["learning_rate"], ["grad_norm"]]
+    assert curve_panels(keys) == [["loss", "eval_loss"], ["learning_rate"], ["grad_norm"]]
     # No loss/learning_rate: the rest sorted, each x beside its eval_x.
-    assert _panels(["reward", "ppo/kl", "eval_reward"]) == [["ppo/kl"], ["reward", "eval_reward"]]
+    assert curve_panels(["reward", "ppo/kl", "eval_reward"]) == [["ppo/kl"], ["reward", "eval_reward"]]
     assert training_curves_png([{"step": 1, "epoch": 1.0}], "t") is None
     assert training_curves_png(None, "t") is None
 

@@ -186,7 +186,7 @@ def test_lora_policy_uses_disabled_adapter_as_reference(tmp_path, tok):
 
 
 def test_reward_model_scores_with_its_own_format_and_offset(tmp_path, tok):
-    from align.trainers.reward import encode_for_reward
+    from align.data.rankings import encode_for_reward
 
     policy, _ = models(tok)
     torch.manual_seed(1)
@@ -205,9 +205,9 @@ def test_reward_model_scores_with_its_own_format_and_offset(tmp_path, tok):
 def test_likelihood_reward_model_scores_and_gives_a_plain_value_model(tmp_path, tok):
     """A LikelihoodRewardModel scores rollouts whole (head + likelihood terms); the value model starts from its body
     and head only, as a plain GPT2ForSequenceClassification."""
+    from align.data.rankings import encode_for_reward
     from align.modeling import ensure_chat_template, generation_marker
     from align.modeling_reward import LikelihoodRewardModel
-    from align.trainers.reward import encode_for_reward
 
     policy, _ = models(tok)
     chat_tok = copy.deepcopy(tok)

@@ -15,10 +15,10 @@ import torch
 
 from align.cli import main as cli_main
 from align.config import parse_config
+from align.data.rankings import parse_ranking_row
 from align.errors import AlignError
 from align.io import read_stage_info, write_stage_info
 from align.stages import rank
-from align.trainers.reward import parse_ranking_row
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from align.data.rankings import ranking_to_ranks
 from align.errors import AlignError
 from align.rl.ranking import (
     has_pairs,
@@ -17,7 +18,6 @@ from align.rl.ranking import (
     pairwise_center_penalty,
     plackett_luce_loss,
     ranking_loss,
-    ranking_to_ranks,
     top1_accuracy,
 )
 

@@ -1,4 +1,5 @@
-"""align.trainers.reward: formatting, tokenization, collator (literal tensors), RankingRewardTrainer, score/offset.
+"""align.data.rankings (formatting, tokenization) and align.trainers.reward (collator with literal tensors,
+RankingRewardTrainer, score/offset).
 
 Tiny models from configs and a WordLevel tokenizer built here; the data's gold order is learnable: a response's
 reward is the number of times it says "good".
@@ -21,17 +22,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from align.data.rankings import encode_for_reward, format_for_reward, ranking_to_ranks, tokenize_rankings
 from align.errors import AlignError
-from align.rl.ranking import kendall_tau, pair_accuracy, ranking_loss, ranking_to_ranks, top1_accuracy
+from align.rl.ranking import kendall_tau, pair_accuracy, ranking_loss, top1_accuracy
 from align.trainers.reward import (
     RankingCollator,
     RankingRewardTrainer,
-    encode_for_reward,
-    format_for_reward,
     reward_offset,
     scatter_rewards,
     score,
-    tokenize_rankings,
 )
 from align.trainers.reward_config import RankingRewardConfig
 
@@ -176,7 +175,7 @@ def test_tokenize_rankings_truncation_warns_with_count(tokenizer, caplog):
             {"prompt": "q", "responses": ["good", "w4"], "ranking": [1, 0]},  # 3 and 3 tokens
         ]
     )
-    with caplog.at_level(logging.WARNING, logger="align.trainers.reward"):
+    with caplog.at_level(logging.WARNING, logger="align.data.rankings"):
         out = tokenize_rankings(ds, tokenizer, max_length=5, source="rank.jsonl")
     assert out[0]["input_ids"] == [[w(1), w(2), w(3), GOOD, EOS], [w(2), w(3), w(4), w(5), EOS]]
     assert out[1]["input_ids"] == [[Q, GOOD, EOS], [Q, w(4), EOS]]

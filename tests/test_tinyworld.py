@@ -295,6 +295,12 @@ def test_instruction_prompts_kinds_lengths_and_determinism():
         assert len(prompt.split()) + len(tw.gold_response(prompt).split()) <= 100  # fits 128 tokens with specials
 
 
+def test_is_tinyworld_needs_every_prompt_and_at_least_one():
+    prompts = list(tw.instruction_prompts(3, seed=0)["prompt"])
+    assert tw.is_tinyworld(prompts) and tw.is_tinyworld(prompts * 4)  # a group repeats its prompt K times
+    assert not tw.is_tinyworld([*prompts, "write a poem about the sea"])
+    assert not tw.is_tinyworld([])  # nothing for the gold labeler to score: no gold metrics
+
 def test_train_and_test_prompts_never_overlap():
     train = set(tw.instruction_prompts(2000, seed=0, split="train")["prompt"])
     test = tw.instruction_prompts(200, seed=0, split="test")["prompt"]

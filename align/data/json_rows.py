@@ -102,9 +102,9 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
             else:
                 yield from _line_rows(path, f)
     except UnicodeDecodeError as e:
-        from align.data.load import _first_non_utf8_line
+        from align.data.load import first_non_utf8_line
 
-        raise AlignError(_first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
+        raise AlignError(first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
 
 
 def _line_rows(path: Path, f) -> Iterator[tuple[int, dict]]:

@@ -17,12 +17,12 @@ import csv
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.hub_lineage import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ SUPPORTED = ", ".join(BUILDERS)
 # (hashing a multi-GB corpus on every run would cost more than it protects).
 _FULL_HASH_MAX = 64 * 2**20
 _EDGE_BYTES = 4 * 2**20
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 _TYPE_NAMES = {
     str: "a string",
@@ -79,7 +77,7 @@ def load_data(name: str, *, config: str | None = None, split: str | None = None,
         if config is not None:
             raise AlignError(f"{name}: a local file has no configurations; remove dataset_config.")
         out = _load_files({"train": [path]}, name, split=split, streaming=streaming)
-    elif _looks_like_hub_id(name):
+    elif is_hub_id(name, bare=True):
         out = _load_hub(name, config, split=split, streaming=streaming)
     else:
         raise AlignError(f"{name}: no such file or directory. Check the path (relative to {os.getcwd()}).")
@@ -88,10 +86,6 @@ def load_data(name: str, *, config: str | None = None, split: str | None = None,
         parts = out.items() if isinstance(out, datasets.DatasetDict) else [(split, out)]
         logger.info("Loaded %s: %s", name, ", ".join(f"{k} {len(v):,} rows" for k, v in parts))
     return out
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and Path(name).suffix.lower() not in BUILDERS
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -267,7 +261,7 @@ def _signature(path: Path, *, check_utf8: bool = False) -> tuple[str]:
                 if decoder:
                     decoder.decode(b"", final=True)
             except UnicodeDecodeError as e:
-                raise AlignError(_first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
+                raise AlignError(first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
         else:
             h.update(f"{st.st_mtime_ns}".encode())
             h.update(f.read(_EDGE_BYTES))
@@ -282,7 +276,7 @@ def _signature(path: Path, *, check_utf8: bool = False) -> tuple[str]:
 
 def _diagnose(path: Path, builder: str) -> str | None:
     """The first problem in a data file, as an AlignError message, or None when none is found."""
-    bad = _first_non_utf8_line(path) if builder != "parquet" else None
+    bad = first_non_utf8_line(path) if builder != "parquet" else None
     if bad:
         return bad
     if builder == "csv":
@@ -292,7 +286,8 @@ def _diagnose(path: Path, builder: str) -> str | None:
     return None
 
 
-def _first_non_utf8_line(path: Path) -> str | None:
+def first_non_utf8_line(path: Path) -> str | None:
+    """The error naming the first line of `path` that is not UTF-8 (line and column), or None if all of it is."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:

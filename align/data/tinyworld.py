@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import zlib
+from collections.abc import Sequence
 
 from align.data.tinyworld_grammar import (
     COLORS,
@@ -51,12 +52,15 @@ from align.errors import AlignError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GOLD",
     "KINDS",
+    "TINYWORLD",
     "demonstrations",
     "document_nll",
     "entropy_floor",
     "gold_response",
     "instruction_prompts",
+    "is_tinyworld",
     "pretrain_corpus",
     "sample_story",
     "score",
@@ -65,6 +69,8 @@ __all__ = [
     "vocabulary",
 ]
 
+TINYWORLD = "tinyworld"  # the `dataset_name` (and `ptx_dataset_name`) that stands for this world's data
+GOLD = "gold"  # the labeler name (`labeler`, `gold_labeler`, `align score`) that stands for its gold labeler
 KIND_PROBS = (("mention", 0.3), ("count", 0.25), ("qa", 0.3), ("end", 0.15))
 TEST_SHARE = 10  # one prompt text in TEST_SHARE is held out (by hash), so train and test prompts never overlap
 QA_MAX_WORDS = 40  # keeps a QA prompt under ~50 words, prompt + answer well under 128 tokens
@@ -302,6 +308,19 @@ def instruction_prompts(n: int, seed: int, split: str = "train"):
 
     specs = _split_specs(random.Random(f"tinyworld-prompts-{split}-{seed}"), n, split)
     return datasets.Dataset.from_dict({"prompt": [render(s) for s in specs], "kind": [s.kind for s in specs]})
+
+
+def is_tinyworld(prompts: Sequence[str]) -> bool:
+    """Whether every prompt is a tiny-world instruction, so that the gold labeler can score the responses to them.
+
+    False for no prompts: callers use the answer to decide whether to compute gold metrics, and there is nothing to
+    score (a gold agreement over zero pairs has no value)."""
+    try:
+        for p in set(prompts):  # each prompt once: a ranked group repeats its prompt K times
+            parse_prompt(p)
+    except AlignError:
+        return False
+    return bool(prompts)
 
 
 # Demonstrations

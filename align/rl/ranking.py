@@ -17,59 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.errors import AlignError
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rankings from data
-
-
-def ranking_to_ranks(ranking: list, k: int, *, where: str) -> list[int]:
-    """Per-response ranks (0 = best, tied responses share a rank) from a best-to-worst `ranking` of `k` responses.
-
-    `ranking` lists response indices best -> worst; an element may be a list of tied indices:
-    `[2, [0, 3], 1]` -> ranks `[1, 2, 0, 1]` (response 2 best, 0 and 3 tie second, 1 last).
-    Raises AlignError naming `where` (e.g. `data/rank.jsonl:17`) on anything that is not a full ranking of k responses.
-    """
-    if k < 2:
-        raise AlignError(f"{where}: {k} response(s); a ranking needs at least 2. Drop the row or add responses.")
-    if not isinstance(ranking, (list, tuple)) or not ranking:
-        raise AlignError(
-            f"{where}: 'ranking' is {ranking!r}, expected a non-empty list of response indices best -> worst, "
-            "e.g. [2, [0, 3], 1]. Fix the row."
-        )
-    ranks = [-1] * k
-    seen = 0
-    for position, block in enumerate(ranking):
-        members = list(block) if isinstance(block, (list, tuple)) else [block]
-        if not members:
-            raise AlignError(f"{where}: 'ranking' position {position} is an empty tie list. Remove it.")
-        for i in members:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise AlignError(
-                    f"{where}: 'ranking' holds {i!r} ({type(i).__name__}), expected an int index or a list of "
-                    "tied int indices. Fix the row."
-                )
-            if not 0 <= i < k:
-                raise AlignError(
-                    f"{where}: 'ranking' index {i} is out of range for {k} responses. Use indices 0..{k - 1}."
-                )
-            if ranks[i] != -1:
-                raise AlignError(f"{where}: 'ranking' lists response {i} twice. Each index appears exactly once.")
-            ranks[i] = position
-            seen += 1
-    if seen != k:
-        missing = [i for i, r in enumerate(ranks) if r == -1]
-        raise AlignError(
-            f"{where}: 'ranking' covers {seen} of {k} responses (missing {missing}); responses and ranking lengths "
-            "differ. Rank every response (ties as a list, e.g. [0, [1, 2]])."
-        )
-    if len(ranking) == 1:
-        raise AlignError(
-            f"{where}: all {k} responses are tied, so there is no pair to learn from. Drop the row or break a tie."
-        )
-    return ranks
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Pairs
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
+from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle, write_stage_info
 
 logger = logging.getLogger(__name__)
 
-TINYWORLD = "tinyworld"
 # `reward` and `kl` in align_stage.json: means over the last tenth of the updates (at least one logged entry), where
 # the policy has settled; the first updates would mostly measure the SFT model.
 FINAL_SHARE = 0.1
@@ -234,7 +234,6 @@ def run(cfg) -> Path:
 
     from align import modeling
     from align.evaluation import gold_setup
-    from align.stages.sft import load_model_and_tokenizer
     from align.trainers.ppo import PPOTrainer
 
     set_seed(cfg.seed)
@@ -247,7 +246,7 @@ def run(cfg) -> Path:
 
     # Model
     reward_model, reward_tokenizer = load_reward_model(cfg)
-    policy, tokenizer = load_model_and_tokenizer(cfg)
+    policy, tokenizer = modeling.load_model_and_tokenizer(cfg)
     value_model = load_value_model(cfg)
     peft_config = get_peft_config(cfg)
     ptx_ds = load_ptx(cfg, tokenizer)

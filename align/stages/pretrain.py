@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
+from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.io import parent_of, resume_checkpoint, stage_lifecycle, train_or_load, write_stage_info
 
 logger = logging.getLogger(__name__)
 
-TINYWORLD = "tinyworld"
 COPY_PROBE_TEXTS = 2000  # held-out texts read by the copy probe: ~560 far copies, a few seconds of forward passes
 
 

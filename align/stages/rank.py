@@ -47,13 +47,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from align.data.rankings import format_ranking
+from align.data.tinyworld import GOLD, TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import stage_lifecycle
 
 logger = logging.getLogger(__name__)
 
-TINYWORLD = "tinyworld"
-GOLD = "gold"
 HUMAN = "human"
 RANKINGS_FILE = "rankings.jsonl"
 DATASET_DIR = "dataset"
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_help() -> None:
     """The recipe keys (as every stage's --help) plus the export/import subcommands; exits 0 like argparse."""
-    from align.config import _parser, config_class
+    from align.config import config_class, stage_parser
 
-    parser = _parser(config_class("rank"), "align rank")
+    parser = stage_parser(config_class("rank"), "align rank")
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.parse_args(["--help"])
@@ -142,18 +142,6 @@ def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
     return prompts, info
 
 
-def is_tinyworld(prompts: Sequence[str]) -> bool:
-    """Whether every prompt is a tiny-world instruction (then the gold labeler can score the responses)."""
-    from align.data.tinyworld_labeler import parse_prompt
-
-    try:
-        for p in prompts:
-            parse_prompt(p)
-    except AlignError:
-        return False
-    return bool(prompts)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -173,7 +161,7 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
 
     from align import modeling
     from align.generate import generate
-    from align.stages.sft import load_model_and_tokenizer
+    from align.modeling import load_model_and_tokenizer
 
     if not cfg.model_name_or_path:
         raise AlignError("align rank: no model_name_or_path. Point it at the policy, usually the SFT stage dir.")
@@ -431,11 +419,6 @@ def write_rankings(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, final)
 
 
-def format_ranking(ranking: Sequence[Sequence[int]]) -> str:
-    """[[2], [0, 3], [1]] -> "2>0=3>1"."""
-    return ">".join("=".join(str(i) for i in block) for block in ranking)
-
-
 def _samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for row in rows[:NUM_SAMPLES]:
@@ -470,7 +453,7 @@ def finish(
     return info
 
 
-def _start(output_dir: Path) -> None:
+def start_output(output_dir: Path) -> None:
     """Create the output dir; drop a previous align_stage.json so an interrupted rerun never looks finished."""
     from align.io import STAGE_FILE
 
@@ -502,7 +485,7 @@ def run(cfg) -> Path:
             "labeler scores only those. Use a 'package.module:function' labeler or a reward model dir."
         )
     kind, labeler = load_labeler(cfg)  # before sampling: a bad labeler fails in seconds, not after generation
-    _start(output_dir)
+    start_output(output_dir)
 
     # Sample
     start = time.perf_counter()

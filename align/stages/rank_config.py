@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments
 
 from align.config import (
-    _changed,
-    _column_mapping_field,
-    _json_dict,
-    _model_hub_id_field,
-    _tinyworld_seed_field,
+    changed_default,
     check_values,
+    column_mapping_field,
+    json_dict,
+    model_hub_id_field,
     resolve_model_keys,
+    tinyworld_seed_field,
 )
-
-GOLD = "gold"
+from align.data.tinyworld import GOLD, TINYWORLD
 
 
 @dataclass
@@ -34,18 +33,18 @@ class RankConfig(ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
-    dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
     # Model
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to sample with (default: the policy's own, model_name_or_path)."}
     )
-    model_hub_id: str | None = _model_hub_id_field()
+    model_hub_id: str | None = model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
     )
     # Data
-    dataset_column_mapping: dict | str | None = _column_mapping_field()
+    dataset_column_mapping: dict | str | None = column_mapping_field()
     num_prompts: int | None = field(
         default=None,
         metadata={
@@ -53,7 +52,7 @@ class RankConfig(ModelConfig, ScriptArguments):
             "your prompts file (default: all rows)."
         },
     )
-    tinyworld_seed: int = _tinyworld_seed_field()
+    tinyworld_seed: int = tinyworld_seed_field()
     # Sampling
     num_generations: int = field(
         default=4, metadata={"help": "K: responses sampled per prompt and ranked together (InstructGPT: 4 to 9)."}
@@ -105,7 +104,7 @@ class RankConfig(ModelConfig, ScriptArguments):
     def __post_init__(self):
         check_values(self)  # ranges: align.config.VALUE_RULES (num_generations >= 2, 0 < top_p <= 1, ...)
         resolve_model_keys(self)  # `package:` references -> paths, model_hub_id checked
-        self.dataset_column_mapping = _json_dict(self.dataset_column_mapping, "dataset_column_mapping")
+        self.dataset_column_mapping = json_dict(self.dataset_column_mapping, "dataset_column_mapping")
         if not self.output_dir:
             raise ValueError("output_dir is not set; add `output_dir: runs/<name>/rank` to the recipe.")
         self.output_dir = os.fspath(self.output_dir)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from align.data.rankings import parse_ranking
+from align.data.tinyworld import TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import output_lock
 from align.stages.rank import (
@@ -21,51 +23,18 @@ from align.stages.rank import (
     HUMAN,
     SHEET_META_SUFFIX,
     SHEET_SUFFIXES,
-    TINYWORLD,
-    _start,
     finish,
     group_stats,
-    is_tinyworld,
     load_prompts,
     sample,
     sampling_settings,
+    start_output,
 )
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Human labelers: export a sheet, import it filled in
-
-
-def parse_ranking(value: Any, *, where: str) -> list[list[int]]:
-    """A sheet's `ranking` cell ("2>0=3>1", or a JSON list like [2, [0, 3], 1]) as a list of blocks best -> worst.
-
-    Only the syntax is checked here; `ranking_to_ranks` checks the indices against the responses."""
-    example = "e.g. 2>0=3>1 (response 2 best, 0 and 3 tied, 1 worst)"
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise AlignError(
-            f"{where}: 'ranking' is empty; the row was not ranked. Fill it in, {example}, or delete the row."
-        )
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise AlignError(
-                f"{where}: 'ranking' {value!r} is not a valid JSON list. Write it as {example}."
-            ) from None
-    if isinstance(value, list):
-        return [list(b) if isinstance(b, list) else [b] for b in value]
-    if not isinstance(value, str):
-        raise AlignError(f"{where}: 'ranking' is {value!r} ({type(value).__name__}); write it as {example}.")
-    blocks = []
-    for part in value.replace(" ", "").split(">"):
-        members = part.split("=")
-        if not all(m.isdigit() for m in members):
-            raise AlignError(
-                f"{where}: 'ranking' {value!r} is not response numbers joined by '>' and '='. Write it as {example}."
-            )
-        blocks.append([int(m) for m in members])
-    return blocks
 
 
 def _sheet_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -131,11 +100,11 @@ def export_main(argv: list[str]) -> int:
 
 
 def _has_output_dir(argv: list[str]) -> bool:
-    from align.config import _find_config, load_recipe
+    from align.config import find_config, load_recipe
 
     if any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         return True
-    config = _find_config(argv)
+    config = find_config(argv)
     return bool(config and load_recipe(config).get("output_dir"))
 
 
@@ -171,7 +140,7 @@ def read_sheet(path: Path) -> list[dict[str, Any]]:
 
 def sheet_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """One filled sheet row -> a validated rankings row {prompt, responses, ranking}."""
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     if "responses" in row:
         responses = row["responses"]
@@ -231,7 +200,7 @@ def import_sheet(sheet: str | os.PathLike, output_dir: str | os.PathLike) -> Pat
     output_dir = Path(output_dir)
     data = {"name": str(path), "rows": len(parsed), "exported": meta.get("data")}
     with output_lock(output_dir):  # one writer per dir, as `align rank` (its run is a stage_lifecycle)
-        _start(output_dir)
+        start_output(output_dir)
         finish(output_dir, parsed, metrics=metrics, parent=meta.get("parent"), recipe=meta.get("recipe") or {},
                data=data, sampling=meta.get("sampling"), labeler={"name": HUMAN, "kind": HUMAN, "sheet": str(path)})
     return output_dir

@@ -79,7 +79,7 @@ def _resolve_source(name: str) -> tuple[str, dict[str, Any] | None]:
 def _validate(ds, source: str) -> int:
     """Check every row (before splitting, so errors name the row of the file); returns the number of pairs."""
     from align.data import load as dl
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     columns = ds.column_names
     if "prompt" not in columns or not ({"responses", "chosen"} & set(columns)):
@@ -104,7 +104,7 @@ def as_pairs(ds):
     trainers see the same labels. Rows must be valid (`_validate`)."""
     import datasets
 
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
     has_margin = "margin" in ds.column_names
@@ -159,7 +159,7 @@ def load_model_and_tokenizer(cfg):
     from transformers import AutoModelForSequenceClassification
 
     from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.trainers.reward import reward_format
+    from align.data.rankings import reward_format
 
     tokenizer = modeling.load_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
@@ -228,7 +228,7 @@ def _likelihood_model(cfg, tokenizer):
     except (OSError, ValueError) as e:
         raise AlignError(
             f"{cfg.model_name_or_path}: likelihood_features need a causal LM with its LM head (e.g. the SFT stage) "
-            f"and this is not one ({modeling._first_line(e)}). {modeling._where_fix(cfg.model_name_or_path)}"
+            f"and this is not one ({modeling.first_line(e)}). {modeling.where_fix(cfg.model_name_or_path)}"
         ) from e
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model
@@ -240,7 +240,7 @@ def _likelihood_model(cfg, tokenizer):
 
 def _flat(groups) -> tuple[list[str], list[str], list[int]]:
     """(prompts, responses, group sizes) of valid ranked groups."""
-    from align.trainers.reward import parse_ranking_row
+    from align.data.rankings import parse_ranking_row
 
     prompts, responses, sizes = [], [], []
     for i, row in enumerate(groups):
@@ -274,17 +274,6 @@ def gold_ranks(scores):
     return torch.where(present, ranks, torch.full_like(ranks, -1))
 
 
-def is_tinyworld(prompts: list[str]) -> bool:
-    from align.data import tinyworld_labeler
-
-    try:
-        for p in set(prompts):
-            tinyworld_labeler.parse_prompt(p)
-    except AlignError:
-        return False
-    return True
-
-
 def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: int, max_length: int | None):
     """Raw scores of every held-out response -> reward offset and, on tiny world, gold agreement.
 
@@ -300,6 +289,8 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
     metrics = {"reward_offset": raw.mean().item()}
     extra: dict[str, Any] = {"reward_offset_samples": len(responses)}
     if gold is None:
+        from align.data.tinyworld import is_tinyworld
+
         gold = is_tinyworld(prompts)
     if gold:
         from align.data import tinyworld

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from align.config import log_config, parse_config, recipe_dict
+from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load, write_stage_info
 
 logger = logging.getLogger(__name__)
 
-TINYWORLD = "tinyworld"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,55 +84,6 @@ def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     return train, test, info
 
 
-def load_model_and_tokenizer(cfg):
-    """Policy to fine-tune + its tokenizer, with a chat template (the model's own, or ours) and a pad token."""
-    import torch
-    from trl import get_quantization_config
-
-    from align import modeling
-
-    if not cfg.model_name_or_path:
-        raise AlignError(
-            "align sft: no model_name_or_path. Point it at a pretrain output (runs/tiny/pretrain) or a Hub id."
-        )
-    quantization = None
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        if not torch.cuda.is_available():
-            raise AlignError(
-                "load_in_4bit/load_in_8bit (QLoRA) needs a CUDA GPU and bitsandbytes; on CPU use plain LoRA "
-                "(use_peft: true without load_in_4bit)."
-            )
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise AlignError("QLoRA needs bitsandbytes: pip install bitsandbytes.") from None
-        quantization = get_quantization_config(cfg)
-    tokenizer = modeling.load_tokenizer(
-        cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-        revision=cfg.model_revision,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    model = modeling.load_causal_lm(
-        cfg.model_name_or_path,
-        revision=cfg.model_revision,
-        dtype=cfg.dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
-        quantization_config=quantization,
-        # quantized weights are placed at load time: each process on its own GPU
-        device_map=_kbit_device_map() if quantization is not None else None,
-    )
-    modeling.ensure_chat_template(tokenizer, model)
-    modeling.set_generation_defaults(model, tokenizer)
-    return model, tokenizer
-
-
-def _kbit_device_map() -> dict[str, int]:
-    from accelerate import PartialState
-
-    return {"": PartialState().local_process_index}
-
-
 @stage_lifecycle
 def run(cfg) -> Path:
     from transformers import set_seed
@@ -152,7 +103,7 @@ def run(cfg) -> Path:
         cfg.eval_strategy = "no"
 
     # Model
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer = modeling.load_model_and_tokenizer(cfg)
     peft_config = get_peft_config(cfg)
     gold = gold_spec is not None
     metrics: dict[str, Any] = {}

@@ -32,9 +32,10 @@ import torch
 from align.errors import AlignError
 from align.io import last_checkpoint
 from align.rl.ppo import AdaptiveKLController, FixedKLController, masked_mean, policy_loss, response_mask, value_loss
+from align.trainers.padding import pad_right
 from align.trainers.ppo_checkpoint import PPOCheckpointMixin
 from align.trainers.ppo_config import PPOConfig
-from align.trainers.ppo_models import PolicyAndValue, _pad_right, fuse_gelu_new
+from align.trainers.ppo_models import PolicyAndValue, fuse_gelu_new
 from align.trainers.ppo_rollout import PPORolloutMixin
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         reward_fn: `(prompts, responses) -> (B,) tensor`, used instead of reward_model (tests, rule-based rewards).
         eval_fn: `(prompts, responses) -> float` on eval_dataset's prompts, logged as `eval/<eval_metric>`.
         eval_metric: name of that metric: "gold_score" (tiny world's labeler, default) or e.g. "reward".
-        format_fn: `(prompt, response) -> str` for the reward model; None = `align.trainers.reward.format_for_reward`.
+        format_fn: `(prompt, response) -> str` for the reward model; None = `align.data.rankings.format_for_reward`.
         ptx_dataset: pretraining-style data ("text" or "input_ids") for PPO-ptx when `args.ptx_coef > 0`.
         callbacks: `transformers.TrainerCallback`s; `on_train_begin`, `on_step_end`, `on_log`, `on_save`,
             `on_train_end` are called, and `control.should_training_stop` is honoured.
@@ -302,7 +303,7 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
     def _ptx_batch(self, step: int, k: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step * 10_007 + k)
         rows = torch.randint(len(self.ptx_rows), (self.args.per_device_train_batch_size,), generator=g).tolist()
-        ids, mask = _pad_right([self.ptx_rows[r] for r in rows], self.processing_class.pad_token_id)
+        ids, mask = pad_right([self.ptx_rows[r] for r in rows], self.processing_class.pad_token_id)
         return {"input_ids": ids.to(self.accelerator.device), "attention_mask": mask.to(self.accelerator.device)}
 
     def _train_on(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:

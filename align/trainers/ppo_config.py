@@ -12,14 +12,15 @@ from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments
 
 from align.config import (
-    _changed,
-    _gold_eval_dataset_field,
-    _gold_labeler_field,
-    _model_hub_id_field,
-    _post_init_common,
+    changed_default,
     check_values,
+    gold_eval_dataset_field,
+    gold_labeler_field,
+    model_hub_id_field,
+    post_init_common,
     resolve_auto_bf16,
 )
+from align.data.tinyworld import TINYWORLD
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy")
@@ -329,10 +330,10 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = _changed(ScriptArguments, "dataset_name", "tinyworld")
-    report_to: None | str | list[str] = _changed(TrainingArguments, "report_to", "none")
-    save_total_limit: int | None = _changed(TrainingArguments, "save_total_limit", 2)
-    dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    report_to: None | str | list[str] = changed_default(TrainingArguments, "report_to", "none")
+    save_total_limit: int | None = changed_default(TrainingArguments, "save_total_limit", 2)
+    dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
     # Models
     reward_model_path: str | None = field(
         default=None,
@@ -351,7 +352,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Policy tokenizer dir or Hub id, when not the policy's own."}
     )
-    model_hub_id: str | None = _model_hub_id_field()
+    model_hub_id: str | None = model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repos. Off unless you ask."}
     )
@@ -401,8 +402,8 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             "eval_temperature."
         },
     )
-    gold_labeler: str | None = _gold_labeler_field()
-    gold_eval_dataset: str | None = _gold_eval_dataset_field()
+    gold_labeler: str | None = gold_labeler_field()
+    gold_eval_dataset: str | None = gold_eval_dataset_field()
     gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
     gold_eval_samples: int = field(
         default=4,
@@ -414,7 +415,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     )
 
     def __post_init__(self):
-        _post_init_common(self, PPOConfig)
+        post_init_common(self, PPOConfig)
         errors = []
         if not self.reward_model_path:
             errors.append("reward_model_path is not set; point it at an `align reward` output (e.g. runs/tiny/reward)")
@@ -430,7 +431,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             errors.append(f"ptx_dataset_name {self.ptx_dataset_name!r} is set but ptx_coef is 0; set ptx_coef > 0 "
                           "(InstructGPT: 27.8) or drop ptx_dataset_name")  # fmt: skip
         # The tiny world has its own held-out prompts; any other data needs a file of them (align.evaluation).
-        if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != "tinyworld":
+        if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != TINYWORLD:
             errors.append(f"gold_labeler {self.gold_labeler!r} needs held-out prompts off the tiny world; set "
                           "gold_eval_dataset: FILE (a 'prompt' column) or drop gold_labeler")  # fmt: skip
         if self.gold_eval_dataset and not self.gold_labeler:

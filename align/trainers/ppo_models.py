@@ -1,9 +1,7 @@
 """The model pieces of align's PPO: value and policy forwards over a rollout, the policy+value wrapper that one DDP
-module trains, GPT-2's fused GELU, and padding helpers (used by `align.trainers.ppo.PPOTrainer`)."""
+module trains, GPT-2's fused GELU (used by `align.trainers.ppo.PPOTrainer`)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -61,48 +59,3 @@ def fuse_gelu_new(model: nn.Module) -> int:
     for parent, name in targets:
         setattr(parent, name, nn.GELU(approximate="tanh"))
     return len(targets)
-
-
-def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, length - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-    return ids, mask
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def _encode_for_reward_fallback(
-    tokenizer, prompt: str, response: str, max_length: int | None, *, pair: bool = False
-) -> list[int]:
-    """Used only if `align.trainers.reward` is missing; the same ids as its `encode_for_reward`."""
-    if pair:  # an encoder reward model: the tokenizer's sentence pair, cut as transformers cuts pairs
-        return tokenizer(prompt, response or " ", truncation=bool(max_length), max_length=max_length)["input_ids"]
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt + " " + response + (tokenizer.eos_token or ""))["input_ids"]
-    return ids[-max_length:] if max_length else ids
-
-
-def _max_positions(config) -> int | None:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -15,12 +15,10 @@ from torch import nn
 
 from align.errors import AlignError
 from align.io import last_checkpoint
+from align.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_mean, masked_whiten, per_token_rewards, response_mask
+from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import (
-    _encode_for_reward_fallback,
-    _max_positions,
-    _pad_left,
-    _pad_right,
     policy_logits,
     value_head_forward,
 )
@@ -100,7 +98,7 @@ class PPORolloutMixin:
             return [list(x) for x in ds["input_ids"]]
         if "text" not in columns:
             raise AlignError(f"ptx_dataset: no 'text' or 'input_ids' column (columns present: {columns}).")
-        limit = _max_positions(policy.config)
+        limit = max_positions(policy.config)
         return [
             self.processing_class(t, truncation=limit is not None, max_length=limit)["input_ids"] for t in ds["text"]
         ]
@@ -170,7 +168,7 @@ class PPORolloutMixin:
         policy = self.policy
         was_training = policy.training
         policy.eval()
-        input_ids, prompt_mask = _pad_left(prompt_ids, tok.pad_token_id)
+        input_ids, prompt_mask = pad_left(prompt_ids, tok.pad_token_id)
         device = self.accelerator.device
         responses, logprobs = [], []
         chunk = args.local_rollout_forward_batch_size
@@ -228,17 +226,14 @@ class PPORolloutMixin:
         if self.reward_fn is not None:
             return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1).cpu()
         tok = self.reward_tokenizer
-        limit = _max_positions(self.reward_model.config)
+        limit = max_positions(self.reward_model.config)
         if self.format_fn is not None:
             seqs = [
                 tok(self.format_fn(p, r))["input_ids"][-limit if limit else 0 :]
                 for p, r in zip(prompts, responses, strict=True)
             ]
         else:
-            try:
-                from align.trainers.reward import encode_for_reward
-            except ImportError:
-                encode_for_reward = _encode_for_reward_fallback
+            from align.data.rankings import encode_for_reward
             from align.modeling import is_encoder
 
             pair = is_encoder(self.reward_model.config, tok)  # an encoder reads the tokenizer's pair, as in training
@@ -248,7 +243,7 @@ class PPORolloutMixin:
         device = self.accelerator.device
         with self.accelerator.autocast():
             for s in range(0, len(seqs), chunk):
-                ids, mask = _pad_right(seqs[s : s + chunk], self.reward_model.config.get_text_config().pad_token_id)
+                ids, mask = pad_right(seqs[s : s + chunk], self.reward_model.config.get_text_config().pad_token_id)
                 logits = self.reward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 out[s : s + chunk] = logits[:, 0].float().cpu()
         return out - self.reward_offset
@@ -281,7 +276,7 @@ class PPORolloutMixin:
         idx = self._batch_indices(step - 1)
         prompt_ids = [self.train_prompts[0][i] for i in idx]
         prompt_texts = [self.train_prompts[1][i] for i in idx]
-        limit = _max_positions(self.policy.config)
+        limit = max_positions(self.policy.config)
         longest = max(len(p) for p in prompt_ids)
         if limit is not None and longest + args.max_new_tokens > limit:
             raise AlignError(

@@ -1,5 +1,5 @@
-"""Reward model from K-way rankings (InstructGPT step 2) on transformers' Trainer: formatting, tokenization,
-collator, `RankingRewardTrainer`, and scoring.
+"""Reward model from K-way rankings (InstructGPT step 2) on transformers' Trainer: collator, `RankingRewardTrainer`,
+and scoring. The rows, their tokenization and the reward model's text format are in `align.data.rankings`.
 
 TRL's RewardTrainer knows only chosen/rejected pairs: a group of K ranked responses expanded to its C(K, 2) pairs
 runs every response through the model K - 1 times (K = 4: 12 forward sequences instead of 4). Here each batch element
@@ -10,7 +10,6 @@ is a whole group, every response is scored once, and the loss is taken over all 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from transformers import EvalPrediction, Trainer
 
+from align.data.rankings import encode_for_reward, tokenize_rankings
 from align.errors import AlignError
 from align.modeling import is_encoder
 from align.rl.ranking import (
@@ -28,229 +28,14 @@ from align.rl.ranking import (
     pairwise_center_penalty,
     plackett_luce_loss,
     ranking_loss,
-    ranking_to_ranks,
     top1_accuracy,
 )
+from align.trainers.padding import pad_right
 
 logger = logging.getLogger(__name__)
 
-# Between prompt and response when the tokenizer has no chat template. One space, as TRL's implicit-prompt format
-# concatenates and as the PPO stage's fallback does, so train-time and score-time texts match.
-REWARD_SEPARATOR = " "
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Formatting: the SAME functions at training and at scoring time (PPO, `align score`)
-
-
-def _render(tokenizer, prompt: str, response: str) -> tuple[str, bool]:
-    """(text, used_chat_template)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False), True
-    # No template: TRL appends EOS to non-conversational preference data, so the score is read at a fixed end token.
-    return prompt + REWARD_SEPARATOR + response + (tokenizer.eos_token or ""), False
-
-
-def format_for_reward(tokenizer, prompt: str, response: str) -> str:
-    """The text a reward model scores for (prompt, response).
-
-    With a chat template: the template applied to [user: prompt, assistant: response], no generation prompt (align's
-    template ends the assistant turn with EOS). Without one: `prompt + " " + response + eos_token`.
-    Tokenize it with `encode_for_reward` (a template renders its own special tokens, so no BOS is added twice).
-    An encoder reward model reads no single text but the pair (see `encode_for_reward`'s `pair`).
-    """
-    return _render(tokenizer, prompt, response)[0]
-
-
-def reward_format(tokenizer, pair: bool) -> str:
-    """How (prompt, response) reaches the reward model, in words (the reward stage logs it once)."""
-    if pair:
-        # The pair of "x" and "y", their tokens named: e.g. "[CLS] prompt [SEP] response [SEP]" for BERT.
-        ids = encode_for_reward(tokenizer, "x", "y", pair=True)
-        want = [(tokenizer("x", add_special_tokens=False)["input_ids"], "prompt"),
-                (tokenizer("y", add_special_tokens=False)["input_ids"], "response")]  # fmt: skip
-        parts, i = [], 0
-        while i < len(ids):
-            if want and want[0][0] and ids[i : i + len(want[0][0])] == want[0][0]:
-                parts.append(want[0][1])
-                i += len(want.pop(0)[0])
-            else:
-                parts.append(tokenizer.convert_ids_to_tokens(ids[i]))
-                i += 1
-        shape = " ".join(parts)
-        return f"the tokenizer's sentence pair, tokenizer(prompt, response) = {shape} (an encoder: no chat template)"
-    if getattr(tokenizer, "chat_template", None):
-        return "its chat template applied to [user: prompt, assistant: response]"
-    return f"prompt + {REWARD_SEPARATOR!r} + response + EOS {tokenizer.eos_token!r} (no chat template)"
-
-
-def encode_for_reward(
-    tokenizer, prompt: str, response: str, max_length: int | None = None, *, pair: bool | None = None
-) -> list[int]:
-    """Token ids of `format_for_reward`, cut from the left to the last `max_length` tokens (None: no cut).
-
-    Left, not right: the sequence-classification head reads the last token, so right-truncation would cut the
-    response's end (and EOS) and make responses that differ only there score identically; dropping the start of the
-    prompt keeps what the score depends on most.
-
-    `pair` True, for an encoder reward model (`align.modeling.is_encoder`): `tokenizer(prompt, response)`, the
-    tokenizer's sentence-pair encoding (`[CLS] prompt [SEP] response [SEP]` for BERT), cut as transformers cuts
-    pairs (longest first, from the right): an encoder's head reads the first token, [CLS], which must stay.
-    None: decided from the tokenizer alone; callers that have the model pass `is_encoder(model.config, tokenizer)`.
-    """
-    if pair is None:
-        pair = is_encoder(None, tokenizer)
-    if pair:
-        response = response or " "  # transformers reads an empty second text as none: "[CLS] prompt [SEP]" alone
-        if max_length is None:
-            return tokenizer(prompt, response)["input_ids"]
-        return tokenizer(prompt, response, truncation="longest_first", max_length=max_length)["input_ids"]
-    text, templated = _render(tokenizer, prompt, response)
-    # Chat templates render BOS themselves; transformers' docs advise add_special_tokens=False for their output.
-    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[-max_length:]
-    return ids
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Data: rows -> groups -> token ids
-
-
-def parse_ranking_row(row: dict[str, Any], *, where: str) -> tuple[str, list[str], list[int], float | None]:
-    """(prompt, responses, ranks, margin) of one row, validated; AlignError naming `where` otherwise.
-
-    Rows: `{"prompt", "responses": [K str], "ranking": [indices best -> worst, ties as lists]}`, or pair data
-    `{"prompt", "chosen", "rejected", optional "margin"}` (the K = 2 case: responses [chosen, rejected], ranks [0, 1]).
-    """
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str):
-        raise AlignError(f"{where}: 'prompt' is {type(prompt).__name__}, expected a string. Fix the row.")
-    if not prompt.strip():
-        raise AlignError(
-            f"{where}: 'prompt' is empty; responses are ranked for a prompt. Write the prompt or drop the row."
-        )
-    if row.get("responses") is not None:
-        responses = row["responses"]
-        if not isinstance(responses, (list, tuple)):
-            raise AlignError(f"{where}: 'responses' is {type(responses).__name__}, expected a list of strings.")
-        responses = list(responses)
-        ranks = ranking_to_ranks(row.get("ranking"), len(responses), where=where)
-        fields = [f"responses[{i}]" for i in range(len(responses))]
-    elif row.get("chosen") is not None or row.get("rejected") is not None:
-        responses = [row.get("chosen"), row.get("rejected")]
-        ranks = [0, 1]
-        fields = ["chosen", "rejected"]
-    else:
-        present = sorted(k for k, v in row.items() if v is not None)
-        raise AlignError(
-            f"{where}: no 'responses'/'ranking' and no 'chosen'/'rejected' (columns present: {present}). "
-            "Give rankings {prompt, responses, ranking} or pairs {prompt, chosen, rejected}."
-        )
-    for name, text in zip(fields, responses, strict=True):
-        if not isinstance(text, str):
-            raise AlignError(f"{where}: '{name}' is {type(text).__name__}, expected a string. Fix the row.")
-        if not text.strip():
-            raise AlignError(f"{where}: '{name}' is empty; an empty response cannot be ranked. Drop or fix the row.")
-    margin = row.get("margin")
-    if "margin" in row:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise AlignError(
-                f"{where}: 'margin' is {margin!r}, expected a finite number. Give every row a margin, or none."
-            )
-        margin = float(margin)
-    return prompt, responses, ranks, margin
-
-
-def tokenize_rankings(
-    ds,
-    tokenizer,
-    max_length: int | None,
-    *,
-    source: str = "dataset",
-    num_proc: int | None = None,
-    pair: bool | None = None,
-):
-    """Rankings (or pairs) -> Dataset with `input_ids` (K lists of ids), `ranks` (K ints), `length` (the group's
-    longest sequence: Trainer's `train_sampling_strategy: group_by_length` batches groups of similar length) and, if
-    given, `margin`.
-
-    Every response is encoded with `encode_for_reward` (`pair`: see there); responses longer than `max_length` keep
-    their last `max_length` tokens (an encoder's pair: cut longest first) and one warning gives their count. Errors
-    name `<source>:<1-based row>`.
-    """
-    columns = list(ds.column_names)
-    has_margin = "margin" in columns
-    if pair is None:
-        pair = is_encoder(None, tokenizer)
-
-    def encode(prompt: str, response: str) -> tuple[list[int], bool]:
-        """(ids, whether they were cut to max_length)."""
-        ids = encode_for_reward(tokenizer, prompt, response, pair=pair)
-        if max_length is None or len(ids) <= max_length:
-            return ids, False
-        return encode_for_reward(tokenizer, prompt, response, max_length, pair=pair), True
-
-    def tokenize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "ranks": [], "length": [], "num_truncated": []}
-        if has_margin:
-            out["margin"] = []
-        for j, i in enumerate(indices):
-            row = {c: batch[c][j] for c in columns}
-            prompt, responses, ranks, margin = parse_ranking_row(row, where=f"{source}:{i + 1}")
-            encoded = [encode(prompt, r) for r in responses]
-            cut = [ids for ids, _ in encoded]
-            out["input_ids"].append(cut)
-            out["ranks"].append(ranks)
-            out["length"].append(max(len(ids) for ids in cut))
-            out["num_truncated"].append(sum(was_cut for _, was_cut in encoded))
-            if has_margin:
-                out["margin"].append(margin)
-        return out
-
-    ds = ds.map(
-        tokenize,
-        batched=True,
-        with_indices=True,
-        remove_columns=columns,
-        num_proc=num_proc,
-        desc=f"Tokenizing {source} rankings",
-    )
-    truncated = sum(ds["num_truncated"])
-    ds = ds.remove_columns("num_truncated")
-    if truncated:
-        total = sum(len(r) for r in ds["ranks"])
-        how = (
-            "cut prompt and response longest first, from the end (the tokenizer's pair truncation)"
-            if pair
-            else f"kept their last {max_length} tokens (the prompt's start is cut)"
-        )
-        logger.warning(
-            "%s: %d of %d responses are longer than max_length=%d tokens; %s. Raise max_length to keep them whole.",
-            source,
-            truncated,
-            total,
-            max_length,
-            how,
-        )
-    return ds
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Collator
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad_token_id: int, multiple: int | None = None):
-    """(input_ids, attention_mask), both `(N, T)`, right-padded to the longest sequence (rounded up to `multiple`)."""
-    length = max(len(s) for s in seqs)
-    if multiple:
-        length = -(-length // multiple) * multiple
-    input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-    return input_ids, attention_mask
 
 
 @dataclass
@@ -277,7 +62,7 @@ class RankingCollator:
                 raise ValueError(f"group {g}: {len(f['input_ids'])} responses but {len(f['ranks'])} ranks")
             ranks[g, : len(f["ranks"])] = torch.as_tensor(f["ranks"], dtype=torch.long)
             seqs.extend(f["input_ids"])
-        input_ids, attention_mask = _pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of)
+        input_ids, attention_mask = pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "ranks": ranks}
         with_margin = ["margin" in f and f["margin"] is not None for f in features]
         if any(with_margin):
@@ -552,7 +337,7 @@ def score(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            input_ids, attention_mask = _pad_right([seqs[i] for i in idx], text_config.pad_token_id)
+            input_ids, attention_mask = pad_right([seqs[i] for i in idx], text_config.pad_token_id)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             out[idx] = logits.squeeze(-1).float().cpu()
     finally:

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, RewardConfig, ScriptArguments
 
 from align.config import (
-    _changed,
-    _column_mapping_field,
-    _model_hub_id_field,
-    _post_init_common,
+    changed_default,
     check_values,
+    column_mapping_field,
+    model_hub_id_field,
+    post_init_common,
     resolve_auto_bf16,
 )
 
@@ -67,13 +67,13 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    report_to: None | str | list[str] = _changed(RewardConfig, "report_to", "none")
-    save_total_limit: int | None = _changed(RewardConfig, "save_total_limit", 2)
-    dtype: str | None = _changed(ModelConfig, "dtype", "auto")
+    report_to: None | str | list[str] = changed_default(RewardConfig, "report_to", "none")
+    save_total_limit: int | None = changed_default(RewardConfig, "save_total_limit", 2)
+    dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
     # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
-    gradient_checkpointing: bool | None = _changed(RewardConfig, "gradient_checkpointing", None)
-    bf16: bool | None = _changed(RewardConfig, "bf16", None)
-    lora_task_type: str = _changed(ModelConfig, "lora_task_type", "SEQ_CLS")
+    gradient_checkpointing: bool | None = changed_default(RewardConfig, "gradient_checkpointing", None)
+    bf16: bool | None = changed_default(RewardConfig, "bf16", None)
+    lora_task_type: str = changed_default(ModelConfig, "lora_task_type", "SEQ_CLS")
     # Model
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -82,7 +82,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
             "always uses the reward model's own tokenizer and chat template, whatever the policy's are."
         },
     )
-    model_hub_id: str | None = _model_hub_id_field()
+    model_hub_id: str | None = model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
     )
@@ -101,7 +101,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
         default=1.0, metadata={"help": "With likelihood_features: each feature's starting weight."}
     )
     # Data
-    dataset_column_mapping: dict | str | None = _column_mapping_field()
+    dataset_column_mapping: dict | str | None = column_mapping_field()
     dataset_test_size: float = field(
         default=0.1,
         metadata={
@@ -129,7 +129,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
 
     def __post_init__(self):
         resolve_auto_bf16(self)
-        _post_init_common(self, RankingRewardConfig)
+        post_init_common(self, RankingRewardConfig)
         errors = []
         if not self.dataset_name:
             errors.append(
