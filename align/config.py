@@ -760,7 +760,11 @@ def _check_value_scalar(key, value, kind, choices, where, expected):
         as_str = value.value if hasattr(value, "value") else value
         valid = [c.value if hasattr(c, "value") else c for c in choices]
         if as_str not in valid and str(as_str) not in [str(v) for v in valid]:
-            raise AlignError(f"{where}: '{key}' is {value!r}; choose one of {', '.join(map(str, valid))}.")
+            hint = ""
+            if isinstance(value, bool) and any(v in ("no", "yes", "off", "on") for v in valid):
+                bare = "yes/on" if value else "no/off"
+                hint = f" YAML reads a bare {bare} as {str(value).lower()}: quote it, e.g. \"no\"."
+            raise AlignError(f"{where}: '{key}' is {value!r}; choose one of {', '.join(map(str, valid))}.{hint}")
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return value

@@ -71,6 +71,8 @@ def test_recipe_then_cli_override(tmp_path):
         ({"learning_rate": "fast"}, "'learning_rate' must be a number"),
         ({"lr_scheduler_type": "cosin"}, "'lr_scheduler_type' is 'cosin'; choose one of linear, cosine"),
         ({"model_type": "bert"}, "'model_type' is 'bert'; choose one of llama, gpt2"),
+        ({"save_strategy": False}, "'save_strategy' is False; choose one of no, steps, epoch, best. YAML reads a bare "
+                                   'no/off as false: quote it, e.g. "no".'),
         ({"model_config": [1, 2]}, "'model_config' is a list, expected a mapping"),
         ({"model_name_or_path": "x", "model_config": {"n_layer": 2}}, "remove one of them"),
         ({"max_length": 2}, "max_length 2 is too small"),

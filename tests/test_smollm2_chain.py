@@ -67,13 +67,14 @@ def test_the_smollm2_chain_end_to_end(tmp_path_factory):
 
     gguf_file = smollm2_gguf(tmp_path_factory.mktemp("gguf"))
     run = tmp_path_factory.mktemp("smollm2") / "run"
+    # Values are YAML, so the string "no" is quoted (a bare no is false).
     overrides = ["--model_name_or_path", str(gguf_file),  # the recipes' package: ref, where the package is absent
                  "--rank.num_prompts", "8", "--rank.max_new_tokens", "24",
                  "--reward.num_train_epochs", "1",
                  "--ppo.max_steps", "1", "--ppo.per_device_train_batch_size", "4", "--ppo.num_mini_batches", "1",
                  "--ppo.num_ppo_epochs", "1", "--ppo.max_new_tokens", "24", "--ppo.dataset_test_size", "4",
                  "--ppo.gold_eval_prompts", "8", "--ppo.gold_eval_max_new_tokens", "24",
-                 "--ppo.save_strategy", "no"]  # fmt: skip
+                 "--ppo.save_strategy", "'no'"]  # fmt: skip
     command = [sys.executable, "-m", "align", "run", str(RECIPES / "chain.yaml"), "--output_root", str(run)]
     result = subprocess.run([*command, *overrides], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
