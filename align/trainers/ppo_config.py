@@ -70,8 +70,7 @@ class PPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "bf16 autocast. None (default, auto): on for a CUDA GPU with bf16 and for CPUs with AMX or "
-            "avx512_bf16 (sampling stays float32 on a CPU, where it is faster), off elsewhere (emulated bf16 was "
-            "measured ~15x slower than float32)."
+            "avx512_bf16, off elsewhere (emulated bf16 was measured ~15x slower than float32)."
         },
     )
 

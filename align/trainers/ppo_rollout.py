@@ -112,16 +112,6 @@ class PPORolloutMixin:
         chunk = min(self.args.local_rollout_forward_batch_size, self.args.local_batch_size)
         return chunk * self.args.max_new_tokens * vocab * 4 <= GEN_LOGITS_BUDGET
 
-    def _generation_autocast(self):
-        """Autocast for sampling: bf16 on GPUs, none on CPUs. Token-by-token decoding on a CPU is bound by reading the
-        weights and by per-op overhead, which autocast's casts add to: measured on SmolLM2-135M (2-core Xeon, AMX),
-        16 responses of up to 128 tokens took 26 s under bf16 autocast vs 12 s in float32, while training and scoring
-        ran ~2-3x faster under it. The old logprobs come from a policy forward under autocast either way
-        (`_gen_logits_fit`), so the ratio and the KL see one precision."""
-        if self.accelerator.device.type == "cpu":
-            return contextlib.nullcontext()
-        return self.accelerator.autocast()
-
     # ---------------------------------------------------------------- data order
 
     def _batch_indices(self, step: int) -> list[int]:
@@ -175,7 +165,7 @@ class PPORolloutMixin:
         try:
             for s in range(0, len(prompt_ids), chunk):
                 ids, mask = input_ids[s : s + chunk].to(device), prompt_mask[s : s + chunk].to(device)
-                with self._generation_autocast():
+                with self.accelerator.autocast():
                     out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
                 resp = out.sequences[:, ids.shape[1] :]
                 responses.append(resp)
