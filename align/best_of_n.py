@@ -73,9 +73,9 @@ def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = Non
     flat = reward([p for p, g in zip(prompts, groups, strict=True) for _ in g], [r for g in groups for r in g])
     rewards = [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
     picks = pick_best(rewards)
-    chosen = [g[i] for g, i in zip(groups, picks, strict=True)]
-    best = [labeler.score(p, r) for p, r in zip(prompts, chosen, strict=True)]
-    mean_all = [sum(labeler.score(p, r) for r in g) / n for p, g in zip(prompts, groups, strict=True)]
+    gold = [[labeler.score(p, r) for r in g] for p, g in zip(prompts, groups, strict=True)]
+    best = [scores[i] for scores, i in zip(gold, picks, strict=True)]
+    mean_all = [sum(scores) / n for scores in gold]
     parent, ppo = info["parent_gold_scores"], info.get("gold_scores")
     result = {
         "n": n,

@@ -564,9 +564,7 @@ def precision_summary(args) -> str:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
-    reason = getattr(args, "precision_reason", None)
-    if reason and not (args.bf16 and device == "cpu" and not cpu_has_native_bf16()):
-        return f"{device}, {'bf16 autocast over float32 weights' if args.bf16 else 'float32'} ({reason})"
+    reason = getattr(args, "precision_reason", None)  # set by config.resolve_auto_bf16
     if args.bf16:
         if device == "cpu" and not cpu_has_native_bf16():
             logger.warning(
@@ -575,11 +573,11 @@ def precision_summary(args) -> str:
                 torch.backends.cpu.get_cpu_capability(),
             )
             return f"{device}, bf16 autocast, emulated (bf16: true, no avx512_bf16/AMX: slow)"
-        why = "bf16: true; ~1.4x faster than fp32 on CPUs with avx512_bf16, the norm on GPUs"
+        why = reason or "bf16: true; ~1.4x faster than fp32 on CPUs with avx512_bf16, the norm on GPUs"
         return f"{device}, bf16 autocast over float32 weights ({why})"
     if args.fp16:
         return f"{device}, fp16 mixed precision (fp16: true)"
-    return f"{device}, float32 (bf16: false; set bf16: true for autocast)"
+    return f"{device}, float32 ({reason or 'bf16: false; set bf16: true for autocast'})"
 
 
 def first_line(e: BaseException) -> str:
