@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from tiny_stages import save_stage, tiny_policy, tiny_reward_model  # tests/ is on sys.path
 
 from align.cli import main as cli_main
 from align.config import parse_config
@@ -244,7 +245,6 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from align import modeling
     from align.data import tinyworld
@@ -254,27 +254,14 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     tok = modeling.wordlevel_tokenizer(words)
     modeling.ensure_chat_template(tok)
     torch.manual_seed(0)
-    policy = modeling.new_causal_lm("llama", SIZES, tok, max_length=128)
-    modeling.set_generation_defaults(policy, tok)
-    sft = root / "sft"
-    policy.save_pretrained(sft)
-    tok.save_pretrained(sft)
-    write_stage_info(sft, "sft", parent=None, recipe={}, data=None, metrics={})
-
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
-                                                    tie_word_embeddings=False, **SIZES, **ids))  # fmt: skip
-    rm.config.align_reward_offset = 0.25
+    sft = save_stage(root / "sft", tiny_policy(tok, SIZES), tok, "sft")
+    rm = tiny_reward_model(tok, SIZES)
     out = {"sft": sft}
     for name in ("reward", "nan_reward"):
         if name == "nan_reward":
             with torch.no_grad():
                 rm.score.weight.fill_(float("nan"))  # a real model that scores every text nan
-        rm.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        write_stage_info(root / name, "reward", parent={"stage": "sft", "path": str(sft)}, recipe={}, data=None,
-                         metrics={})  # fmt: skip
-        out[name] = root / name
+        out[name] = save_stage(root / name, rm, tok, "reward", parent={"stage": "sft", "path": str(sft)})
 
     rng = random.Random(0)
     prompts = list(tinyworld.instruction_prompts(32, seed=0, split="train")["prompt"])

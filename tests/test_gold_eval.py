@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_stages import save_stage, tiny_policy, tiny_reward_model  # tests/ is on sys.path
 
 from align.errors import AlignError
 from align.evaluation import win_rate
-from align.io import read_stage_info, write_stage_info
+from align.io import read_stage_info
 
 WORDS = "tom amy is in the park shop kitchen where ? . has a new red lamp write one sentence about read : question"
 # The checker of the test: a tenth per answer word found in the prompt, up to 10 (answers here are 8 tokens long, so
@@ -33,7 +34,6 @@ def words_score(prompt: str, response: str) -> float:
 def stages(tmp_path_factory) -> dict[str, Path]:
     """As tests/test_ppo_stage.py: an untrained tiny llama policy saved as an "sft" stage (no gold scores stored, so
     the parent is scored here) and a tiny llama reward model as a "reward" stage, one word-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from align import modeling
 
@@ -42,25 +42,14 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     modeling.ensure_chat_template(tok)
     torch.manual_seed(0)
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-    policy = modeling.new_causal_lm("llama", sizes, tok, max_length=128)
-    modeling.set_generation_defaults(policy, tok)
+    policy = tiny_policy(tok, sizes)
     with torch.no_grad():  # larger weights: greedy answers differ from prompt to prompt (at init, all are one token)
         for p in policy.parameters():
             if p.dim() == 2:
                 p.mul_(8)
-    sft = root / "sft"
-    policy.save_pretrained(sft)
-    tok.save_pretrained(sft)
-    write_stage_info(sft, "sft", parent=None, recipe={}, data=None, metrics={})
-
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
-                                                    tie_word_embeddings=False, **sizes, **ids))  # fmt: skip
-    rm.config.align_reward_offset = 0.25
-    reward = root / "reward"
-    rm.save_pretrained(reward)
-    tok.save_pretrained(reward)
-    write_stage_info(reward, "reward", parent={"stage": "sft", "path": str(sft)}, recipe={}, data=None, metrics={})
+    sft = save_stage(root / "sft", policy, tok, "sft")
+    reward = save_stage(root / "reward", tiny_reward_model(tok, sizes), tok, "reward",
+                        parent={"stage": "sft", "path": str(sft)})  # fmt: skip
     return {"sft": sft, "reward": reward}
 
 

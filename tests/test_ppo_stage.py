@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_stages import save_stage, tiny_policy, tiny_reward_model  # tests/ is on sys.path
 
 from align.evaluation import win_rate
-from align.io import read_stage_info, write_stage_info
+from align.io import read_stage_info
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
@@ -30,7 +31,6 @@ PARENT_GOLD_SAMPLED = [0.0, 0.125, 0.25, 0.0, 0.5, 0.0, 0.0, 0.0625]
 def stages(tmp_path_factory) -> dict[str, Path]:
     """A tiny llama policy saved as an "sft" stage and a tiny llama reward model as a "reward" stage (same tokenizer,
     with align's chat template), both untrained: the stage must run, not learn, here."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from align import modeling
 
@@ -39,23 +39,11 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     modeling.ensure_chat_template(tok)
     torch.manual_seed(0)
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-    policy = modeling.new_causal_lm("llama", sizes, tok, max_length=128)
-    modeling.set_generation_defaults(policy, tok)
-    sft = root / "sft"
-    policy.save_pretrained(sft)
-    tok.save_pretrained(sft)
-    write_stage_info(sft, "sft", parent=None, recipe={"gold_eval_prompts": 8, "gold_eval_max_new_tokens": 8},
-                     data=None, metrics={"gold_score": 0.125}, gold_scores=PARENT_GOLD,
-                     gold_scores_sampled=PARENT_GOLD_SAMPLED)  # fmt: skip
-
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, max_position_embeddings=128,
-                                                    tie_word_embeddings=False, **sizes, **ids))  # fmt: skip
-    rm.config.align_reward_offset = 0.25
-    reward = root / "reward"
-    rm.save_pretrained(reward)
-    tok.save_pretrained(reward)
-    write_stage_info(reward, "reward", parent={"stage": "sft", "path": str(sft)}, recipe={}, data=None, metrics={})
+    sft = save_stage(root / "sft", tiny_policy(tok, sizes), tok, "sft",
+                     recipe={"gold_eval_prompts": 8, "gold_eval_max_new_tokens": 8}, metrics={"gold_score": 0.125},
+                     gold_scores=PARENT_GOLD, gold_scores_sampled=PARENT_GOLD_SAMPLED)  # fmt: skip
+    reward = save_stage(root / "reward", tiny_reward_model(tok, sizes), tok, "reward",
+                        parent={"stage": "sft", "path": str(sft)})  # fmt: skip
     return {"sft": sft, "reward": reward}
 
 
