@@ -330,8 +330,8 @@ def resolve_auto_bf16(cfg) -> None:
 
     Fast: a CUDA GPU with bf16, or a CPU that computes bf16 natively (AMX or avx512_bf16: a 2048^2 matmul ran 6x
     faster in bf16 on a Xeon with AMX; LoRA reward training of SmolLM2-135M 3x, one run). Elsewhere autocast is
-    emulated, measured ~15x slower than float32. On a machine without a GPU, `use_cpu` is set too, which transformers requires
-    for bf16 on a CPU. The reason is kept in `cfg.precision_reason` for the stage's precision log line.
+    emulated, measured ~15x slower than float32. On a machine without a GPU, `use_cpu` is set too, which transformers
+    requires for bf16 on a CPU. The reason is kept in `cfg.precision_reason` for the stage's precision log line.
     """
     if cfg.bf16 is not None:
         cfg.precision_reason = f"bf16: {str(cfg.bf16).lower()} in the recipe"
