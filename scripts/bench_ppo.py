@@ -187,13 +187,13 @@ def _profile(trainer, update: int) -> None:
         if step == update:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 with record_function("rollout"):
-                    batch, _, _ = trainer._rollout(step)
+                    rollout, _, _ = trainer._rollout(step)
                 with record_function("ppo_epochs"):
-                    trainer._train_on(batch, step)
+                    trainer._train_on(rollout, step)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
         else:
-            batch, _, _ = trainer._rollout(step)
-            trainer._train_on(batch, step)
+            rollout, _, _ = trainer._rollout(step)
+            trainer._train_on(rollout, step)
         trainer.state.global_step = step
 
 

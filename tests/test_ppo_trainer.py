@@ -100,6 +100,7 @@ def test_old_logprobs_from_generate_match_a_forward_pass(tmp_path, tok):
     # The rollout takes the old logprobs from generate's (KV-cache) logits; the PPO epochs recompute them with a
     # full forward. They must agree, or the first ratio is not 1 and clipping starts on noise.
     from align.rl.ppo import response_mask
+    from align.trainers.ppo_rollout import forward_logprobs
 
     trainer = make_trainer(tok, make_args(tmp_path))
     assert trainer._use_gen_logits
@@ -107,8 +108,86 @@ def test_old_logprobs_from_generate_match_a_forward_pass(tmp_path, tok):
     mask, _ = response_mask(responses, tok.eos_token_id)
     attn = torch.cat([prompt_mask, mask.long()], 1)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    again = trainer._forward_logprobs(trainer.policy, seq, attn, pos, responses)
+    again = forward_logprobs(trainer.policy, seq, attn, pos, responses, temperature=trainer.args.temperature,
+                             batch_size=3, accelerator=trainer.accelerator)  # fmt: skip
     torch.testing.assert_close(old[mask], again[mask], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+def rollout_of(trainer, ref_policy, scores):
+    """`make_rollout` on the trainer's first 8 prompts with its models and args, scored `scores` (8,)."""
+    from align.trainers.ppo_rollout import make_rollout
+
+    seen = []
+
+    def score_fn(prompts, responses):
+        seen.append((prompts, responses))
+        return torch.tensor(scores)
+
+    ids, texts = trainer.train_prompts[0][:8], trainer.train_prompts[1][:8]
+    rollout = make_rollout(trainer.policy, ref_policy, trainer.value_model, trainer.processing_class, ids, texts,
+                           score_fn, args=trainer.args, kl_coef=0.1,
+                           eos_token_ids=trainer.eos_token_ids, accelerator=trainer.accelerator,
+                           use_gen_logits=True)  # fmt: skip
+    assert seen == [(texts, rollout.response_texts)] and rollout.prompts == texts
+    return rollout
+
+
+def test_rollout_holds_aligned_tensors_and_instructgpt_rewards(tmp_path, tok):
+    from align.rl.ppo import response_mask
+    from align.trainers.ppo_rollout import forward_logprobs
+
+    trainer = make_trainer(tok, make_args(tmp_path, missing_eos_penalty=0.3))
+    ref = copy.deepcopy(trainer.policy)
+    with torch.no_grad():
+        ref.lm_head.weight.add_(0.5 * torch.randn_like(ref.lm_head.weight))  # a reference that differs: KL != 0
+    scores = [0.5, -0.5, 1.0, 0.0, 0.25, 2.0, -1.0, 0.75]
+    r = rollout_of(trainer, ref, scores)
+    B, P, T = 8, r.prompt_length, r.responses.shape[1]
+    assert r.query_responses.shape == r.attention_mask.shape == r.position_ids.shape == (B, P + T)
+    for x in (r.mask, r.logprobs, r.ref_logprobs, r.values, r.kl, r.rewards, r.advantages, r.returns):
+        assert x.shape == (B, T)
+    assert torch.equal(r.query_responses[:, P:], r.responses)
+    mask, has_eos = response_mask(r.responses, tok.eos_token_id)
+    assert torch.equal(r.mask, mask) and torch.equal(r.has_eos, has_eos)
+    assert torch.equal(r.attention_mask[:, P:].bool(), r.mask)
+    # the ref logprobs are the reference's, the old ones the policy's (from generate's logits)
+    fwd = dict(temperature=trainer.args.temperature, batch_size=8, accelerator=trainer.accelerator)
+    ids, attn, pos = r.query_responses, r.attention_mask, r.position_ids
+    torch.testing.assert_close(r.ref_logprobs, forward_logprobs(ref, ids, attn, pos, r.responses, **fwd))
+    torch.testing.assert_close(r.logprobs[r.mask], forward_logprobs(trainer.policy, ids, attn, pos, r.responses,
+                                                                    **fwd)[r.mask], atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert r.kl[r.mask].abs().sum() > 0.1 and not r.kl[~r.mask].any()
+    # score - 0.3 without EOS; reward per response = score - beta * KL (InstructGPT Eq. 2), 0 past each response
+    torch.testing.assert_close(r.raw_scores, torch.tensor(scores))
+    torch.testing.assert_close(r.scores, torch.tensor(scores) - 0.3 * (~r.has_eos).float())
+    torch.testing.assert_close(r.rewards.sum(1), r.scores - 0.1 * r.kl.sum(1))
+    for x in (r.rewards, r.advantages, r.returns):
+        assert not x[~r.mask].any()
+    # advantages whitened over the valid tokens only
+    torch.testing.assert_close(r.advantages[r.mask].mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(r.advantages[r.mask].std(), torch.tensor(1.0))
+
+
+def test_rollout_with_the_policy_as_reference_rewards_only_the_clipped_score(tmp_path, tok):
+    trainer = make_trainer(tok, make_args(tmp_path, reward_clip=0.3))
+    scores = [0.5, -0.5, 1.0, 0.0, 0.25, 2.0, -1.0, 0.1]
+    r = rollout_of(trainer, copy.deepcopy(trainer.policy), scores)
+    torch.testing.assert_close(r.scores, torch.tensor([0.3, -0.3, 0.3, 0.0, 0.25, 0.3, -0.3, 0.1]))
+    torch.testing.assert_close(r.kl, torch.zeros_like(r.kl), atol=1e-5, rtol=0)
+    # the whole reward sits on each response's last token
+    last = r.mask.sum(1) - 1
+    torch.testing.assert_close(r.rewards[torch.arange(8), last], r.scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(r.rewards.abs().sum(1), r.scores.abs(), atol=1e-5, rtol=0)
+
+
+def test_rollout_refuses_prompts_longer_than_the_policy_allows(tmp_path, tok):
+    trainer = make_trainer(tok, make_args(tmp_path, max_new_tokens=60))  # 64 positions: prompts of 1-4 words fail
+    with pytest.raises(AlignError, match=r"exceeds the policy's 64 positions. Set max_prompt_length <= 4"):
+        rollout_of(trainer, None, [0.0] * 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ PPO epochs, with checkpoints that resume exactly, NaN guards and per-phase timin
 
 TRL removed its PPOTrainer in 1.13; this one keeps its config keys and metric names (`ppo/kl`, `ppo/clipfrac`, ...)
 and reuses the TRL helpers that remain (`selective_log_softmax`, `entropy_from_logits`, `disable_dropout_in_model`,
-`create_reference_model`). The math lives in `align.rl.ppo` (pure torch, tested by hand); the data and rollout
-methods in `align/trainers/ppo_rollout.py`, checkpoints in `align/trainers/ppo_checkpoint.py`.
+`create_reference_model`). The math lives in `align.rl.ppo` (pure torch, tested by hand); the rollout (generate,
+score, KL penalty, GAE -> a typed `Rollout`) in `align/trainers/ppo_rollout.py`, checkpoint files in
+`align/trainers/ppo_checkpoint.py` (a mixin). One update reads
+top to bottom here: `train` -> `_rollout` (-> `make_rollout`) -> `_rollout_metrics` -> `_train_on`.
 
 Four models: the policy (trained; full or LoRA), the reference (frozen copy, or the LoRA policy with its adapter
 disabled: no second copy), the reward model (frozen, `*ForSequenceClassification` with one label, may have its own
@@ -31,12 +33,29 @@ import torch
 
 from align.errors import AlignError
 from align.io import last_checkpoint
-from align.rl.ppo import AdaptiveKLController, FixedKLController, masked_mean, policy_loss, response_mask, value_loss
+from align.modeling import max_positions
+from align.rl.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    masked_mean,
+    policy_loss,
+    response_mask,
+    value_loss,
+)
 from align.trainers.padding import pad_right
 from align.trainers.ppo_checkpoint import PPOCheckpointMixin
 from align.trainers.ppo_config import PPOConfig
 from align.trainers.ppo_models import PolicyAndValue, fuse_gelu_new
-from align.trainers.ppo_rollout import PPORolloutMixin
+from align.trainers.ppo_rollout import (
+    Rollout,
+    decode_responses,
+    encode_prompts,
+    encode_ptx,
+    gen_logits_fit,
+    generate_responses,
+    make_rollout,
+    reward_model_scores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +63,7 @@ logger = logging.getLogger(__name__)
 # Trainer
 
 
-class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
+class PPOTrainer(PPOCheckpointMixin):
     """PPO on an accelerate loop that mirrors Trainer's UX (tqdm, `report_to`, `logging_steps`, `save_steps`,
     `checkpoint-N` dirs, `train(resume_from_checkpoint=...)`, `save_model`).
 
@@ -180,9 +199,12 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
             self.reward_offset = float(getattr(reward_model.config, "align_reward_offset", 0.0) or 0.0)
 
         # Data
-        self.train_prompts = self._prepare_prompts(train_dataset, "train_dataset")
-        self.eval_prompts = self._prepare_prompts(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        self.ptx_rows = self._prepare_ptx(ptx_dataset, policy) if args.ptx_coef > 0 else None
+        encode = dict(max_prompt_length=args.max_prompt_length, accelerator=acc)
+        self.train_prompts = encode_prompts(train_dataset, tokenizer, "train_dataset", **encode)
+        self.eval_prompts = (
+            encode_prompts(eval_dataset, tokenizer, "eval_dataset", **encode) if eval_dataset is not None else None
+        )
+        self.ptx_rows = encode_ptx(ptx_dataset, tokenizer, max_positions(policy.config)) if args.ptx_coef > 0 else None
         self.world_size = acc.num_processes
         self.num_updates = args.num_updates(len(self.train_prompts[0]), self.world_size)
         if args.local_batch_size * self.world_size > len(self.train_prompts[0]):
@@ -231,7 +253,12 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         self.samples: list[dict[str, Any]] = []
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._log_window: dict[str, list[float]] = defaultdict(list)
-        self._use_gen_logits = self._gen_logits_fit(policy)
+        self._use_gen_logits = gen_logits_fit(
+            policy,
+            mixed_precision=acc.mixed_precision,
+            batch_size=min(args.local_rollout_forward_batch_size, args.local_batch_size),
+            max_new_tokens=args.max_new_tokens,
+        )
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -282,22 +309,105 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
     def value_model(self):
         return self.accelerator.unwrap_model(self.model).value_model
 
+    # ---------------------------------------------------------------- rollout
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """This process's prompt indices for update `step` (0-based): a fixed function of (seed, step), so a resumed
+        run sees exactly the prompts an uninterrupted one would."""
+        n = len(self.train_prompts[0])
+        global_batch = self.args.local_batch_size * self.world_size
+        start = step * global_batch + self.accelerator.process_index * self.args.local_batch_size
+        out = []
+        for pos in range(start, start + self.args.local_batch_size):
+            epoch, i = divmod(pos, n)
+            if epoch not in self._perm_cache:
+                self._perm_cache = {
+                    epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
+                }
+            out.append(int(self._perm_cache[epoch][i]))
+        return out
+
+    def _rollout(self, step: int) -> tuple[Rollout, dict[str, float], list[dict]]:
+        """This process's rollout of update `step` (1-based), its metrics (global: all processes) and up to two
+        samples; the KL controller takes this update's KL."""
+        idx = self._batch_indices(step - 1)
+        rollout = make_rollout(
+            self.policy,
+            self.ref_policy,
+            self.value_model,
+            self.processing_class,
+            [self.train_prompts[0][i] for i in idx],
+            [self.train_prompts[1][i] for i in idx],
+            self.score,
+            args=self.args,
+            kl_coef=self.kl_ctl.value,
+            eos_token_ids=self.eos_token_ids,
+            accelerator=self.accelerator,
+            use_gen_logits=self._use_gen_logits,
+        )
+        self._check_finite(step, **{"ppo/score": rollout.raw_scores})
+        metrics = self._rollout_metrics(rollout)
+        self.kl_ctl.update(metrics["ppo/kl"], rollout.kl.shape[0] * self.world_size)
+        samples = [
+            {"step": step, "prompt": p, "response": r, "score": float(s)}
+            for p, r, s in zip(
+                rollout.prompts[:2], rollout.response_texts[:2], rollout.raw_scores[:2].tolist(), strict=False
+            )
+        ]
+        return rollout, metrics, samples
+
+    def _rollout_metrics(self, r: Rollout) -> dict[str, float]:
+        """TRL's rollout metrics over all processes (per-response values gathered, token sums reduced;
+        `ppo/value_mean` this process's)."""
+        acc = self.accelerator
+        g = acc.gather
+        kl_seq, score_g = g(r.kl.sum(1)), g(r.scores)
+        returns, values, mask = r.returns, r.values, r.mask
+        stats = torch.stack(
+            [
+                mask.sum(),
+                (returns * mask).sum(),
+                (returns**2 * mask).sum(),
+                ((returns - values) * mask).sum(),
+                ((returns - values) ** 2 * mask).sum(),
+            ]
+        ).double()
+        stats = acc.reduce(stats, "sum") if self.world_size > 1 else stats
+        n, s1, s2, e1, e2 = stats.tolist()
+        var_ret, var_err = s2 / n - (s1 / n) ** 2, e2 / n - (e1 / n) ** 2
+        return {
+            "ppo/kl": kl_seq.mean().item(),
+            "ppo/reward": g(r.rewards.sum(1)).mean().item(),
+            "ppo/score": score_g.mean().item(),
+            "ppo/score_std": score_g.std().item() if score_g.numel() > 1 else 0.0,
+            "ppo/response_length": g(r.mask.sum(1).float()).mean().item(),
+            "ppo/eos_rate": g(r.has_eos.float()).mean().item(),
+            "ppo/kl_coef": r.kl_coef,
+            "ppo/explained_variance": 1.0 - var_err / var_ret if var_ret > 0 else math.nan,
+            "ppo/value_mean": masked_mean(r.values, r.mask).item(),
+            "time/generation": r.generation_time,
+            "time/scoring": r.scoring_time,
+        }
+
     # ---------------------------------------------------------------- optimization
 
-    def _micro_inputs(self, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, Any]:
+    def _micro_inputs(self, rollout: Rollout, idx: torch.Tensor) -> dict[str, Any]:
         """The rows `idx` of a rollout, trimmed to their own longest prompt and response (less padding compute)."""
-        P = batch["prompt_len"]
-        mask = batch["mask"][idx]
+        P = rollout.prompt_length
+        mask = rollout.mask[idx]
         t_len = int(mask.sum(1).max())
-        first = int((batch["attn"][idx, :P].sum(0) > 0).long().argmax())  # first column a prompt token uses
+        first = int((rollout.attention_mask[idx, :P].sum(0) > 0).long().argmax())  # first column a prompt token uses
         cols = slice(first, P + t_len)
         return {
-            "input_ids": batch["seq"][idx, cols],
-            "attention_mask": batch["attn"][idx, cols],
-            "position_ids": batch["pos"][idx, cols],
-            "responses": batch["responses"][idx, :t_len],
+            "input_ids": rollout.query_responses[idx, cols],
+            "attention_mask": rollout.attention_mask[idx, cols],
+            "position_ids": rollout.position_ids[idx, cols],
+            "responses": rollout.responses[idx, :t_len],
             "mask": mask[:, :t_len],
-            **{k: batch[k][idx, :t_len] for k in ("logprobs", "values", "advantages", "returns")},
+            "logprobs": rollout.logprobs[idx, :t_len],
+            "values": rollout.values[idx, :t_len],
+            "advantages": rollout.advantages[idx, :t_len],
+            "returns": rollout.returns[idx, :t_len],
         }
 
     def _ptx_batch(self, step: int, k: int) -> dict[str, torch.Tensor]:
@@ -306,11 +416,13 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         ids, mask = pad_right([self.ptx_rows[r] for r in rows], self.processing_class.pad_token_id)
         return {"input_ids": ids.to(self.accelerator.device), "attention_mask": mask.to(self.accelerator.device)}
 
-    def _train_on(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def _train_on(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """`num_ppo_epochs` passes over the rollout in `num_mini_batches` optimizer steps (clipped policy and value
+        losses, entropy bonus, PPO-ptx); the mean losses and statistics over all processes."""
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
         args, acc = self.args, self.accelerator
-        B = batch["seq"].shape[0]
+        B = rollout.query_responses.shape[0]
         mini, micro = args.local_mini_batch_size, args.per_device_train_batch_size
         sums: dict[str, float] = defaultdict(float)
         self.model.train()
@@ -320,9 +432,9 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
             order = torch.randperm(B)
             for m in range(args.num_mini_batches):
                 mb = order[m * mini : (m + 1) * mini]
-                mb_tokens = batch["mask"][mb].sum().clamp(min=1)
+                mb_tokens = rollout.mask[mb].sum().clamp(min=1)
                 for a in range(args.gradient_accumulation_steps):
-                    x = self._micro_inputs(batch, mb[a * micro : (a + 1) * micro])
+                    x = self._micro_inputs(rollout, mb[a * micro : (a + 1) * micro])
                     n_tok = x["mask"].sum()
                     weight = n_tok / mb_tokens  # token mean over the whole mini-batch, however it is split
                     ptx = self._ptx_batch(step, k) if self.ptx_rows is not None else None
@@ -407,11 +519,11 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         t_start = time.perf_counter()
         saved_at = None
         for step in range(start + 1, self.num_updates + 1):
-            batch, metrics, samples = self._rollout(step)
+            rollout, metrics, samples = self._rollout(step)
             t0 = time.perf_counter()
-            metrics.update(self._train_on(batch, step))
+            metrics.update(self._train_on(rollout, step))
             metrics["time/training"] = time.perf_counter() - t0
-            del batch
+            del rollout
             self.episodes += args.local_batch_size * self.world_size
             metrics["ppo/episodes"] = self.episodes
             self.state.global_step = step
@@ -502,7 +614,7 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
                 temperature=self.args.eval_temperature or None,
             )
             mask, has_eos = response_mask(resp, self.eos_token_ids)
-            responses = self._decode_responses(resp, mask, has_eos)
+            responses = decode_responses(self.processing_class, resp, mask, has_eos)
         pairs = (
             gather_object([(i, r) for i, r in zip(mine, responses, strict=True)])
             if world > 1
@@ -512,7 +624,54 @@ class PPOTrainer(PPORolloutMixin, PPOCheckpointMixin):
         score = float(self.eval_fn([texts[i] for i, _ in pairs], [r for _, r in pairs]))
         return {f"eval/{self.eval_metric}": score}
 
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], *, sample: bool = True, temperature: float | None = None):
+        """Responses of the policy to `prompt_ids` (`align.trainers.ppo_rollout.generate_responses`). Returns
+        (query_responses `(B, P + T)`, prompt_mask `(B, P)`, responses `(B, T)`, old logprobs `(B, T)` or None)."""
+        return generate_responses(
+            self.policy,
+            self.processing_class,
+            prompt_ids,
+            args=self.args,
+            eos_token_ids=self.eos_token_ids,
+            accelerator=self.accelerator,
+            sample=sample,
+            temperature=temperature,
+            output_logits=self._use_gen_logits,
+        )
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Scores `(B,)` float32 of (prompt, response) texts: `reward_fn`, or the reward model minus its offset."""
+        if self.reward_fn is not None:
+            return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1).cpu()
+        return reward_model_scores(
+            self.reward_model,
+            self.reward_tokenizer,
+            prompts,
+            responses,
+            format_fn=self.format_fn,
+            offset=self.reward_offset,
+            batch_size=self.args.local_rollout_forward_batch_size,
+            accelerator=self.accelerator,
+        )
+
     # ---------------------------------------------------------------- misc
+
+    def _check_finite(self, step: int, **values: torch.Tensor) -> None:
+        """Stop on nan/inf, naming the update and the metric; all ranks stop together (no hang in a collective)."""
+        bad = [name for name, v in values.items() if not bool(torch.isfinite(v).all())]
+        if self.world_size > 1:
+            flags = torch.tensor([float(bool(bad))], device=self.accelerator.device)
+            if float(self.accelerator.reduce(flags, "sum")) > 0 and not bad:
+                bad = ["(on another process)"]
+        if bad:
+            ckpt = last_checkpoint(self.args.output_dir)
+            where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+            raise AlignError(
+                f"ppo: update {step}: {', '.join(bad)} is nan or inf; stopped ({where}). Lower learning_rate, set "
+                "reward_clip or max_grad_norm, and check the reward model's outputs."
+            )
 
     def _callback(self, event: str, **kwargs) -> None:
         for cb in self.callbacks:
