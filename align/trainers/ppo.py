@@ -5,7 +5,7 @@ TRL removed its PPOTrainer in 1.13; this one keeps its config keys and metric na
 and reuses the TRL helpers that remain (`selective_log_softmax`, `entropy_from_logits`, `disable_dropout_in_model`,
 `create_reference_model`). The math lives in `align.rl.ppo` (pure torch, tested by hand); the rollout (generate,
 score, KL penalty, GAE -> a typed `Rollout`) in `align/trainers/ppo_rollout.py`, checkpoint files in
-`align/trainers/ppo_checkpoint.py` (a mixin). One update reads
+`align/trainers/ppo_checkpoint.py`: plain functions this trainer calls with its models and settings. One update reads
 top to bottom here: `train` -> `_rollout` (-> `make_rollout`) -> `_rollout_metrics` -> `_train_on`.
 
 Four models: the policy (trained; full or LoRA), the reference (frozen copy, or the LoRA policy with its adapter
@@ -43,7 +43,7 @@ from align.rl.ppo import (
     value_loss,
 )
 from align.trainers.padding import pad_right
-from align.trainers.ppo_checkpoint import PPOCheckpointMixin
+from align.trainers.ppo_checkpoint import VALUE_DIR, load_checkpoint, save_checkpoint
 from align.trainers.ppo_config import PPOConfig
 from align.trainers.ppo_models import PolicyAndValue, fuse_gelu_new
 from align.trainers.ppo_rollout import (
@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 # Trainer
 
 
-class PPOTrainer(PPOCheckpointMixin):
+class PPOTrainer:
     """PPO on an accelerate loop that mirrors Trainer's UX (tqdm, `report_to`, `logging_steps`, `save_steps`,
     `checkpoint-N` dirs, `train(resume_from_checkpoint=...)`, `save_model`).
 
@@ -655,6 +655,80 @@ class PPOTrainer(PPOCheckpointMixin):
             batch_size=self.args.local_rollout_forward_batch_size,
             accelerator=self.accelerator,
         )
+
+    # ---------------------------------------------------------------- checkpoints and saving
+
+    def _save_checkpoint(self) -> Path:
+        final = save_checkpoint(
+            self.args.output_dir,
+            self.state,
+            {
+                "global_step": self.state.global_step,
+                "episodes": self.episodes,
+                "kl_controller": self.kl_ctl.state_dict(),
+                "world_size": self.world_size,
+                # what the next log averages and the samples so far: a resumed run logs and records the same
+                "log_window": self._log_window,
+                "samples": self.samples,
+            },
+            accelerator=self.accelerator,
+            policy=self.policy,
+            value_model=self.value_model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            save_total_limit=self.args.save_total_limit,
+        )
+        self._callback("on_save")
+        return final
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        ppo_state, saved = load_checkpoint(
+            ckpt,
+            accelerator=self.accelerator,
+            policy=self.policy,
+            value_model=self.value_model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            is_peft=self.is_peft,
+            world_size=self.world_size,
+        )
+        self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
+        self.episodes = int(ppo_state["episodes"])
+        self.samples = list(ppo_state.get("samples", []))
+        self._log_window.clear()
+        self._log_window.update({k: list(v) for k, v in ppo_state.get("log_window", {}).items()})
+        self.state.global_step = saved.global_step
+        self.state.epoch = saved.epoch
+        self.state.log_history = saved.log_history
+        logger.info("ppo: resumed from %s at update %d (kl_coef %.4g)", ckpt, saved.global_step, self.kl_ctl.value)
+
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether log_history holds an eval of update `step`: the loop's, or the one a run resumed from its final
+        checkpoint restored (evaluating again would log it twice)."""
+        return any(h.get("step") == step and any(k.startswith("eval/") for k in h) for h in self.state.log_history)
+
+    def save_model(self, output_dir: str | os.PathLike | None = None, merge_adapter: bool | None = None) -> None:
+        """Save the policy as a plain HF causal LM (pipeline-loadable) with tokenizer and a generation config that
+        stops at EOS; a LoRA policy is merged when `merge_adapter` (default: `args.merge_adapter` if the config has
+        it), else saved as an adapter. The value model goes to `output_dir/value_model/`."""
+        acc = self.accelerator
+        out = Path(output_dir or self.args.output_dir)
+        merge = merge_adapter if merge_adapter is not None else bool(getattr(self.args, "merge_adapter", False))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tok = self.processing_class
+            policy = self.policy
+            if self.is_peft and merge:
+                policy = copy.deepcopy(policy).merge_and_unload()
+            gc = policy.generation_config
+            gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
+            if tok.bos_token_id is not None:
+                gc.bos_token_id = tok.bos_token_id
+            policy.save_pretrained(out)
+            tok.save_pretrained(out)
+            self.value_model.save_pretrained(out / VALUE_DIR)
+            tok.save_pretrained(out / VALUE_DIR)
+        acc.wait_for_everyone()
 
     # ---------------------------------------------------------------- misc
 
