@@ -446,7 +446,8 @@ assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
 trainer.train()
 rank = trainer.accelerator.process_index
 checksum = sum(float(p.double().sum()) for p in trainer.policy.parameters())
-open({out!r} + f"/done_{{rank}}", "w").write(repr((history(trainer, "ppo/episodes"), round(checksum, 6))))
+ev = history(trainer, "ppo/explained_variance")
+open({out!r} + f"/done_{{rank}}", "w").write(repr((history(trainer, "ppo/episodes"), round(checksum, 6), ev)))
 """
 
 
@@ -464,4 +465,6 @@ def test_two_processes_gloo(tmp_path):
     done = [eval((tmp_path / f"done_{r}").read_text()) for r in (0, 1)]
     assert done[0][0] == done[1][0] == [16.0, 32.0]
     assert done[0][1] == done[1][1]
+    # explained variance over the tokens of both ranks (gathered), not each rank's own
+    assert done[0][2] == done[1][2] and len(done[0][2]) == 2
     assert (tmp_path / "checkpoint-2" / "rng_state_1.pth").is_file()

@@ -37,6 +37,7 @@ from align.modeling import max_positions
 from align.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
+    explained_variance,
     masked_mean,
     policy_loss,
     response_mask,
@@ -357,24 +358,9 @@ class PPOTrainer:
         return rollout, metrics, samples
 
     def _rollout_metrics(self, r: Rollout) -> dict[str, float]:
-        """TRL's rollout metrics over all processes (per-response values gathered, token sums reduced;
-        `ppo/value_mean` this process's)."""
-        acc = self.accelerator
-        g = acc.gather
+        """TRL's rollout metrics over all processes (per-response values gathered; `ppo/value_mean` this process's)."""
+        g = self.accelerator.gather
         kl_seq, score_g = g(r.kl.sum(1)), g(r.scores)
-        returns, values, mask = r.returns, r.values, r.mask
-        stats = torch.stack(
-            [
-                mask.sum(),
-                (returns * mask).sum(),
-                (returns**2 * mask).sum(),
-                ((returns - values) * mask).sum(),
-                ((returns - values) ** 2 * mask).sum(),
-            ]
-        ).double()
-        stats = acc.reduce(stats, "sum") if self.world_size > 1 else stats
-        n, s1, s2, e1, e2 = stats.tolist()
-        var_ret, var_err = s2 / n - (s1 / n) ** 2, e2 / n - (e1 / n) ** 2
         return {
             "ppo/kl": kl_seq.mean().item(),
             "ppo/reward": g(r.rewards.sum(1)).mean().item(),
@@ -383,11 +369,20 @@ class PPOTrainer:
             "ppo/response_length": g(r.mask.sum(1).float()).mean().item(),
             "ppo/eos_rate": g(r.has_eos.float()).mean().item(),
             "ppo/kl_coef": r.kl_coef,
-            "ppo/explained_variance": 1.0 - var_err / var_ret if var_ret > 0 else math.nan,
+            "ppo/explained_variance": explained_variance(
+                self._gather_tokens(r.values), self._gather_tokens(r.returns), self._gather_tokens(r.mask)
+            ).item(),
             "ppo/value_mean": masked_mean(r.values, r.mask).item(),
             "time/generation": r.generation_time,
             "time/scoring": r.scoring_time,
         }
+
+    def _gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, T)` of this process -> `(world_size * B, max T)` of all (right-padded with 0 / False)."""
+        if self.world_size == 1:
+            return x
+        acc = self.accelerator
+        return acc.gather(acc.pad_across_processes(x.long() if x.dtype == torch.bool else x, dim=1)).to(x.dtype)
 
     # ---------------------------------------------------------------- optimization
 
