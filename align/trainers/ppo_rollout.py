@@ -40,8 +40,8 @@ ScoreFn = Callable[[list[str], list[str]], torch.Tensor]
 class Rollout:
     """One process's rollout of one PPO update: B prompts (left-padded to P tokens), their sampled responses (right-
     padded to T tokens) and everything the PPO epochs read. Tensors are on the accelerator's device; `(B, T)` ones
-    are aligned on response tokens and hold 0 where `mask` is False (except `logprobs`, `ref_logprobs`, `values`,
-    whose masked positions are never read: see `align.rl.ppo`).
+    are aligned on response tokens, and the float ones hold 0 where `mask` is False, except `logprobs`,
+    `ref_logprobs` and `values`, whose masked positions are never read (see `align.rl.ppo`).
 
     Attributes:
         query_responses: `(B, P + T)` long, prompt then response tokens (what the policy reads).
