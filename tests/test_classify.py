@@ -232,3 +232,15 @@ def test_chain_wires_classify_to_pretrain(tmp_path):
     chain.write_text(f"output_root: {tmp_path}/run\nstages:\n  pretrain: {{}}\n  classify: {{max_steps: 2}}\n")
     plan = load_chain(chain).plan("classify")
     assert plan.recipe["model_name_or_path"] == str(tmp_path / "run" / "pretrain") and plan.parents == ["pretrain"]
+
+
+def test_report_table_and_chain_summary_show_classify(tmp_path):
+    from align.io import write_stage_info
+    from align.report import load_stages, metrics_table
+    from align.stage_metrics import summary_line
+
+    metrics = {"accuracy": 0.9, "f1": 0.88, "matthews_correlation": 0.8, "majority_accuracy": 0.5}
+    write_stage_info(tmp_path / "classify", "classify", parent=None, recipe={}, data=None, metrics=metrics)
+    rows = metrics_table(load_stages(tmp_path))
+    assert {(r["stage"], r["metric"]) for r in rows} >= {("classify", "accuracy"), ("classify", "majority_accuracy")}
+    assert summary_line("classify", metrics) == "accuracy 0.9, f1 0.88, matthews_correlation 0.8"
