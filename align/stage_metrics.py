@@ -56,7 +56,7 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("majority_accuracy", "held-out accuracy of the majority class"),
         ("f1", "held-out F1"),
         ("matthews_correlation", "held-out Matthews correlation"),
-        ("eval_loss", "held-out loss"),
+        ("eval_loss", "held-out classification loss (nats)"),
     ],
 }
 # Stage -> the few metrics of the chain's summary line, most telling first; each is a row of TABLE.

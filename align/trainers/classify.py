@@ -119,15 +119,17 @@ class ClassifyTrainer(Trainer):
             self._train_logs["cls_loss"].append(cls.item())
             if aux:
                 self._train_logs["lm_loss"].append(lm.item())
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"logits": logits, "cls_loss": cls}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """(classification loss L2 alone, so `eval_loss` compares across lm_aux_coef; logits; labels)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            _, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = outputs["cls_loss"].detach()
         if prediction_loss_only:
-            return loss.detach(), None, None
-        return loss.detach(), outputs["logits"].detach(), inputs["labels"]
+            return loss, None, None
+        return loss, outputs["logits"].detach(), inputs["labels"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._train_logs:
