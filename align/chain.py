@@ -65,6 +65,7 @@ WIRING: dict[str, dict[str, str]] = {
     "rank": {"model_name_or_path": "sft"},
     "reward": {"model_name_or_path": "sft", "dataset_name": "rank"},
     "ppo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
+    "classify": {"model_name_or_path": "pretrain"},  # GPT-1: discriminative fine-tuning of the pretrained model
 }
 # Keys that say where a stage writes, not what it computes: left out of its fingerprint.
 LOCATION_KEYS = ("output_dir", "logging_dir")

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("align.stages.rank", "sample K responses per prompt and rank them (InstructGPT step 2, data)"),
     "reward": ("align.stages.reward", "train a reward model from rankings (InstructGPT step 2)"),
     "ppo": ("align.stages.ppo", "optimize the policy against the reward model with PPO (InstructGPT step 3)"),
+    "classify": ("align.stages.classify", "GPT-1 discriminative fine-tuning: a causal LM becomes a text classifier"),
     "run": ("align.chain", "run a whole chain recipe: pretrain -> sft -> rank -> reward -> ppo"),
     "generate": ("align.generate", "sample text or chat replies from a model dir or Hub id"),
     "score": ("align.score", "score prompt/response pairs with a reward model or the tiny-world gold labeler"),

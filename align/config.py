@@ -520,6 +520,9 @@ VALUE_RULES: dict[str, Rule] = {
     "lam": Rule("[0, 1]", "e.g. 0.95"),
     "reward_clip": Rule("(0, inf)", "null = no clip"),
     "missing_eos_penalty": Rule("[0, inf)", "subtracted from the score, e.g. 1.0; null = none"),
+    # Classify
+    "lm_aux_coef": Rule("[0, inf)", "GPT-1's lambda, e.g. 0.5; 0 = no auxiliary LM loss"),
+    "tinyworld_examples": Rule("[1, inf)"),
 }
 
 
@@ -623,6 +626,7 @@ _FACTORIES: dict[str, Any] = {
     "rank": "align.stages.rank_config:RankConfig",
     "reward": "align.trainers.reward_config:RewardStageConfig",
     "ppo": "align.trainers.ppo_config:PPOStageConfig",
+    "classify": "align.stages.classify_config:ClassifyStageConfig",
 }
 
 

@@ -36,6 +36,7 @@ PIPELINE_TAG = {
     "sft": "text-generation",
     "ppo": "text-generation",
     "reward": "text-classification",
+    "classify": "text-classification",
 }
 
 # One paragraph per stage kind, in the terms of Ouyang et al. 2022 (InstructGPT, https://arxiv.org/abs/2203.02155).
@@ -65,6 +66,12 @@ ABOUT = {
         "**Reinforcement learning from feedback (InstructGPT step 3).** The SFT policy is optimized with PPO to "
         "maximize the reward model's score of its responses, with a per-token KL penalty against the SFT model that "
         "keeps the policy close to it and limits over-optimization of the reward model."
+    ),
+    "classify": (
+        "**Discriminative fine-tuning (GPT-1, Radford et al. 2018).** The pretrained decoder gets a linear head read "
+        "at a new extract token; inputs are built with GPT-1's transformations (start, delimiter and extract tokens, "
+        "stored in the tokenizer), and the language-modeling loss on the inputs is kept as an auxiliary objective "
+        "(L3 = L2 + lambda * L1)."
     ),
 }
 
@@ -217,7 +224,17 @@ def _versions_markdown(info: Mapping[str, Any]) -> str:
 
 
 def _usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: bool, likelihood: bool = False) -> str:
-    if stage == "reward":
+    if stage == "classify":
+        code = f'''from transformers import pipeline
+
+classifier = pipeline("text-classification", model="{repo_id}")
+print(classifier("a text to classify"))
+print(classifier({{"text": "a premise", "text_pair": "a hypothesis"}}))  # pair models'''
+        note = (
+            "The tokenizer adds GPT-1's start, delimiter and extract tokens itself. A similarity model was trained on "
+            "both orders of a pair, logits summed; a multiple-choice model gives one score per (text, choice) pair."
+        )
+    elif stage == "reward":
         if has_chat_template:
             text = """messages = [
     {"role": "user", "content": "Tell me a story."},
@@ -357,7 +374,8 @@ def build_model_card(
     pipeline_tag = PIPELINE_TAG.get(stage, "text-generation")
     dataset = _data_hub_id(info, stage_dir, pushed, endpoint)
     data_name = (info.get("data") or {}).get("name") if isinstance(info.get("data"), Mapping) else None
-    tags = ["align", stage, "reward-model" if stage == "reward" else "text-generation", "rlhf", "instructgpt"]
+    kind = {"reward": "reward-model", "classify": "text-classification"}.get(stage, "text-generation")
+    tags = ["align", stage, kind, "gpt-1" if stage == "classify" else "rlhf", "instructgpt"]
     if stage == "ppo":
         tags.append("ppo")
     if adapter:

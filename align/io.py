@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 STAGE_FILE = "align_stage.json"
 LOCK_FILE = ".align.lock"  # hidden: `align push` skips dotfiles, and it is no part of the model
-STAGES = ("pretrain", "sft", "rank", "reward", "ppo")
+STAGES = ("pretrain", "sft", "rank", "reward", "ppo", "classify")
 _VERSIONED = ("align", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "tokenizers")
 
 

@@ -44,7 +44,7 @@ MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
 # PPO's parent when it is not the chain's SFT stage (e.g. an instruct model off the Hub or a GGUF file).
 PARENT = "parent"
 LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "rankings", "reward": "reward model",
-          LSTM_DIR: "LSTM baseline", PARENT: "parent"}  # fmt: skip
+          LSTM_DIR: "LSTM baseline", PARENT: "parent", "classify": "classifier"}  # fmt: skip
 
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:

@@ -51,6 +51,13 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
         ("updates", "PPO updates"),
     ],
+    "classify": [
+        ("accuracy", "held-out accuracy"),
+        ("majority_accuracy", "held-out accuracy of the majority class"),
+        ("f1", "held-out F1"),
+        ("matthews_correlation", "held-out Matthews correlation"),
+        ("eval_loss", "held-out classification loss (nats)"),
+    ],
 }
 # Stage -> the few metrics of the chain's summary line, most telling first; each is a row of TABLE.
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -59,6 +66,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "rank": ("num_groups", "gold_agreement", "tie_rate"),
     "reward": ("pair_accuracy", "kendall_tau", "gold_agreement"),
     "ppo": ("gold_score", "parent_gold_score", "gold_score_sampled", "reward", "kl"),
+    "classify": ("accuracy", "f1", "matthews_correlation"),
 }
 
 
