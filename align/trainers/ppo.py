@@ -206,7 +206,6 @@ class PPOTrainer:
             if frozen is not None:
                 frozen.requires_grad_(False)
                 frozen.eval()
-                frozen.to(acc.device)
         self.reward_model = reward_model
         if reward_model is not None:
             cfg = reward_model.config.get_text_config()
@@ -229,6 +228,18 @@ class PPOTrainer:
                 args.local_batch_size * self.world_size,
                 len(self.train_prompts[0]),
             )
+        self._use_gen_logits = gen_logits_fit(
+            policy,
+            mixed_precision=acc.mixed_precision,
+            batch_size=min(args.local_rollout_forward_batch_size, args.local_batch_size),
+            max_new_tokens=args.max_new_tokens,
+        )
+
+        # Memory plan: logged, and on a GPU checked against its free memory before any model moves there
+        self.memory_plan = self._plan_memory(policy, value_model, reward_model)
+        for frozen in (self.ref_policy, reward_model):
+            if frozen is not None:
+                frozen.to(acc.device)
 
         # Optimizer and schedule (one AdamW for both, two param groups; the scheduler is stepped by us, not by
         # accelerate, which would step it once per process).
@@ -273,12 +284,6 @@ class PPOTrainer:
         self.samples: list[dict[str, Any]] = []
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._log_window: dict[str, list[float]] = defaultdict(list)
-        self._use_gen_logits = gen_logits_fit(
-            policy,
-            mixed_precision=acc.mixed_precision,
-            batch_size=min(args.local_rollout_forward_batch_size, args.local_batch_size),
-            max_new_tokens=args.max_new_tokens,
-        )
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -311,6 +316,51 @@ class PPOTrainer:
             getattr(value, value.base_model_prefix).load_state_dict(state)
         value.requires_grad_(True)
         return value
+
+    def _plan_memory(self, policy, value_model, reward_model):
+        """Log one line per model and the estimated peak (`align.memory_plan`); on CUDA, AlignError when it does not
+        fit the free memory. Returns (lines, peak bytes)."""
+        from align import memory_plan as mp
+
+        args, acc = self.args, self.accelerator
+        shared = isinstance(value_model, SharedBaseCritic)
+        seen: set[int] = set()
+        stats, shapes = {}, {}
+        if shared:  # the critic's adapter is counted as the value model's, not the policy's
+            stats["value"] = mp.param_stats([*value_model.adapter_parameters(), *value_model.parameters()], seen)
+        ref = self.ref_policy
+        for role, model in (("policy", policy), ("reference", ref), ("value", value_model), ("reward", reward_model)):
+            if role == "value" and shared:
+                shapes[role] = None  # runs the policy's layers
+            elif model is not None:
+                stats[role], shapes[role] = mp.param_stats(model.parameters(), seen), mp.model_shape(model)
+            elif role == "reference":  # the LoRA policy with its adapter off
+                stats[role], shapes[role] = mp.param_stats([], seen), None
+        half = acc.mixed_precision != "no" or next(policy.parameters()).element_size() == 2
+        P = max(len(x) for x in self.train_prompts[0])
+        b = min(args.local_rollout_forward_batch_size, args.local_batch_size)
+        lines, peak = mp.ppo_plan(
+            shapes, stats, rollout_batch=b, micro_batch=args.per_device_train_batch_size, prompt_length=P,
+            max_new_tokens=args.max_new_tokens, act_bytes=2 if half else 4, gen_logits=self._use_gen_logits,
+            checkpointing=bool(args.gradient_checkpointing),
+        )  # fmt: skip
+        if acc.is_main_process:
+            T, micro = args.max_new_tokens, args.per_device_train_batch_size
+            mp.log_plan("ppo", lines, peak, f"rollout chunks of {b} x ({P} + {T}) tokens, micro-batch {micro}")
+        fixes = ["lower local_rollout_forward_batch_size, per_device_train_batch_size (raising "
+                 "gradient_accumulation_steps) or max_new_tokens"]  # fmt: skip
+        if not self.is_peft:
+            fixes.append("train LoRA (use_peft: true) with value_model_init: policy_lora")
+        elif not shared:
+            fixes.append("share the policy's base with value_model_init: policy_lora")
+        if not half:
+            fixes.append("set bf16: true")
+        if not args.gradient_checkpointing:
+            fixes.append("set gradient_checkpointing: true")
+        models = [m for m in (policy, value_model, ref, reward_model) if m is not None]
+        resident = mp.resident_bytes((p for m in models for p in m.parameters()), acc.device)
+        mp.check_fits("ppo", peak, acc.device, resident, "To fit: " + "; or ".join(fixes) + ".")
+        return lines, peak
 
     def _checkpointing_kwargs(self, value_model) -> dict[str, Any] | None:
         """`gradient_checkpointing_kwargs` for the policy; with the shared base, non-reentrant checkpointing that
