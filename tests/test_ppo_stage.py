@@ -281,3 +281,31 @@ def test_stage_on_two_cpu_ranks(tmp_path, stages):
     assert "(8 per process x 2)" in result.stderr  # the trainer's summary: 8 prompts per rollout on each rank
     assert [h["step"] for h in info["log_history"] if "ppo/score" in h] == [1, 2]
     assert "gold_score" in info["metrics"]
+
+
+def test_stage_with_one_shared_base_saves_plain_models(tmp_path, stages, caplog):
+    """use_peft + value_model_init policy_lora + gradient checkpointing through the stage: a merged policy that
+    pipeline() loads, its adapter alone in adapter/, a plain value model, and the memory plan in the log."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    with caplog.at_level(logging.INFO, logger="align.memory_plan"):
+        out = run_stage(stages, tmp_path / "ppo", use_peft=True, lora_r=4, lora_alpha=8,
+                        lora_target_modules=["q_proj", "v_proj"], value_model_init="policy_lora",
+                        gradient_checkpointing=True, merge_adapter=True, max_steps=2, eval_strategy="no",
+                        gold_eval_samples=0)  # fmt: skip
+    info = read_stage_info(out)
+    assert info["value_model"]["init"] == "policy_lora" and info["peft"] == {"adapter": True, "merged": True}
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    assert gen("where is tom ?", max_new_tokens=2, do_sample=False)[0]["generated_text"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "adapter" / "critic").exists()
+    assert AutoModelForSequenceClassification.from_pretrained(out / "value_model").config.num_labels == 1
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "value_model" / "value_head.safetensors").is_file()
+    plan = [r.getMessage() for r in caplog.records if r.name == "align.memory_plan"]
+    assert [line.split()[2] for line in plan[:4]] == ["policy", "reference", "value", "reward"]
+    # the frozen reward model in bf16 when the stage runs in bf16 (auto: where the CPU computes bf16 natively)
+    from align.modeling import cpu_has_native_bf16
+
+    assert ("bfloat16" if cpu_has_native_bf16() else "float32") in plan[3]

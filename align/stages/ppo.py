@@ -117,6 +117,16 @@ def load_ptx(cfg, tokenizer):
 # Models
 
 
+def reward_dtype(cfg):
+    """The reward model's load dtype: bf16 when the stage runs in bf16 and `dtype` is auto. It is frozen and only read
+    under bf16 autocast, so float32 weights would only double its memory (TRL loads reward models so too); an explicit
+    `dtype` wins."""
+    import torch
+
+    dtype = cfg.dtype or "auto"
+    return torch.bfloat16 if cfg.bf16 and dtype == "auto" else dtype
+
+
 def load_reward_model(cfg):
     """The frozen reward model and its own tokenizer; a one-line error when the path is not a scalar-head model."""
     from transformers import AutoModelForSequenceClassification
@@ -133,7 +143,7 @@ def load_reward_model(cfg):
     if not Path(path).exists() and ("/" not in path or path.startswith((".", "/", "~"))):
         raise AlignError(f"reward_model_path {path}: no such directory. Run `align reward` first, or fix the path.")
     model = modeling.load_pretrained(AutoModelForSequenceClassification, path, what="a sequence-classification model",
-                                     key="reward_model_path", dtype=cfg.dtype or "auto",
+                                     key="reward_model_path", dtype=reward_dtype(cfg),
                                      trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     if model.config.num_labels != 1:
         raise AlignError(
@@ -351,7 +361,8 @@ def run(cfg) -> Path:
     trainer.save_model(output_dir, merge_adapter=bool(cfg.use_peft and cfg.merge_adapter))
     if acc.is_main_process:
         if cfg.use_peft and cfg.merge_adapter:
-            trainer.policy.save_pretrained(output_dir / "adapter")
+            # only the policy's adapter (with value_model_init policy_lora the peft model holds the critic's too)
+            trainer.policy.save_pretrained(output_dir / "adapter", selected_adapters=[trainer.policy.active_adapter])
             tokenizer.save_pretrained(output_dir / "adapter")
         cfg.push_to_hub = push_to_hub  # recorded as the user set it
         write_stage_info(

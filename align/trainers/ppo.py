@@ -11,7 +11,9 @@ top to bottom here: `train` -> `_rollout` (-> `make_rollout`) -> `_rollout_metri
 Four models: the policy (trained; full or LoRA), the reference (frozen copy, or the LoRA policy with its adapter
 disabled: no second copy), the reward model (frozen, `*ForSequenceClassification` with one label, may have its own
 tokenizer: responses are decoded and re-tokenized for it) and the value model (trained; a sequence-classification
-model read at every token: backbone + `score` head on all hidden states). Ouyang et al. 2022:
+model read at every token: backbone + `score` head on all hidden states). With a LoRA policy, `value_model_init:
+policy_lora` puts the value model on the policy's own frozen base instead (a second LoRA adapter + a head:
+`SharedBaseCritic`), so one copy of the weights serves policy, reference and value. Ouyang et al. 2022:
 https://arxiv.org/abs/2203.02155 ; Ziegler et al. 2019: https://arxiv.org/abs/1909.08593
 """
 
@@ -46,7 +48,7 @@ from align.rl.ppo import (
 from align.trainers.padding import pad_right
 from align.trainers.ppo_checkpoint import VALUE_DIR, load_checkpoint, save_checkpoint
 from align.trainers.ppo_config import PPOConfig
-from align.trainers.ppo_models import PolicyAndValue, fuse_gelu_new
+from align.trainers.ppo_models import PolicyAndValue, SharedBaseCritic, fuse_gelu_new, plain_backbone_state
 from align.trainers.ppo_rollout import (
     Rollout,
     decode_responses,
@@ -74,7 +76,8 @@ class PPOTrainer:
         ref_policy: frozen reference; None = a frozen copy of the policy, or, for a peft policy, the policy with its
             adapters disabled.
         reward_model: `*ForSequenceClassification`, num_labels=1; `config.align_reward_offset` is subtracted.
-        value_model: `*ForSequenceClassification` read per token; None = built per `args.value_model_init`.
+        value_model: `*ForSequenceClassification` read per token; None = built per `args.value_model_init`
+            ('policy_lora': a critic adapter + head on the LoRA policy's base, `SharedBaseCritic`).
         processing_class: the policy's tokenizer. reward_tokenizer: the reward model's (None = the policy's).
         train_dataset: prompts, column "prompt" (str; the chat template is applied when the tokenizer has one) or
             pre-tokenized "input_ids" (used as is).
@@ -150,7 +153,19 @@ class PPOTrainer:
             from peft import get_peft_model
 
             policy = get_peft_model(policy, peft_config)
-        if value_model is None:
+        if args.value_model_init == "policy_lora":
+            if not self.is_peft:
+                raise AlignError(
+                    "ppo: value_model_init 'policy_lora' puts the value model on the LoRA policy's base, but the "
+                    "policy is not LoRA. Set use_peft: true, or value_model_init: policy."
+                )
+            if value_model is not None:
+                raise AlignError(
+                    "ppo: value_model_init 'policy_lora' builds the value model on the policy's base, and a value "
+                    "model was given too (value_model_path). Drop one."
+                )
+            value_model = SharedBaseCritic(policy)
+        elif value_model is None:
             if (
                 args.value_model_init == "reward"
                 and reward_tokenizer is not None
@@ -186,12 +201,11 @@ class PPOTrainer:
                 "ppo: %d gelu_new activations computed by the fused tanh-GELU kernel (fast_activations).", swapped
             )
         if args.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self._checkpointing_kwargs(value_model))
         for frozen in (self.ref_policy, reward_model):
             if frozen is not None:
                 frozen.requires_grad_(False)
                 frozen.eval()
-                frozen.to(acc.device)
         self.reward_model = reward_model
         if reward_model is not None:
             cfg = reward_model.config.get_text_config()
@@ -214,15 +228,31 @@ class PPOTrainer:
                 args.local_batch_size * self.world_size,
                 len(self.train_prompts[0]),
             )
+        self._use_gen_logits = gen_logits_fit(
+            policy,
+            mixed_precision=acc.mixed_precision,
+            batch_size=min(args.local_rollout_forward_batch_size, args.local_batch_size),
+            max_new_tokens=args.max_new_tokens,
+        )
+
+        # Memory plan: logged, and on a GPU checked against its free memory before any model moves there
+        self.memory_plan = self._plan_memory(policy, value_model, reward_model)
+        for frozen in (self.ref_policy, reward_model):
+            if frozen is not None:
+                frozen.to(acc.device)
 
         # Optimizer and schedule (one AdamW for both, two param groups; the scheduler is stepped by us, not by
         # accelerate, which would step it once per process).
         from transformers import get_scheduler
 
         wrapper = PolicyAndValue(policy, value_model)
+        value_params = [p for p in value_model.parameters() if p.requires_grad]
+        if isinstance(value_model, SharedBaseCritic):  # the critic's adapter lives in the policy's peft model
+            value_params = value_model.adapter_parameters() + value_params
+        in_value = {id(p) for p in value_params}
         groups = [
-            {"params": [p for p in policy.parameters() if p.requires_grad]},
-            {"params": [p for p in value_model.parameters() if p.requires_grad]},
+            {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in in_value]},
+            {"params": value_params},
         ]
         # Trainer's mapping of `optim` (default adamw_torch_fused: one kernel per step instead of ~10 ops per tensor).
         from transformers import Trainer
@@ -254,12 +284,6 @@ class PPOTrainer:
         self.samples: list[dict[str, Any]] = []
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._log_window: dict[str, list[float]] = defaultdict(list)
-        self._use_gen_logits = gen_logits_fit(
-            policy,
-            mixed_precision=acc.mixed_precision,
-            batch_size=min(args.local_rollout_forward_batch_size, args.local_batch_size),
-            max_new_tokens=args.max_new_tokens,
-        )
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -275,17 +299,87 @@ class PPOTrainer:
             # A LikelihoodRewardModel's value copy keeps its body and head only: values are read per token.
             plain = getattr(reward_model, "to_sequence_classifier", None)
             value = plain() if plain is not None else copy.deepcopy(reward_model)
+            # The value model trains: in the dtype of the policy's trainable weights, also when the frozen reward
+            # model was loaded in bf16 to save memory (align ppo does so under bf16).
+            dtype = next((p.dtype for p in policy.parameters() if p.requires_grad), None)
+            if dtype is not None and dtype.is_floating_point:
+                value.to(dtype=dtype)
         else:
             base = policy.get_base_model() if _is_peft_model(policy) else policy
             config = copy.deepcopy(base.config)
             config.num_labels = 1
             value = AutoModelForSequenceClassification.from_config(config)
-            src = getattr(base, base.base_model_prefix)
-            getattr(value, value.base_model_prefix).load_state_dict(src.state_dict())
+            if _is_peft_model(policy):  # the base's weights under plain names (LoRA B = 0: the policy's too)
+                state = plain_backbone_state(policy)
+            else:
+                state = getattr(base, base.base_model_prefix).state_dict()
+            getattr(value, value.base_model_prefix).load_state_dict(state)
         value.requires_grad_(True)
         return value
 
+    def _plan_memory(self, policy, value_model, reward_model):
+        """Log one line per model and the estimated peak (`align.memory_plan`); on CUDA, AlignError when it does not
+        fit the free memory. Returns (lines, peak bytes)."""
+        from align import memory_plan as mp
+
+        args, acc = self.args, self.accelerator
+        shared = isinstance(value_model, SharedBaseCritic)
+        seen: set[int] = set()
+        stats, shapes = {}, {}
+        if shared:  # the critic's adapter is counted as the value model's, not the policy's
+            stats["value"] = mp.param_stats([*value_model.adapter_parameters(), *value_model.parameters()], seen)
+        ref = self.ref_policy
+        for role, model in (("policy", policy), ("reference", ref), ("value", value_model), ("reward", reward_model)):
+            if role == "value" and shared:
+                shapes[role] = None  # runs the policy's layers
+            elif model is not None:
+                stats[role], shapes[role] = mp.param_stats(model.parameters(), seen), mp.model_shape(model)
+            elif role == "reference":  # the LoRA policy with its adapter off
+                stats[role], shapes[role] = mp.param_stats([], seen), None
+        half = acc.mixed_precision != "no" or next(policy.parameters()).element_size() == 2
+        P = max(len(x) for x in self.train_prompts[0])
+        b = min(args.local_rollout_forward_batch_size, args.local_batch_size)
+        lines, peak = mp.ppo_plan(
+            shapes, stats, rollout_batch=b, micro_batch=args.per_device_train_batch_size, prompt_length=P,
+            max_new_tokens=args.max_new_tokens, act_bytes=2 if half else 4, gen_logits=self._use_gen_logits,
+            checkpointing=bool(args.gradient_checkpointing),
+        )  # fmt: skip
+        if acc.is_main_process:
+            T, micro = args.max_new_tokens, args.per_device_train_batch_size
+            mp.log_plan("ppo", lines, peak, f"rollout chunks of {b} x ({P} + {T}) tokens, micro-batch {micro}")
+        fixes = ["lower local_rollout_forward_batch_size, per_device_train_batch_size (raising "
+                 "gradient_accumulation_steps) or max_new_tokens"]  # fmt: skip
+        if not self.is_peft:
+            fixes.append("train LoRA (use_peft: true) with value_model_init: policy_lora")
+        elif not shared:
+            fixes.append("share the policy's base with value_model_init: policy_lora")
+        if not half:
+            fixes.append("set bf16: true")
+        if not args.gradient_checkpointing:
+            fixes.append("set gradient_checkpointing: true")
+        models = [m for m in (policy, value_model, ref, reward_model) if m is not None]
+        resident = mp.resident_bytes((p for m in models for p in m.parameters()), acc.device)
+        mp.check_fits("ppo", peak, acc.device, resident, "To fit: " + "; or ".join(fixes) + ".")
+        return lines, peak
+
+    def _checkpointing_kwargs(self, value_model) -> dict[str, Any] | None:
+        """`gradient_checkpointing_kwargs` for the policy; with the shared base, non-reentrant checkpointing that
+        recomputes each block under the adapter its forward used (`SharedBaseCritic.checkpoint_context`)."""
+        kwargs = self.args.gradient_checkpointing_kwargs
+        if not isinstance(value_model, SharedBaseCritic):
+            return kwargs
+        kwargs = dict(kwargs or {})
+        if kwargs.get("use_reentrant"):
+            raise AlignError(
+                "ppo: gradient_checkpointing_kwargs use_reentrant: true with value_model_init 'policy_lora': policy "
+                "and critic share checkpointed blocks, and only non-reentrant checkpointing can recompute each with "
+                "its own adapter. Drop use_reentrant (or set it false)."
+            )
+        return {**kwargs, "use_reentrant": False, "context_fn": value_model.checkpoint_context}
+
     def _check_vocab(self, policy, value_model, reward_model) -> None:
+        if isinstance(value_model, SharedBaseCritic):  # reads the policy's own embeddings
+            return
         if not hasattr(value_model, "score") or not hasattr(value_model, value_model.base_model_prefix):
             raise AlignError(
                 f"ppo: value model {type(value_model).__name__} has no backbone + `score` head. Use an "
@@ -705,7 +799,9 @@ class PPOTrainer:
     def save_model(self, output_dir: str | os.PathLike | None = None, merge_adapter: bool | None = None) -> None:
         """Save the policy as a plain HF causal LM (pipeline-loadable) with tokenizer and a generation config that
         stops at EOS; a LoRA policy is merged when `merge_adapter` (default: `args.merge_adapter` if the config has
-        it), else saved as an adapter. The value model goes to `output_dir/value_model/`."""
+        it), else saved as an adapter (its own only, not the critic's). The value model goes to
+        `output_dir/value_model/`, a plain `*ForSequenceClassification` in either layout (a shared-base critic is
+        merged into a copy of the base there)."""
         acc = self.accelerator
         out = Path(output_dir or self.args.output_dir)
         merge = merge_adapter if merge_adapter is not None else bool(getattr(self.args, "merge_adapter", False))
@@ -713,15 +809,22 @@ class PPOTrainer:
         if acc.is_main_process:
             tok = self.processing_class
             policy = self.policy
+            value = self.value_model
+            shared = isinstance(value, SharedBaseCritic)
+            if shared:
+                value = value.to_sequence_classifier()  # before any merge below: it reads the unmerged base
             if self.is_peft and merge:
-                policy = copy.deepcopy(policy).merge_and_unload()
+                policy = copy.deepcopy(policy).merge_and_unload()  # merges the active (policy) adapter only
             gc = policy.generation_config
             gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
             if tok.bos_token_id is not None:
                 gc.bos_token_id = tok.bos_token_id
-            policy.save_pretrained(out)
+            if shared and not merge:
+                policy.save_pretrained(out, selected_adapters=[self.value_model.policy_adapter])
+            else:
+                policy.save_pretrained(out)
             tok.save_pretrained(out)
-            self.value_model.save_pretrained(out / VALUE_DIR)
+            value.save_pretrained(out / VALUE_DIR)
             tok.save_pretrained(out / VALUE_DIR)
         acc.wait_for_everyone()
 
@@ -762,8 +865,8 @@ class PPOTrainer:
         total, trainable = count_parameters(self.model)
         logger.info(
             "ppo: %d prompts, %d updates x %d prompts (%d per process x %d), %d epochs x %d mini-batches of %d "
-            "(micro %d); policy+value %.2fM params (%.2fM trainable)%s; reference: %s; reward: %s; old logprobs "
-            "from %s; %s",
+            "(micro %d); policy+value %.2fM params (%.2fM trainable)%s; reference: %s; value: %s; reward: %s; old "
+            "logprobs from %s; %s",
             len(self.train_prompts[0]),
             self.num_updates,
             args.local_batch_size * self.world_size,
@@ -777,6 +880,8 @@ class PPOTrainer:
             trainable / 1e6,
             " (LoRA)" if self.is_peft else "",
             "policy with adapters disabled" if self.ref_policy is None else "frozen copy",
+            "critic adapter + head on the policy's base" if isinstance(self.value_model, SharedBaseCritic)
+            else type(self.value_model).__name__,
             "reward_fn" if self.reward_fn is not None else type(self.reward_model).__name__,
             "generate's logits" if self._use_gen_logits else "a policy forward",
             precision_summary(args),

@@ -1,6 +1,8 @@
 """Checkpoints of align's PPOTrainer: policy, value model, optimizer, scheduler, KL controller, RNG states and step,
 saved so that a resumed run continues exactly (`tests/test_ppo_trainer.py`). Plain functions: the trainer passes its
-models, optimizer and state, and applies what `load_checkpoint` returns."""
+models, optimizer and state, and applies what `load_checkpoint` returns. With the shared base (`value_model_init:
+policy_lora`) the checkpoint holds the policy's adapter at its top and the critic's adapter + value head in
+`value_model/`, in the same `checkpoint-N.tmp` rename as everything else."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from align.errors import AlignError
 from align.io import atomic_write_json, atomic_write_text, fsync_tree, no_space_error, no_space_left
+from align.trainers.ppo_models import SharedBaseCritic
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,10 @@ def _write_checkpoint(
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        policy.save_pretrained(tmp)
+        if isinstance(value_model, SharedBaseCritic):  # the policy's peft model holds both adapters: save its own
+            policy.save_pretrained(tmp, selected_adapters=[value_model.policy_adapter])
+        else:
+            policy.save_pretrained(tmp)
         value_model.save_pretrained(tmp / VALUE_DIR)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
@@ -124,7 +130,10 @@ def load_checkpoint(
         set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
     else:
         load_checkpoint_in_model(policy, ckpt, strict=True)
-    load_checkpoint_in_model(value_model, ckpt / VALUE_DIR, strict=True)
+    if isinstance(value_model, SharedBaseCritic):
+        value_model.load_pretrained(ckpt / VALUE_DIR)
+    else:
+        load_checkpoint_in_model(value_model, ckpt / VALUE_DIR, strict=True)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     ppo_state = json.loads((ckpt / PPO_STATE).read_text())

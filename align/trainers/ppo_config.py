@@ -23,7 +23,7 @@ from align.config import (
 from align.data.tinyworld import TINYWORLD
 from align.rl.ppo import KL_ESTIMATORS
 
-VALUE_MODEL_INITS = ("reward", "policy")
+VALUE_MODEL_INITS = ("reward", "policy", "policy_lora")
 
 
 @dataclass
@@ -226,8 +226,10 @@ class PPOConfig(TrainingArguments):
         default="reward",
         metadata={
             "help": "Where the value model comes from when none is given: 'reward' (InstructGPT: a copy of "
-            "the reward model; needs the policy's tokenizer) or 'policy' (the policy's backbone, fresh "
-            "scalar head).",
+            "the reward model; needs the policy's tokenizer), 'policy' (a copy of the policy's backbone, fresh "
+            "scalar head) or 'policy_lora' (LoRA policies only: no copy; the policy's frozen base with a second "
+            "LoRA adapter, 'critic', and a fresh scalar head, so one base serves policy, reference and value and "
+            "only the two adapters and the head train; saved as a plain value model all the same).",
             "choices": list(VALUE_MODEL_INITS),
         },
     )
@@ -420,6 +422,12 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             errors.append("reward_model_path is not set; point it at an `align reward` output (e.g. runs/tiny/reward)")
         if not self.model_name_or_path:
             errors.append("model_name_or_path is not set; point it at the SFT stage (e.g. runs/tiny/sft)")
+        if self.value_model_init == "policy_lora" and not self.use_peft:
+            errors.append("value_model_init 'policy_lora' shares the LoRA policy's base; set use_peft: true, or "
+                          "value_model_init: policy")  # fmt: skip
+        if self.value_model_init == "policy_lora" and self.value_model_path:
+            errors.append(f"value_model_init 'policy_lora' builds the value model on the policy's base, and "
+                          f"value_model_path {self.value_model_path!r} names one too; drop one")  # fmt: skip
         if self.merge_adapter and not self.use_peft:
             errors.append("merge_adapter: true needs use_peft: true (there is no adapter to merge)")
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:

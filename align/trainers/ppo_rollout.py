@@ -20,7 +20,7 @@ from align.errors import AlignError
 from align.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
-from align.trainers.ppo_models import policy_logits, value_head_forward
+from align.trainers.ppo_models import adapters_disabled, policy_logits, value_head_forward
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -266,7 +266,7 @@ def forward_logprobs(
 
     T = responses.shape[1]
     out = []
-    ctx = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+    ctx = adapters_disabled(model) if disable_adapter else contextlib.nullcontext()
     with ctx, accelerator.autocast():
         for s in range(0, query_responses.shape[0], batch_size):
             rows = slice(s, s + batch_size)

@@ -122,6 +122,34 @@ def _with_adapter(model, peft_config, args):
     return get_peft_model(model, peft_config)
 
 
+def _plan_memory(model, args, train_dataset) -> tuple[list, int]:
+    """Log the reward model's memory plan for its largest micro-batch (`per_device_train_batch_size` groups of the
+    most responses, all padded to the longest) and, on CUDA, refuse when it does not fit (`align.memory_plan`)."""
+    from align import memory_plan as mp
+
+    length = getattr(args, "length_column_name", None) or "length"
+    k_max = max(len(r) for r in train_dataset["ranks"])
+    seq_len = max(train_dataset[length])
+    sequences = args.per_device_train_batch_size * k_max
+    half = bool(args.bf16 or args.fp16) or next(model.parameters()).element_size() == 2
+    checkpointing = bool(getattr(args, "gradient_checkpointing", False))
+    lines, peak = mp.reward_plan(mp.model_shape(model), mp.param_stats(model.parameters()), sequences=sequences,
+                                 seq_len=seq_len, act_bytes=2 if half else 4, checkpointing=checkpointing)  # fmt: skip
+    if args.process_index == 0:
+        mp.log_plan("reward", lines, peak, f"micro-batch of {sequences} sequences ({args.per_device_train_batch_size} "
+                    f"groups x {k_max}) of up to {seq_len} tokens")  # fmt: skip
+    fixes = ["lower per_device_train_batch_size (raising gradient_accumulation_steps) or max_length"]
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        fixes.append("train LoRA (use_peft: true)")
+    if not half:
+        fixes.append("set bf16: true")
+    if not checkpointing:
+        fixes.append("set gradient_checkpointing: true")
+    resident = mp.resident_bytes(model.parameters(), args.device)
+    mp.check_fits("reward", peak, args.device, resident, "To fit: " + "; or ".join(fixes) + ".")
+    return lines, peak
+
+
 class RankingRewardTrainer(Trainer):
     """`transformers.Trainer` for a reward model (sequence classification, num_labels=1) on K-way rankings.
 
@@ -182,6 +210,8 @@ class RankingRewardTrainer(Trainer):
                 eval_dataset = {k: self._prepare(v, processing_class, args, k, pair) for k, v in eval_dataset.items()}
             else:
                 eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval", pair)
+        if train_dataset is not None:
+            self.memory_plan = _plan_memory(model, args, train_dataset)
         if data_collator is None:
             pad_multiple = getattr(args, "pad_to_multiple_of", None)
             data_collator = RankingCollator(processing_class.pad_token_id, pad_multiple)
