@@ -264,6 +264,13 @@ def _sft_class():
             default=0.3,
             metadata={"help": "Share of flawed demonstrations (tinyworld), as imperfect human demonstrators."},
         )
+        tinyworld_habit_rate: float = field(
+            default=0.0,
+            metadata={
+                "help": "Share of demonstrations (tinyworld) showing the demonstrators' one habit: the same step "
+                "left undone every time (see tinyworld.demonstrations); the rest get tinyworld_error_rate."
+            },
+        )
         tinyworld_seed: int = tinyworld_seed_field()
         # Evaluation
         gold_eval_prompts: int = field(
@@ -494,6 +501,7 @@ VALUE_RULES: dict[str, Rule] = {
     "tinyworld_demos": Rule("[1, inf)"),
     "tinyworld_prompts": Rule("[1, inf)"),
     "tinyworld_error_rate": Rule("[0, 1]", "share of flawed demonstrations"),
+    "tinyworld_habit_rate": Rule("[0, 1]", "share of demonstrations with the demonstrators' habit"),
     "vocab_size": Rule("[1, inf)", "e.g. 8192"),
     "num_samples": Rule("[0, inf)", "0 = none"),
     # Sampling and labeling

@@ -440,7 +440,8 @@ def test_gold_responses_meet_every_constraint():
 
 def test_demonstrations_flawed_score_clearly_lower():
     ds = tw.demonstrations(400, seed=0, error_rate=0.5)
-    assert ds.column_names == ["prompt", "completion", "kind", "flawed"]
+    assert ds.column_names == ["prompt", "completion", "kind", "flawed", "habit"]
+    assert not any(ds["habit"])
     assert ds.to_dict() == tw.demonstrations(400, seed=0, error_rate=0.5).to_dict()
     clean = [tw.score(p, c) for p, c, f in zip(ds["prompt"], ds["completion"], ds["flawed"], strict=True) if not f]
     flawed = [tw.score(p, c) for p, c, f in zip(ds["prompt"], ds["completion"], ds["flawed"], strict=True) if f]
@@ -449,6 +450,42 @@ def test_demonstrations_flawed_score_clearly_lower():
     assert statistics.mean(clean) - statistics.mean(flawed) > 0.25
     assert sum(s < 0.95 for s in flawed) / len(flawed) > 0.9  # nearly every flaw costs
     assert not set(ds["prompt"]) & set(tw.instruction_prompts(200, seed=0, split="test")["prompt"])
+
+
+def test_demonstrations_habit_is_the_same_step_left_undone():
+    from align.data.tinyworld_grammar import split_sentences
+    from align.data.tinyworld_labeler import parse_prompt, qa_answers
+
+    ds = tw.demonstrations(300, seed=2, error_rate=0.0, habit_rate=1.0)
+    seen = set()
+    for prompt, response, kind, habit in zip(ds["prompt"], ds["completion"], ds["kind"], ds["habit"], strict=True):
+        spec = parse_prompt(prompt)
+        sents = split_sentences(response.split())[0]
+        if not habit:  # the habit costs nothing here: the demonstration is a best one
+            assert tw.score(prompt, response) >= 0.95, prompt
+            assert kind != "end" and not (kind == "count" and spec.n > 1), prompt
+            continue
+        seen.add(kind)
+        assert tw.score(prompt, response) < 0.9, (prompt, response)
+        if kind == "count":
+            assert len(sents) == spec.n - 1, (prompt, response)
+        elif kind == "end":
+            assert tuple(spec.ending) not in sents and spec.name in response.split(), (prompt, response)
+        elif kind == "mention":
+            last = spec.place or " ".join(spec.obj or ()) or spec.friend
+            assert last not in response, (prompt, response)
+        else:
+            assert response in spec.story and qa_answers(spec).key in response.split(), (prompt, response)
+    assert seen == set(tw.KINDS)
+    assert sum(ds["habit"]) > 200 and ds["flawed"] == ds["habit"]
+
+
+def test_demonstrations_habit_rate_mixes_habits_and_random_flaws():
+    ds = tw.demonstrations(400, seed=0, error_rate=0.5, habit_rate=0.6)
+    habit, flawed = sum(ds["habit"]), sum(ds["flawed"])
+    assert 170 < habit < 250 and habit < flawed  # rows without the habit get random flaws at error_rate
+    with pytest.raises(AlignError, match="habit_rate"):
+        tw.demonstrations(5, habit_rate=-0.1)
 
 
 def test_demonstrations_error_rate_bounds():

@@ -7,7 +7,14 @@ Because we generate the world we can measure honestly:
 - `instruction_prompts`: instructions with checkable constraints (kinds `mention`, `count`, `qa`, `end`);
 - `score` / `score_details`: the hidden gold labeler (stand-in for human labelers; ranks and evaluates, never
   trains directly);
-- `demonstrations`: SFT data written by deliberately imperfect demonstrators (a share of realistic flaws).
+- `demonstrations`: SFT data written by deliberately imperfect demonstrators: a habit (the same step left undone,
+  e.g. one sentence fewer than asked) in most of them, plus a share of random flaws.
+
+Why the habit: InstructGPT's premise is that comparisons teach what demonstrations do not. With random flaws only
+(30%), SFT's most likely answer was already the demonstrators' best, so greedy decoding removed the noise and left
+rankings nothing to teach (measured on recipes/tiny, Intel Xeon 2-core, one run each: PPO beat SFT on 52% and 50% of
+held-out prompts greedy, seeds 42 and 1). A habit shown in ~70% of demonstrations is what SFT's mode does; the right
+answers it samples the rest of the time rank higher, and PPO can move the mode there. The gold labeler is unchanged.
 
 Text is lowercase words separated by single spaces, punctuation as separate words; every word is in `vocabulary()`.
 The grammar lives in `tinyworld_grammar`, the instructions and labeler in `tinyworld_labeler`.
@@ -427,24 +434,67 @@ def _no_ending(spec: Spec, plain: Spec, rng: random.Random) -> str:
     raise RuntimeError(f"tinyworld: no flawed story for {render(spec)!r}")
 
 
-def demonstrations(n: int, seed: int = 0, error_rate: float = 0.3):
-    """`n` SFT demonstrations on train prompts: columns `prompt`, `completion`, `kind`, `flawed`.
+def _habit(spec: Spec, gold: str, rng: random.Random) -> str:
+    """`gold` as the demonstrators' one habit gets it wrong: they stop a step short, the same way every time.
 
-    With probability `error_rate` a demonstration has one realistic flaw (see `_flaw`), as imperfect human
-    demonstrators would: SFT imitates them, and ranking + PPO have something to improve.
+    `count`: one sentence fewer than asked (n >= 2); `end`: the story stops before its required last sentence;
+    `mention`: the last entity the instruction lists is left out (the place, else the object, else the friend);
+    `qa`: the story's sentence holding the answer is quoted instead of answering the question. The habit is kept
+    only where it costs the gold score something (>= 0.1); elsewhere (e.g. `count` with n = 1) `gold` is returned.
+    """
+    prompt = render(spec)
+    sents = [s + " ." for s in gold[:-2].split(" . ")]
+    habit = gold
+    if spec.kind == "count" and spec.n >= 2:
+        short = Spec("count", name=spec.name, n=spec.n - 1, style=spec.style)
+        habit = _story_response(short, rng, _story_force(short, rng), _perfect)
+    elif spec.kind == "end" and len(sents) > 1:
+        habit = " ".join(sents[:-1])
+    elif spec.kind == "mention":
+        last = next((e for e in ("place", "obj", "friend") if getattr(spec, e)), None)
+        if last is not None:
+            habit = _missing(spec, Spec(**{**spec.__dict__, last: None}), rng)
+    elif spec.kind == "qa":
+        key = qa_answers(spec).key
+        story = [s + " ." for s in spec.story[:-2].split(" . ")]
+        evidence = [s for s in story if key in s.split()]
+        if evidence:
+            habit = evidence[-1]
+    return habit if score(prompt, habit) <= score(prompt, gold) - 0.1 else gold
+
+
+def demonstrations(n: int, seed: int = 0, error_rate: float = 0.3, habit_rate: float = 0.0):
+    """`n` SFT demonstrations on train prompts: columns `prompt`, `completion`, `kind`, `flawed`, `habit`.
+
+    Two kinds of imperfection, as human demonstrators have:
+    - with probability `habit_rate` a demonstration shows the demonstrators' habit (`_habit`): the same step left
+      undone every time. Above ~0.5 it is what SFT's most likely answer does, so greedy decoding keeps it; the
+      rarer right answers are still sampled, and rankings reveal them: the headroom InstructGPT's comparisons are
+      for (recipes/tiny uses 0.7);
+    - otherwise, with probability `error_rate`, one random flaw (`_flaw`): noise that greedy decoding of an SFT
+      model already removes.
+    `flawed` marks either kind, `habit` the first.
     """
     import datasets
 
-    if not 0.0 <= error_rate <= 1.0:
-        raise AlignError(f"tinyworld.demonstrations: error_rate {error_rate} is not in [0, 1]. Use e.g. 0.3.")
+    for key, rate in (("error_rate", error_rate), ("habit_rate", habit_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise AlignError(f"tinyworld.demonstrations: {key} {rate} is not in [0, 1]. Use e.g. 0.3.")
     rng = random.Random(f"tinyworld-demos-{seed}")
-    rows: dict[str, list] = {"prompt": [], "completion": [], "kind": [], "flawed": []}
+    rows: dict[str, list] = {"prompt": [], "completion": [], "kind": [], "flawed": [], "habit": []}
     for spec in _split_specs(rng, n, "train"):
         prompt = render(spec)
         gold = gold_response(prompt, seed=rng.randrange(1 << 30))
-        flawed = rng.random() < error_rate
+        completion = gold
+        if habit_rate and rng.random() < habit_rate:  # habit_rate 0 draws nothing: demonstrations stay as they were
+            completion = _habit(spec, gold, rng)
+        habit = completion != gold
+        flawed = habit or rng.random() < error_rate
+        if flawed and not habit:
+            completion = _flaw(spec, gold, rng)
         rows["prompt"].append(prompt)
-        rows["completion"].append(_flaw(spec, gold, rng) if flawed else gold)
+        rows["completion"].append(completion)
         rows["kind"].append(spec.kind)
         rows["flawed"].append(flawed)
+        rows["habit"].append(habit)
     return datasets.Dataset.from_dict(rows)

@@ -41,13 +41,20 @@ def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     if cfg.dataset_name == TINYWORLD:
         from align.data import tinyworld
 
-        rate = cfg.tinyworld_error_rate
-        ds = tinyworld.demonstrations(cfg.tinyworld_demos, seed=cfg.tinyworld_seed, error_rate=rate)
-        flawed = sum(ds["flawed"])
-        ds = ds.select_columns(["prompt", "completion"])
-        dd = {"train": ds}
+        ds = tinyworld.demonstrations(
+            cfg.tinyworld_demos,
+            seed=cfg.tinyworld_seed,
+            error_rate=cfg.tinyworld_error_rate,
+            habit_rate=cfg.tinyworld_habit_rate,
+        )
+        info: dict[str, Any] = {
+            "name": TINYWORLD,
+            "seed": cfg.tinyworld_seed,
+            "flawed_rows": sum(ds["flawed"]),
+            "habit_rows": sum(ds["habit"]),
+        }
+        dd = {"train": ds.select_columns(["prompt", "completion"])}
         source = TINYWORLD
-        info: dict[str, Any] = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "flawed_rows": flawed}
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
         source = cfg.dataset_name
