@@ -131,7 +131,7 @@ def test_reward_trainer_plans_its_largest_micro_batch(caplog):
 
 
 MEASURE = """
-import json, os, resource, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
 from peft import LoraConfig
@@ -144,6 +144,12 @@ from align.trainers.ppo_config import PPOConfig
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def high_water():
+    # VmHWM belongs to this address space, which exec made new. getrusage's ru_maxrss would not do: Linux carries the
+    # forked parent's RSS over exec into it, so a large pytest process became this script's "peak".
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 name, out = sys.argv[1], sys.argv[2]
 tok = wordlevel_tokenizer([f"w{{i}}" for i in range(8184)])  # + 8 specials: vocabulary 8192
@@ -182,7 +188,7 @@ else:  # llama_full_bf16: bf16 autocast, a bf16 reward model, value from the pol
     trainer = PPOTrainer(PPOConfig(**kw, bf16=True, value_model_init="policy"), LlamaForCausalLM(llama),
                          reward_model=reward, processing_class=tok, train_dataset=prompts)
 trainer.train()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 print(json.dumps({{"estimate": trainer.memory_plan[1], "measured": peak - base}}))
 """
 
@@ -211,10 +217,5 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, name):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     result = measure(0)
-    if not 0.75 <= result["estimate"] / result["measured"] <= 1.25:
-        # Noise only ever raises a high-water mark: once in a full-suite run the LoRA case read 342 MiB instead of
-        # its usual ~170 (not reproduced alone); a second reading, the lower one kept.
-        again = measure(1)
-        result["measured"] = min(result["measured"], again["measured"])
     ratio = result["estimate"] / result["measured"]
     assert 0.75 <= ratio <= 1.25, (name, result["estimate"] / MiB, result["measured"] / MiB)
