@@ -123,7 +123,8 @@ def _sites(path: str):
                                  trust_remote_code=False, likelihood_features=None, dtype=None,
                                  attn_implementation=None)  # fmt: skip
     likelihood_cfg = SimpleNamespace(**{**vars(reward_cfg), "likelihood_features": ["mean"], "likelihood_init": 1.0})
-    ppo_cfg = SimpleNamespace(reward_model_path=path, value_model_path=path, dtype=None, trust_remote_code=False)
+    ppo_cfg = SimpleNamespace(reward_model_path=path, value_model_path=path, dtype=None, bf16=False,
+                              trust_remote_code=False)  # fmt: skip
     return {
         "load_causal_lm": lambda: modeling.load_causal_lm(path),
         "score.load_scorer": lambda: load_scorer(path, device="cpu"),
