@@ -233,3 +233,20 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
         raise ValueError(f"win_rate needs two equally long, non-empty score lists; got {len(scores)}, {len(baseline)}")
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))
     return wins / len(scores)
+
+
+def paired_interval(scores: list[float], baseline: list[float], z: float = 1.96) -> dict[str, float]:
+    """Mean per-prompt difference `scores - baseline` with its normal-approximation interval (z = 1.96: 95%).
+
+    Paired: each prompt is its own control, so the spread of prompt difficulty cancels. Returns `{"mean", "low",
+    "high"}`; with one prompt the interval is the mean itself.
+    """
+    import math
+
+    if len(scores) != len(baseline) or not scores:
+        raise ValueError(f"paired_interval needs two equally long, non-empty lists; got {len(scores)}, {len(baseline)}")
+    d = [a - b for a, b in zip(scores, baseline, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    half = z * math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half}

@@ -85,7 +85,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Gold scores per model, win-rates (from the per-prompt scores the stages recorded) and PPO's KL."""
-    from align.evaluation import win_rate
+    from align.evaluation import paired_interval, win_rate
 
     out: dict[str, Any] = {"gold_score": {}}
     sft, ppo = stages.get("sft"), stages.get("ppo")
@@ -110,6 +110,7 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["gold_labeler"] = ppo.get("gold_labeler", GOLD)
         out["gold_score"]["ppo"] = ppo["metrics"]["gold_score"]
         out[f"gold_win_rate_ppo_vs_{vs}"] = win_rate(ppo["gold_scores"], ppo["parent_gold_scores"])
+        out[f"gold_diff_ppo_vs_{vs}"] = paired_interval(ppo["gold_scores"], ppo["parent_gold_scores"])
         out.setdefault("held_out_prompts", {})[f"ppo_vs_{vs}"] = len(ppo["gold_scores"])
         if "gold_scores_sampled" in ppo:
             out["gold_score_sampled"] = {
@@ -117,6 +118,9 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "ppo": ppo["metrics"]["gold_score_sampled"],
             }
             out[f"gold_win_rate_ppo_vs_{vs}_sampled"] = win_rate(
+                ppo["gold_scores_sampled"], ppo["parent_gold_scores_sampled"]
+            )
+            out[f"gold_diff_ppo_vs_{vs}_sampled"] = paired_interval(
                 ppo["gold_scores_sampled"], ppo["parent_gold_scores_sampled"]
             )
             out["gold_eval_samples"] = _resolved(stages, "ppo", "gold_eval_samples")
@@ -359,6 +363,13 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
 # Writing
 
 
+def _diff_line(diff: dict[str, float], view: str, vs: str) -> str:
+    return (
+        f"PPO minus {LABELS[vs]}, per prompt, {view}: {diff['mean']:+.3f} (paired 95% interval {diff['low']:+.3f} "
+        f"to {diff['high']:+.3f})."
+    )
+
+
 def _headline_lines(top: dict[str, Any]) -> list[str]:
     lines = []
     vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
@@ -370,6 +381,8 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
         at_kl = f", at KL {kl:.3f} nats." if kl is not None else "."
         rate, n = top[f"gold_win_rate_ppo_vs_{vs}"], top["held_out_prompts"][f"ppo_vs_{vs}"]
         lines.append(f"PPO beats {name} on {rate:.1%} of {n} held-out prompts ({labeler}, ties count half){at_kl}")
+        if f"gold_diff_ppo_vs_{vs}" in top:
+            lines.append(_diff_line(top[f"gold_diff_ppo_vs_{vs}"], "greedy", vs))
         if vs == PARENT:
             gold = top["gold_score"]
             lines.append(f"Mean score, greedy: parent {gold[PARENT]:.3f}, PPO {gold['ppo']:.3f}.")
@@ -379,6 +392,8 @@ def _headline_lines(top: dict[str, Any]) -> list[str]:
             f"Sampled at temperature 1 ({k} answers per prompt, each prompt scored by their mean), PPO beats {name} "
             f"on {rate:.1%} of the prompts; mean gold score {LABELS[vs]} {gold[vs]:.3f}, PPO {gold['ppo']:.3f}."
         )
+        if f"gold_diff_ppo_vs_{vs}_sampled" in top:
+            lines.append(_diff_line(top[f"gold_diff_ppo_vs_{vs}_sampled"], "sampled", vs))
     if top.get("best_of_n"):
         best = top["best_of_n"]
         versus = best["ppo_win_rate_vs_best_of_n"]

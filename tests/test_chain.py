@@ -313,6 +313,10 @@ def test_tiny_chain_end_to_end_report_matches_the_stages(tmp_path):
     assert html.count("data:image/png;base64,") == len(report["plots"])
     assert "PPO beats SFT on" in (run / "report.md").read_text()
     assert "Sampled at temperature 1 (4 answers per prompt" in (run / "report.md").read_text()
+    assert "PPO minus SFT, per prompt, sampled: " in (run / "report.md").read_text()
+    diff, ppo_metrics = report["headline"]["gold_diff_ppo_vs_sft"], info["ppo"]["metrics"]
+    assert diff["mean"] == pytest.approx(ppo_metrics["gold_score"] - ppo_metrics["parent_gold_score"])
+    assert diff["low"] <= diff["mean"] <= diff["high"]
 
 
 def test_accelerate_config_launches_every_stage_under_accelerate(tmp_path):

@@ -80,6 +80,18 @@ def test_win_rate_counts_ties_as_half():
         win_rate([1.0], [1.0, 0.0])
 
 
+def test_paired_interval_by_hand():
+    from align.evaluation import paired_interval
+
+    # differences 0.2, 0.4, 0.0, 0.2: mean 0.2, sample sd sqrt(0.08 / 3), half-width 1.96 * sd / 2
+    out = paired_interval([0.7, 0.9, 0.5, 0.6], [0.5, 0.5, 0.5, 0.4])
+    half = 1.96 * (0.08 / 3) ** 0.5 / 2
+    assert out == pytest.approx({"mean": 0.2, "low": 0.2 - half, "high": 0.2 + half})
+    assert paired_interval([1.0], [0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5}
+    with pytest.raises(ValueError, match="equally long"):
+        paired_interval([1.0], [])
+
+
 def test_parent_of_records_the_hub_id_of_a_base_model_copy(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
