@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The tiny chain: pretrain -> sft -> rank -> reward -> ppo, then runs/tiny/report.{md,html,json}. Reruns skip finished
-# stages and resume an interrupted one.
+# stages and resume an interrupted one. `make demo SEED=1` runs it with another seed into runs/tiny-seed1.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/align run recipes/tiny/chain.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/align run recipes/tiny/chain.yaml $(if $(SEED),--seed $(SEED) --output_root runs/tiny-seed$(SEED))
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
