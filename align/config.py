@@ -1,4 +1,7 @@
-"""Stage configs and the recipe loader: YAML recipe < CLI overrides, validated before any work.
+"""What every stage config shares, and the recipe loader: YAML recipe < CLI overrides, validated before any work.
+
+The configs live beside their stages (`align/stages/<stage>_config.py`, found through `STAGE_CONFIGS`); this module
+holds the fields they declare alike, the value rules and the parser.
 
 Each stage config subclasses the transformers/TRL config its trainer takes and mixes in TRL's own `ScriptArguments`
 (dataset keys) and `ModelConfig` (model and LoRA keys), so every key a TRL / alignment-handbook user knows means the
@@ -32,8 +35,6 @@ from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
 
-# transformers/trl are imported lazily in `_stage_classes` so `align --help` stays instant; the dataclasses below are
-# built on first use by `config_class(stage)`.
 C = TypeVar("C")
 
 
@@ -68,7 +69,8 @@ def column_mapping_field():
     )
 
 
-def _test_size_field():
+def test_size_field():
+    """`dataset_test_size`, declared once for the stages that hold out a share of their data."""
     return field(
         default=0.05,
         metadata={
@@ -121,190 +123,6 @@ def tinyworld_seed_field():
         default=0,
         metadata={"help": "Seed of the generated tiny world (dataset_name: tinyworld); kept apart from `seed`."},
     )
-
-
-def _pretrain_class():
-    from transformers import TrainingArguments
-    from trl import ModelConfig, ScriptArguments
-
-    from align.data.tinyworld import TINYWORLD
-
-    @dataclass
-    class PretrainConfig(TrainingArguments, ModelConfig, ScriptArguments):
-        """`align pretrain`: causal-LM pretraining (GPT-style), from scratch or continued.
-
-        Changed defaults: `dataset_name="tinyworld"` (the embedded generated world), `logging_steps=10`,
-        `report_to="none"` (opt in to tensorboard/wandb/trackio as in transformers), `save_total_limit=2`,
-        `dtype="auto"`.
-        """
-
-        # Changed defaults
-        dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
-        logging_steps: float = changed_default(TrainingArguments, "logging_steps", 10)
-        report_to: None | str | list[str] = changed_default(TrainingArguments, "report_to", "none")
-        save_total_limit: int | None = changed_default(TrainingArguments, "save_total_limit", 2)
-        dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
-        # Model
-        model_type: str = field(
-            default="llama",
-            metadata={
-                "help": "Architecture when training from scratch (no model_name_or_path): 'llama', 'gpt2', or "
-                "'lstm' (the recurrent baseline, align.modeling_lstm).",
-                "choices": ["llama", "gpt2", "lstm"],
-            },
-        )
-        model_config: dict | str | None = field(
-            default=None,
-            metadata={
-                "help": "Sizes for a from-scratch model, passed to LlamaConfig/GPT2Config, e.g. {hidden_size: 128, "
-                "num_hidden_layers: 4, num_attention_heads: 4}. Keys use the transformers config names; lstm takes "
-                "hidden_size, num_hidden_layers, dropout."
-            },
-        )
-        trust_remote_code: bool = field(
-            default=False, metadata={"help": "Allow custom modeling code from the model repo. Off unless you ask."}
-        )
-        # Tokenizer
-        tokenizer_name_or_path: str | None = field(
-            default=None,
-            metadata={
-                "help": "Existing tokenizer (dir or Hub id). Default: the model's when model_name_or_path is set, "
-                "else a new one trained on the training data."
-            },
-        )
-        tokenizer_type: str = field(
-            default="auto",
-            metadata={
-                "help": "Kind of tokenizer to train: 'wordlevel' (closed vocabulary, used for tinyworld), 'bpe' "
-                "(byte-level, any text), or 'auto' (wordlevel for tinyworld, bpe otherwise).",
-                "choices": ["auto", "wordlevel", "bpe"],
-            },
-        )
-        vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size when training a BPE tokenizer."})
-        # Data
-        dataset_text_field: str = field(default="text", metadata={"help": "Column holding the raw text."})
-        dataset_column_mapping: dict | str | None = column_mapping_field()
-        dataset_test_size: float = _test_size_field()
-        max_length: int = field(
-            default=256,
-            metadata={"help": "Block size: texts are joined with EOS and cut into blocks of this many tokens."},
-        )
-        tinyworld_stories: int = field(
-            default=20_000,
-            metadata={"help": "Number of generated documents, one story each (dataset_name: tinyworld)."},
-        )
-        tinyworld_seed: int = tinyworld_seed_field()
-        # Output
-        num_samples: int = field(
-            default=4, metadata={"help": "Texts sampled from the trained model and stored in align_stage.json."}
-        )
-        sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of those samples."})
-
-        def __post_init__(self):
-            post_init_common(self)
-            if self.model_name_or_path and self.model_config:
-                raise ValueError(
-                    "model_config sets sizes for a model trained from scratch, but model_name_or_path loads an "
-                    "existing model; remove one of them."
-                )
-
-    return PretrainConfig
-
-
-def _sft_class():
-    from trl import ModelConfig, ScriptArguments, SFTConfig
-
-    from align.data.tinyworld import TINYWORLD
-
-    @dataclass
-    class SFTStageConfig(SFTConfig, ModelConfig, ScriptArguments):
-        """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
-
-        Changed defaults: `dataset_name="tinyworld"`, `report_to="none"`, `save_total_limit=2`, `dtype="auto"`,
-        `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = auto
-        (null: on where the hardware has fast bf16, a CUDA GPU or a CPU with AMX/avx512_bf16; `resolve_auto_bf16`).
-        """
-
-        # Changed defaults
-        dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
-        report_to: None | str | list[str] = changed_default(SFTConfig, "report_to", "none")
-        save_total_limit: int | None = changed_default(SFTConfig, "save_total_limit", 2)
-        dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
-        # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
-        gradient_checkpointing: bool | None = changed_default(SFTConfig, "gradient_checkpointing", None)
-        bf16: bool | None = changed_default(SFTConfig, "bf16", None)
-        # Model
-        tokenizer_name_or_path: str | None = field(
-            default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."}
-        )
-        model_hub_id: str | None = model_hub_id_field()
-        merge_adapter: bool = field(
-            default=False,
-            metadata={
-                "help": "With use_peft: save the merged model in output_dir (loadable without peft) and the adapter "
-                "in output_dir/adapter. Off: output_dir holds the adapter."
-            },
-        )
-        # Data
-        dataset_format: str = field(
-            default="auto",
-            metadata={
-                "help": "Format of the demonstrations; auto detects it from the columns.",
-                "choices": ["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"],
-            },
-        )
-        dataset_column_mapping: dict | str | None = column_mapping_field()
-        dataset_test_size: float = _test_size_field()
-        skip_invalid_rows: bool = field(
-            default=False,
-            metadata={"help": "Drop rows that fail validation (counted in the log) instead of stopping at the first."},
-        )
-        tinyworld_demos: int = field(default=4000, metadata={"help": "Generated demonstrations (tinyworld)."})
-        tinyworld_error_rate: float = field(
-            default=0.3,
-            metadata={"help": "Share of flawed demonstrations (tinyworld), as imperfect human demonstrators."},
-        )
-        tinyworld_habit_rate: float = field(
-            default=0.0,
-            metadata={
-                "help": "Share of demonstrations (tinyworld) showing the demonstrators' one habit: the same step "
-                "left undone every time (see tinyworld.demonstrations); the rest get tinyworld_error_rate."
-            },
-        )
-        tinyworld_seed: int = tinyworld_seed_field()
-        # Evaluation
-        gold_eval_prompts: int = field(
-            default=200,
-            metadata={
-                "help": "Held-out prompts answered by this model and its parent and scored by the gold labeler "
-                "(tiny world, or gold_labeler + gold_eval_dataset; 0 = off)."
-            },
-        )
-        gold_labeler: str | None = gold_labeler_field()
-        gold_eval_dataset: str | None = gold_eval_dataset_field()
-        gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
-        gold_eval_temperature: float = field(
-            default=0.0,
-            metadata={"help": "Decoding for the gold evaluation; 0 = greedy, deterministic and comparable."},
-        )
-        gold_eval_samples: int = field(
-            default=4,
-            metadata={
-                "help": "Also answer each gold-eval prompt this many times at temperature 1 and score the mean "
-                "(gold_score_sampled): the model as a distribution, which PPO optimizes and greedy decoding hides. "
-                "0 = off."
-            },
-        )
-
-        def __post_init__(self):
-            resolve_auto_bf16(self)
-            post_init_common(self, SFTConfig)
-            if self.merge_adapter and not self.use_peft:
-                raise ValueError("merge_adapter: true needs use_peft: true (there is no adapter to merge).")
-            if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
-                raise ValueError("load_in_4bit/8bit (QLoRA) trains adapters only; set use_peft: true.")
-
-    return SFTStageConfig
 
 
 def post_init_common(cfg, trainer_config: type | None = None) -> None:
@@ -626,55 +444,26 @@ def report_to_errors(report_to: None | str | list[str], choices: typing.Sequence
     return errors
 
 
-_CLASSES: dict[str, Any] = {}
-# stage -> a factory (configs above) or "module:Class" for configs that live beside their trainer.
-_FACTORIES: dict[str, Any] = {
-    "pretrain": _pretrain_class,
-    "sft": _sft_class,
+# Each stage's config, as "module:Class": beside its stage in align/stages/, imported on first use so that
+# `align --help` does not import transformers and TRL.
+STAGE_CONFIGS: dict[str, str] = {
+    "pretrain": "align.stages.pretrain_config:PretrainConfig",
+    "sft": "align.stages.sft_config:SFTStageConfig",
     "rank": "align.stages.rank_config:RankConfig",
-    "reward": "align.trainers.reward_config:RewardStageConfig",
-    "ppo": "align.trainers.ppo_config:PPOStageConfig",
+    "reward": "align.stages.reward_config:RewardStageConfig",
+    "ppo": "align.stages.ppo_config:PPOStageConfig",
     "classify": "align.stages.classify_config:ClassifyStageConfig",
 }
 
 
-def register_stage_config(stage: str, factory, class_name: str) -> None:
-    """Let a stage module add its config factory (a function returning the dataclass named `class_name`)."""
-    _FACTORIES[stage] = factory
-    _CLASS_NAMES[class_name] = stage
-
-
 def config_class(stage: str):
-    """The config dataclass of `stage` (built once, on first use).
+    """The config dataclass of `stage`."""
+    import importlib
 
-    The class is published as a module attribute (`align.config.PretrainConfig`) so pickle finds it: Trainer saves
-    the args with torch.save into every checkpoint, and a fresh process resolves the name via `__getattr__` below.
-    """
-    if stage not in _CLASSES:
-        if stage not in _FACTORIES:
-            raise KeyError(f"no config for stage {stage!r}")
-        factory = _FACTORIES[stage]
-        if isinstance(factory, str):
-            import importlib
-
-            module, name = factory.split(":")
-            cls = getattr(importlib.import_module(module), name)
-        else:
-            cls = factory()
-            cls.__module__, cls.__qualname__ = __name__, cls.__name__
-            globals()[cls.__name__] = cls
-        _CLASSES[stage] = cls
-    return _CLASSES[stage]
-
-
-_CLASS_NAMES = {"PretrainConfig": "pretrain", "SFTStageConfig": "sft"}
-
-
-def __getattr__(name: str):
-    # PEP 562: `from align.config import SFTStageConfig` (and unpickling) builds the class on first access.
-    if name in _CLASS_NAMES:
-        return config_class(_CLASS_NAMES[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if stage not in STAGE_CONFIGS:
+        raise KeyError(f"no config for stage {stage!r}")
+    module, name = STAGE_CONFIGS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Configuration of `align sft`: TRL's `SFTConfig` with its `ModelConfig` (model and LoRA keys) and `ScriptArguments`
+(dataset keys), plus the demonstration formats, the tiny world's demonstrators and the gold evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, SFTConfig
+
+from align.config import (
+    changed_default,
+    column_mapping_field,
+    gold_eval_dataset_field,
+    gold_labeler_field,
+    model_hub_id_field,
+    post_init_common,
+    resolve_auto_bf16,
+    test_size_field,
+    tinyworld_seed_field,
+)
+from align.data.tinyworld import TINYWORLD
+
+
+@dataclass
+class SFTStageConfig(SFTConfig, ModelConfig, ScriptArguments):
+    """`align sft`: supervised fine-tuning on demonstrations (InstructGPT step 1), TRL's SFTTrainer underneath.
+
+    Changed defaults: `dataset_name="tinyworld"`, `report_to="none"`, `save_total_limit=2`, `dtype="auto"`,
+    `gradient_checkpointing=False` (small models; GPU recipes turn it on), `bf16` = auto
+    (null: on where the hardware has fast bf16, a CUDA GPU or a CPU with AMX/avx512_bf16; `resolve_auto_bf16`).
+    """
+
+    # Changed defaults
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    report_to: None | str | list[str] = changed_default(SFTConfig, "report_to", "none")
+    save_total_limit: int | None = changed_default(SFTConfig, "save_total_limit", 2)
+    dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
+    # None (not False): TRL sets True, transformers 5 renamed it; None lets either name work, unset = off.
+    gradient_checkpointing: bool | None = changed_default(SFTConfig, "gradient_checkpointing", None)
+    bf16: bool | None = changed_default(SFTConfig, "bf16", None)
+    # Model
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."}
+    )
+    model_hub_id: str | None = model_hub_id_field()
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "With use_peft: save the merged model in output_dir (loadable without peft) and the adapter "
+            "in output_dir/adapter. Off: output_dir holds the adapter."
+        },
+    )
+    # Data
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Format of the demonstrations; auto detects it from the columns.",
+            "choices": ["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "text"],
+        },
+    )
+    dataset_column_mapping: dict | str | None = column_mapping_field()
+    dataset_test_size: float = test_size_field()
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={"help": "Drop rows that fail validation (counted in the log) instead of stopping at the first."},
+    )
+    tinyworld_demos: int = field(default=4000, metadata={"help": "Generated demonstrations (tinyworld)."})
+    tinyworld_error_rate: float = field(
+        default=0.3,
+        metadata={"help": "Share of flawed demonstrations (tinyworld), as imperfect human demonstrators."},
+    )
+    tinyworld_habit_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of demonstrations (tinyworld) showing the demonstrators' one habit: the same step "
+            "left undone every time (see tinyworld.demonstrations); the rest get tinyworld_error_rate."
+        },
+    )
+    tinyworld_seed: int = tinyworld_seed_field()
+    # Evaluation
+    gold_eval_prompts: int = field(
+        default=200,
+        metadata={
+            "help": "Held-out prompts answered by this model and its parent and scored by the gold labeler "
+            "(tiny world, or gold_labeler + gold_eval_dataset; 0 = off)."
+        },
+    )
+    gold_labeler: str | None = gold_labeler_field()
+    gold_eval_dataset: str | None = gold_eval_dataset_field()
+    gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
+    gold_eval_temperature: float = field(
+        default=0.0,
+        metadata={"help": "Decoding for the gold evaluation; 0 = greedy, deterministic and comparable."},
+    )
+    gold_eval_samples: int = field(
+        default=4,
+        metadata={
+            "help": "Also answer each gold-eval prompt this many times at temperature 1 and score the mean "
+            "(gold_score_sampled): the model as a distribution, which PPO optimizes and greedy decoding hides. "
+            "0 = off."
+        },
+    )
+
+    def __post_init__(self):
+        resolve_auto_bf16(self)
+        post_init_common(self, SFTConfig)
+        if self.merge_adapter and not self.use_peft:
+            raise ValueError("merge_adapter: true needs use_peft: true (there is no adapter to merge).")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError("load_in_4bit/8bit (QLoRA) trains adapters only; set use_peft: true.")
