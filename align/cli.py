@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("align.chain", "run a whole chain recipe: pretrain -> sft -> rank -> reward -> ppo"),
     "generate": ("align.generate", "sample text or chat replies from a model dir or Hub id"),
     "score": ("align.score", "score prompt/response pairs with a reward model or the tiny-world gold labeler"),
-    "push": ("align.push", "push a stage (or a whole run) to the Hugging Face Hub with a model card"),
+    "push": ("align.hub.push", "push a stage (or a whole run) to the Hugging Face Hub with a model card"),
     "inspect": ("align.inspect", "look inside a model: attention heatmaps per layer/head vs gradient attribution"),
 }
 

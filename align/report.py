@@ -29,7 +29,7 @@ from typing import Any
 
 from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
-from align.hub_lineage import is_hub_id
+from align.hub import is_hub_id
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
 from align.stage_metrics import TABLE, format_value
 
@@ -370,7 +370,7 @@ def _diff_line(diff: dict[str, float], view: str, vs: str) -> str:
     )
 
 
-def _headline_lines(top: dict[str, Any]) -> list[str]:
+def headline_lines(top: dict[str, Any]) -> list[str]:
     lines = []
     vs = PARENT if f"gold_win_rate_ppo_vs_{PARENT}" in top else "sft"
     parent = str(top.get("ppo_parent"))
@@ -436,7 +436,7 @@ def _pass_rates(top: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _markdown(root: Path, stages, top, table, examples, figures) -> str:
     out = [f"# align run report: `{root}`", ""]
-    out += [f"- {line}" for line in _headline_lines(top)] + [""]
+    out += [f"- {line}" for line in headline_lines(top)] + [""]
     out += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
     out += [f"| {r['stage']} | {r['label']} | {format_value(r['value'])} |" for r in table]
     columns, rows = _pass_rates(top)
@@ -494,7 +494,7 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
         f"<h1>align run report: <code>{e(str(root))}</code></h1>",
         "<ul class='head'>",
     ]
-    out += [f"<li>{e(line)}</li>" for line in _headline_lines(top)] + ["</ul>"]
+    out += [f"<li>{e(line)}</li>" for line in headline_lines(top)] + ["</ul>"]
     out += ["<h2>Metrics</h2><table><tr><th>stage</th><th>metric</th><th>value</th></tr>"]
     out += [
         f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(format_value(r['value']))}</td></tr>"
@@ -575,6 +575,6 @@ def write_report(root: str | os.PathLike, options: dict[str, Any] | None = None)
     atomic_write_text(out[0], _markdown(root, stages, top, table, examples, figures))
     atomic_write_text(out[1], _html(root, stages, top, table, examples, figures))
     atomic_write_json(out[2], json.loads(json.dumps(data, default=float)))
-    for line in _headline_lines(top):
+    for line in headline_lines(top):
         logger.info("%s", line)
     return out

@@ -1,5 +1,5 @@
 """What each stage's headline metrics are called, in one place: the run report's metrics table (`align/report.py`),
-the chain's one-line summary after each stage (`align/chain.py`) and the numbers on the Hub cards (`align/hub_card.py`)
+the chain's one-line summary after each stage (`align/chain.py`) and the numbers on the Hub cards (`align/hub/card.py`)
 read it. The metrics themselves are the `metrics` of each stage's `align_stage.json`.
 """
 

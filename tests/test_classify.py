@@ -157,7 +157,7 @@ def test_stage_single_text_into_pipeline(pretrained, tmp_path):
     from safetensors import safe_open
     from transformers import AutoTokenizer, pipeline
 
-    from align.hub_card import build_model_card
+    from align.hub.card import build_model_card
     from align.stages.classify import run
 
     out = run(_cfg(pretrained, tmp_path / "classify", tinyworld_task="happy", eval_strategy="steps", eval_steps=3))

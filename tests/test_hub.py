@@ -139,14 +139,14 @@ def test_curve_panels_pair_train_with_eval():
      ("a/b/c", False), ("bad--name/x", False)],
 )  # fmt: skip
 def test_is_hub_id(name, hub):
-    from align.hub_lineage import is_hub_id
+    from align.hub.lineage import is_hub_id
 
     assert is_hub_id(name) is hub
 
 
 def test_a_base_model_copy_links_to_its_hub_id(tmp_path):
-    from align.hub_card import build_model_card
-    from align.hub_lineage import base_model_of, lineage
+    from align.hub.card import build_model_card
+    from align.hub.lineage import base_model_of, lineage
 
     # A GGUF copy named by model_hub_id (align.io.parent_of): sft's base is the Hub repo, and so is ppo's via sft.
     hub_id, gguf = "HuggingFaceTB/SmolLM2-135M-Instruct", "/some/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,7 +171,7 @@ def test_a_base_model_copy_links_to_its_hub_id(tmp_path):
 
 
 def test_find_stages_orders_parents_first(tmp_path, model_template):
-    from align.push import find_stages
+    from align.hub.push import find_stages
 
     # Names sort the wrong way on purpose: "a-ppo" < "b-sft" < "c-pretrain"; parents must still come first.
     pre = make_stage(tmp_path, "c-pretrain", "pretrain", model_template)
@@ -185,7 +185,7 @@ def test_find_stages_orders_parents_first(tmp_path, model_template):
 
 
 def test_push_stage_uploads_every_file_byte_identical(hub, tmp_path, model_template):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     sft = make_stage(tmp_path, "sft", "sft", model_template, parent={"model": "acme/base-7b"})
     want = expected_files(sft)
@@ -219,7 +219,7 @@ def test_push_stage_uploads_every_file_byte_identical(hub, tmp_path, model_templ
 
 
 def test_model_card_metadata_and_prose(hub, tmp_path, model_template):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     sft = make_stage(tmp_path, "sft", "sft", model_template, parent={"model": "acme/base-7b"})
     push_stage(sft, "me/tiny-sft")
@@ -268,7 +268,7 @@ def _chain(root: Path, template: Path) -> dict[str, Path]:
 def test_push_run_pushes_parents_first_and_links_cards(hub, tmp_path, model_template):
     from huggingface_hub import DatasetCard
 
-    from align.push import push_run
+    from align.hub.push import push_run
 
     _chain(tmp_path / "made", model_template)
     # The run dir moved after training: recorded parent paths are stale, siblings of the same name are found.
@@ -310,7 +310,7 @@ def test_push_run_pushes_parents_first_and_links_cards(hub, tmp_path, model_temp
 
 
 def test_push_run_failure_midway_reports_what_landed(online, monkeypatch, tmp_path, model_template):
-    from align.push import push_run
+    from align.hub.push import push_run
 
     root = tmp_path / "run"
     pre = make_stage(root, "pretrain", "pretrain", model_template, parent=None)
@@ -336,7 +336,7 @@ def test_adapter_pushed_as_adapter_with_its_base(hub, tmp_path, model_template):
     import torch
     from safetensors.torch import save_file
 
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     pre = make_stage(tmp_path, "pretrain", "pretrain", model_template, parent=None)
     push_stage(pre, "me/tiny-pretrain")
@@ -365,7 +365,7 @@ def test_adapter_pushed_as_adapter_with_its_base(hub, tmp_path, model_template):
 
 
 def test_revision_commits_to_a_new_branch(hub, tmp_path, model_template):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     pre = make_stage(tmp_path, "pretrain", "pretrain", model_template)
     push_stage(pre, "me/tiny", revision="exp/lr-3e-4", commit_message="try a lower lr", private=True)
@@ -378,7 +378,7 @@ def test_revision_commits_to_a_new_branch(hub, tmp_path, model_template):
 def test_lfs_upload_when_xet_is_off(hub, monkeypatch, tmp_path, model_template):
     from huggingface_hub import constants
 
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     # The server asks for LFS for weights; with Xet off the client uses the LFS batch API + PUT + verify.
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
@@ -390,7 +390,7 @@ def test_lfs_upload_when_xet_is_off(hub, monkeypatch, tmp_path, model_template):
 
 
 def test_push_after_stage_names_repo_like_trainer(hub, tmp_path, model_template):
-    from align.push import push_after_stage
+    from align.hub.push import push_after_stage
 
     pre = make_stage(tmp_path, "tiny-pretrain", "pretrain", model_template)
     url = push_after_stage(pre, None, private=False, revision=None)
@@ -403,7 +403,7 @@ def test_push_after_stage_names_repo_like_trainer(hub, tmp_path, model_template)
 
 
 def test_dry_run_writes_the_folder_without_network_or_token(online, monkeypatch, tmp_path, model_template, capsys):
-    from align.push import main
+    from align.hub.push import main
 
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
@@ -426,7 +426,7 @@ def test_dry_run_writes_the_folder_without_network_or_token(online, monkeypatch,
 
 
 def test_cli_help_and_usage_errors(tmp_path, model_template, capsys):
-    from align.push import main
+    from align.hub.push import main
 
     assert main(["--help"]) == 0
     assert "--repo_prefix" in capsys.readouterr().out
@@ -444,7 +444,7 @@ def test_cli_help_and_usage_errors(tmp_path, model_template, capsys):
 
 @pytest.mark.parametrize("name", ["bad--name", "a/b/c", "-lead", "x" * 97])
 def test_invalid_repo_name(online, tmp_path, model_template, name):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     pre = make_stage(tmp_path, "pretrain", "pretrain", model_template)
     with pytest.raises(AlignError, match="not a valid Hub repo name"):
@@ -452,7 +452,7 @@ def test_invalid_repo_name(online, tmp_path, model_template, name):
 
 
 def test_no_token_says_how_to_log_in(online, monkeypatch, tmp_path, model_template):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     monkeypatch.delenv("HF_TOKEN")
     pre = make_stage(tmp_path, "pretrain", "pretrain", model_template)
@@ -464,7 +464,7 @@ def test_no_token_says_how_to_log_in(online, monkeypatch, tmp_path, model_templa
 def test_offline_mode_is_named(monkeypatch, tmp_path, model_template):
     from huggingface_hub import constants
 
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -474,7 +474,7 @@ def test_offline_mode_is_named(monkeypatch, tmp_path, model_template):
 
 
 def test_connection_refused_names_the_endpoint(online, monkeypatch, tmp_path, model_template):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     endpoint = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
@@ -485,7 +485,7 @@ def test_connection_refused_names_the_endpoint(online, monkeypatch, tmp_path, mo
 
 
 def test_incomplete_stage_dirs(tmp_path, model_template):
-    from align.hub import push_stage
+    from align.hub.upload import push_stage
 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(model_template, unfinished)  # weights but no align_stage.json: the stage did not finish
@@ -503,7 +503,7 @@ def test_incomplete_stage_dirs(tmp_path, model_template):
 
 
 def test_token_never_appears_in_logs_or_output(online, monkeypatch, tmp_path, model_template, caplog, capsys):
-    from align.push import main
+    from align.hub.push import main
 
     caplog.set_level(logging.DEBUG)
     pre = make_stage(tmp_path, "pretrain", "pretrain", model_template)

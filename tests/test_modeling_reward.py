@@ -162,11 +162,11 @@ def test_generation_marker_from_the_chat_template():
 
 
 def test_hub_card_usage_imports_the_registering_module(tmp_path):
-    from align.hub_card import _is_likelihood_reward, _usage_markdown
+    from align.hub.card import is_likelihood_reward, usage_markdown
 
     tiny().save_pretrained(tmp_path)
-    assert _is_likelihood_reward(tmp_path) and not _is_likelihood_reward(tmp_path / "missing")
-    usage = _usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True, likelihood=True)
+    assert is_likelihood_reward(tmp_path) and not is_likelihood_reward(tmp_path / "missing")
+    usage = usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True, likelihood=True)
     load = usage.index("AutoModelForSequenceClassification.from_pretrained")
     assert usage.index("import align.modeling_reward") < load
-    assert "import align" not in _usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True)
+    assert "import align" not in usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True)

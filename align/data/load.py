@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.hub_lineage import is_hub_id
+from align.hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 

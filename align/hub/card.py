@@ -1,8 +1,8 @@
 """Model and dataset cards for align stages: YAML metadata, prose, metrics, curves, samples, lineage.
 
 Everything here is pure: it reads a stage dir (`align_stage.json` and, for adapters, `adapter_config.json`) and returns
-a card. Network and file writes live in `align/hub.py`, the curves PNG is drawn by `align/plots.py`. The lineage a card
-shows (parents, their Hub repos, the base model) is found by `align/hub_lineage.py`.
+a card. Network and file writes live in `upload.py`, the curves PNG is drawn by `align/plots.py`. The lineage a card
+shows (parents, their Hub repos, the base model) is found by `lineage.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.hub_lineage import (
+from align.hub.lineage import (
     Link,
     adapter_base,
     base_model_of,
@@ -223,7 +223,7 @@ def _versions_markdown(info: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: bool, likelihood: bool = False) -> str:
+def usage_markdown(stage: str, repo_id: str, adapter: bool, has_chat_template: bool, likelihood: bool = False) -> str:
     if stage == "classify":
         code = f'''from transformers import pipeline
 
@@ -287,7 +287,7 @@ print(generator("Once upon a time", max_new_tokens=64)[0]["generated_text"])'''
     return "\n".join(["## How to use", "", note, "", "```python", code, "```"]).replace("\n\n\n", "\n\n")
 
 
-def _is_likelihood_reward(stage_dir: Path) -> bool:
+def is_likelihood_reward(stage_dir: Path) -> bool:
     from align.modeling_reward import MODEL_TYPE
 
     try:
@@ -416,7 +416,7 @@ def build_model_card(
         _metrics_markdown(info.get("metrics")),
         f"## Training curves\n\n![training curves]({CURVES_FILE})" if curves else "",
         _samples_markdown(info.get("samples")),
-        _usage_markdown(stage, repo_id, adapter, _has_chat_template(stage_dir), _is_likelihood_reward(stage_dir)),
+        usage_markdown(stage, repo_id, adapter, _has_chat_template(stage_dir), is_likelihood_reward(stage_dir)),
         _data_markdown(info, dataset, endpoint, "datasets/"),
         _recipe_markdown(info),
         _versions_markdown(info),

@@ -4,8 +4,8 @@ A stage's `parent` is `{"stage", "path"}` (an align stage dir) or `{"model": <hu
 model, with `"hub_id"` when the recipe's `model_hub_id` says which Hub repo a local copy came from); ppo also lists
 `parents` (policy + reward model). We follow `parent` links through each dir's
 `align_stage.json` up to the base model, and link every stage we know a Hub repo for (pushed in this run, passed by the
-caller, or recorded in the stage's `align_hub.json` by an earlier push). Used by the cards (`align/hub_card.py`) and
-the push (`align/hub.py`, `align/push.py`).
+caller, or recorded in the stage's `align_hub.json` by an earlier push). Used by the cards (`align/hub/card.py`) and
+the push (`align/hub/upload.py`, `align/hub/push.py`).
 """
 
 from __future__ import annotations

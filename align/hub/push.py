@@ -1,6 +1,6 @@
 """`align push`: the command line, and pushing a whole chain run or a stage a recipe just finished.
 
-The single-stage push (plan, card, one commit, errors) lives in `align/hub.py`; this module finds a run's stages,
+The single-stage push (plan, card, one commit, errors) lives in `upload.py`; this module finds a run's stages,
 pushes them parents first, and parses `align push STAGE_OR_RUN_DIR (--repo_id NAME | --repo_prefix NAME) [...]`.
 """
 
@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from align.errors import AlignError
-from align.hub import (
+from align.hub.lineage import resolve_parent_path
+from align.hub.upload import (
     check_online,
     check_repo_id,
     check_revision,
@@ -22,7 +23,6 @@ from align.hub import (
     push_stage,
     resolve_token,
 )
-from align.hub_lineage import resolve_parent_path
 from align.io import STAGE_FILE, STAGES, read_stage_info
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
-"""Push one stage dir to the Hugging Face Hub with a model card (the command, and whole runs: `align/push.py`).
+"""Push one stage dir to the Hugging Face Hub with a model card (the command, and whole runs: `align/hub/push.py`).
 
 A stage dir is a Hugging Face model dir plus `align_stage.json`; we upload it as it is (minus checkpoints, logs and
-pickles) with a generated `README.md` (card, see `align/hub_card.py`) and `training_curves.png`. A rank dir is
+pickles) with a generated `README.md` (card, see `align/hub/card.py`) and `training_curves.png`. A rank dir is
 comparison data: it goes to a *dataset* repo with a dataset card. PEFT adapter dirs go up as adapters.
 
 Each stage is one `create_commit`: on any failure the repo is unchanged, and the error says what did land (an empty
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.hub_card import CURVES_FILE, build_dataset_card, build_model_card
-from align.hub_lineage import HUB_RECORD, adapter_base, is_hub_id
+from align.hub.card import CURVES_FILE, build_dataset_card, build_model_card
+from align.hub.lineage import HUB_RECORD, adapter_base, is_hub_id
 from align.io import STAGE_FILE, STAGES, atomic_write_json, read_stage_info
 from align.plots import training_curves_png
 

@@ -23,10 +23,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from align.config import log_config, parse_config, recipe_dict
+from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load, write_stage_info
+from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load
+from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,7 @@ def run(cfg) -> Path:
     )  # fmt: skip
 
     # Train
-    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
-    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    push_to_hub = hold_push(cfg)
     trainer = ClassifyTrainer(
         model=model,
         args=cfg,
@@ -247,12 +247,12 @@ def run(cfg) -> Path:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         _check_saved_format(output_dir, tokenizer, data["train"][0], fmt)
-        cfg.push_to_hub = push_to_hub  # recorded as the user set it
-        write_stage_info(
+        finish_stage(
             output_dir,
             "classify",
+            cfg,
+            push_to_hub,
             parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
-            recipe=recipe_dict(cfg),
             data=data["info"],
             metrics={k: float(v) for k, v in metrics.items()},
             log_history=trainer.state.log_history,
@@ -263,11 +263,7 @@ def run(cfg) -> Path:
             **extra,
         )
         logger.info("classify: wrote %s", output_dir)
-        if push_to_hub:
-            from align.push import push_after_stage
-
-            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
-    trainer.accelerator.wait_for_everyone()
+    wait_for_everyone()
     return output_dir
 
 

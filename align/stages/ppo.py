@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.config import log_config, parse_config, recipe_dict
+from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle, write_stage_info
+from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle
+from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def run(cfg) -> Path:
 
     # Train
     # Trainer would push every checkpoint; align pushes the finished stage once, with lineage (as the SFT stage).
-    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    push_to_hub = hold_push(cfg)
     trainer = PPOTrainer(
         args=cfg,
         policy=policy,
@@ -364,12 +365,12 @@ def run(cfg) -> Path:
             # only the policy's adapter (with value_model_init policy_lora the peft model holds the critic's too)
             trainer.policy.save_pretrained(output_dir / "adapter", selected_adapters=[trainer.policy.active_adapter])
             tokenizer.save_pretrained(output_dir / "adapter")
-        cfg.push_to_hub = push_to_hub  # recorded as the user set it
-        write_stage_info(
+        finish_stage(
             output_dir,
             "ppo",
+            cfg,
+            push_to_hub,
             parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
-            recipe=recipe_dict(cfg),
             data=data_info,
             metrics={k: float(v) for k, v in metrics.items()},
             reward_model=parent_of(cfg.reward_model_path),
@@ -385,9 +386,5 @@ def run(cfg) -> Path:
             **extra,
         )
         logger.info("ppo: wrote %s (%s parameters)", output_dir, f"{modeling.count_parameters(trainer.policy)[0]:,}")
-        if push_to_hub:
-            from align.push import push_after_stage
-
-            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
-    acc.wait_for_everyone()
+    wait_for_everyone()
     return output_dir

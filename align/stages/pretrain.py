@@ -17,10 +17,11 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from align.config import log_config, parse_config, recipe_dict
+from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, stage_lifecycle, train_or_load, write_stage_info
+from align.io import parent_of, resume_checkpoint, stage_lifecycle, train_or_load
+from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,7 @@ def run(cfg) -> Path:
     )
 
     # Train
-    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
-    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    push_to_hub = hold_push(cfg)
     trainer = Trainer(
         model=model,
         args=cfg,
@@ -227,12 +227,12 @@ def run(cfg) -> Path:
         model.generation_config.save_pretrained(output_dir)
         samples = sample_texts(trainer.model, tokenizer, cfg.num_samples, cfg.sample_max_new_tokens, cfg.seed)
         parent = parent_of(cfg.model_name_or_path) if cfg.model_name_or_path else None
-        cfg.push_to_hub = push_to_hub  # recorded as the user set it
-        write_stage_info(
+        finish_stage(
             output_dir,
             "pretrain",
+            cfg,
+            push_to_hub,
             parent=parent,
-            recipe=recipe_dict(cfg),
             data=data_info,
             metrics=metrics,
             samples=samples,
@@ -241,11 +241,7 @@ def run(cfg) -> Path:
             num_processes=trainer.accelerator.num_processes,
         )
         _log_result(metrics)
-        if push_to_hub:
-            from align.push import push_after_stage
-
-            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
-    trainer.accelerator.wait_for_everyone()
+    wait_for_everyone()
     return output_dir
 
 

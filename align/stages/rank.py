@@ -51,6 +51,7 @@ from align.data.rankings import format_ranking
 from align.data.tinyworld import GOLD, TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import stage_lifecycle
+from align.stages.lifecycle import push_finished, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def load_labeler(cfg) -> tuple[str, Labeler]:
 
         return GOLD, _flat(load_scorer(GOLD), GOLD)
     if ":" in spec and not Path(spec).exists():
-        return "function", _function_labeler(spec)
+        return "function", function_labeler(spec)
     from align.score import load_scorer
 
     device = "cpu" if cfg.use_cpu else None
@@ -246,7 +247,7 @@ def _flat(scorer: Callable[[Sequence[str], Sequence[str]], list[float]], name: s
     return label
 
 
-def _function_labeler(spec: str) -> Labeler:
+def function_labeler(spec: str) -> Labeler:
     """`package.module:function` or `path/to/file.py:function`, called as function(prompt, responses) -> K scores;
     each result is checked."""
     from align.score import load_function
@@ -492,7 +493,7 @@ def run(cfg) -> Path:
     groups, tokenizer = sample(cfg, prompts)
     sample_seconds = time.perf_counter() - start
     if not _main_process():  # the main process labels and writes; the others have done their share
-        _wait_for_everyone()
+        wait_for_everyone()
         return output_dir
 
     # Rank
@@ -533,11 +534,8 @@ def run(cfg) -> Path:
             labeler={"name": cfg.labeler, "kind": kind, "noise": cfg.labeler_noise},
             num_processes=_num_processes(),
         )
-        if cfg.push_to_hub:
-            from align.push import push_after_stage
-
-            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
-    _wait_for_everyone()
+        push_finished(output_dir, cfg)
+    wait_for_everyone()
     return output_dir
 
 
@@ -545,9 +543,3 @@ def _num_processes() -> int:
     from accelerate import PartialState
 
     return PartialState().num_processes
-
-
-def _wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()

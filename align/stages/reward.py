@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.config import log_config, parse_config, recipe_dict
+from align.config import log_config, parse_config
 from align.errors import AlignError
 from align.io import (
     parent_of,
@@ -37,8 +37,8 @@ from align.io import (
     save_trained,
     stage_lifecycle,
     train_or_load,
-    write_stage_info,
 )
+from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -351,8 +351,7 @@ def run(cfg) -> Path:
     )
 
     # Train
-    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
-    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    push_to_hub = hold_push(cfg)
     trainer = RankingRewardTrainer(
         model=model,
         args=cfg,
@@ -404,18 +403,18 @@ def run(cfg) -> Path:
     save_trained(trainer, output_dir, merge_adapter=peft_config is not None)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
-        cfg.push_to_hub = push_to_hub  # recorded as the user set it
         lineage = {}
         if rank_parent is not None:
             lineage["data_parent"] = {"stage": "rank", "path": rank_parent["path"]}
             rank_metrics = rank_parent["info"].get("metrics") or {}
             if "gold_agreement" in rank_metrics:
                 metrics["labeler_gold_agreement"] = rank_metrics["gold_agreement"]
-        write_stage_info(
+        finish_stage(
             output_dir,
             "reward",
+            cfg,
+            push_to_hub,
             parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
-            recipe=recipe_dict(cfg),
             data=data_info,
             metrics={k: float(v) for k, v in metrics.items()},
             log_history=trainer.state.log_history,
@@ -425,9 +424,5 @@ def run(cfg) -> Path:
             **extra,
         )
         logger.info("reward: wrote %s", output_dir)
-        if push_to_hub:
-            from align.push import push_after_stage
-
-            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
-    trainer.accelerator.wait_for_everyone()
+    wait_for_everyone()
     return output_dir

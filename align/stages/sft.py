@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.config import log_config, parse_config, recipe_dict
+from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load, write_stage_info
+from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load
+from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def run(cfg) -> Path:
     )
 
     # Train
-    # Trainer would push every checkpoint with its own card; align pushes the finished stage once, with lineage.
-    push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
+    push_to_hub = hold_push(cfg)
     trainer = SFTTrainer(
         model=model,
         args=cfg,
@@ -183,12 +183,12 @@ def run(cfg) -> Path:
     # Save
     save(trainer, tokenizer, cfg, output_dir)
     if trainer.is_world_process_zero():
-        cfg.push_to_hub = push_to_hub  # recorded as the user set it
-        write_stage_info(
+        finish_stage(
             output_dir,
             "sft",
+            cfg,
+            push_to_hub,
             parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
-            recipe=recipe_dict(cfg),
             data=data_info,
             metrics={k: float(v) for k, v in metrics.items()},
             log_history=trainer.state.log_history,
@@ -196,11 +196,7 @@ def run(cfg) -> Path:
             num_processes=trainer.accelerator.num_processes,
             **extra,
         )
-        if push_to_hub:
-            from align.push import push_after_stage
-
-            push_after_stage(output_dir, cfg.hub_model_id, private=bool(cfg.hub_private_repo), revision=None)
-    trainer.accelerator.wait_for_everyone()
+    wait_for_everyone()
     return output_dir
 
 
