@@ -244,7 +244,7 @@ def paired_interval(scores: list[float], baseline: list[float], z: float = 1.96)
     import math
 
     if len(scores) != len(baseline) or not scores:
-        raise ValueError(f"paired_interval needs two equally long, non-empty lists; got {len(scores)}, {len(baseline)}")
+        raise ValueError(f"paired_interval needs equally long, non-empty lists; got {len(scores)} and {len(baseline)}")
     d = [a - b for a, b in zip(scores, baseline, strict=True)]
     n = len(d)
     mean = sum(d) / n

@@ -264,7 +264,7 @@ def test_pretrain_stage_trains_an_lstm_that_loads_in_a_pipeline_and_resumes(tmp_
 
 
 def test_report_shows_the_lstm_beside_the_transformer(tmp_path):
-    from align.report import _headline_lines, headline, load_stages, metrics_table
+    from align.report import headline, headline_lines, load_stages, metrics_table
 
     for stage, loss, far in (("pretrain", 0.95, 0.63), ("pretrain_lstm", 0.96, 1.50)):
         (tmp_path / stage).mkdir()
@@ -275,7 +275,7 @@ def test_report_shows_the_lstm_beside_the_transformer(tmp_path):
     assert list(stages) == ["pretrain", "pretrain_lstm"]
     rows = {(r["stage"], r["metric"]): r["value"] for r in metrics_table(stages)}
     assert rows[("pretrain_lstm", "copy_loss_far")] == 1.50 and rows[("pretrain", "eval_loss")] == 0.95
-    lines = _headline_lines(headline(tmp_path, stages))
+    lines = headline_lines(headline(tmp_path, stages))
     assert lines == [
         "Transformer: held-out loss 0.9500 (floor 0.8600), 0.87M parameters; copy loss near 0.500, far 0.630 nats.",
         "LSTM baseline: held-out loss 0.9600 (floor 0.8600), 0.87M parameters; copy loss near 0.500, far 1.500 nats.",

@@ -109,7 +109,7 @@ def test_reward_trainer_plans_its_largest_micro_batch(caplog):
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from align.trainers.reward import _plan_memory
+    from align.trainers.reward import plan_memory
 
     config = LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=16,
@@ -120,7 +120,7 @@ def test_reward_trainer_plans_its_largest_micro_batch(caplog):
                                  fp16=False, gradient_checkpointing=False, process_index=0,
                                  device=torch.device("cpu"))  # fmt: skip
     with caplog.at_level(logging.INFO, logger="align.memory_plan"):
-        lines, peak = _plan_memory(model, args, ds)
+        lines, peak = plan_memory(model, args, ds)
     # 2 groups x 3 responses of up to 9 tokens: 54 tokens x 1 layer x (8 * 8 + 4 * 16) x 4 bytes
     assert lines[0].peak_bytes == 54 * 128 * 4
     assert "micro-batch of 6 sequences (2 groups x 3) of up to 9 tokens" in caplog.text

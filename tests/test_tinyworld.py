@@ -89,7 +89,7 @@ def test_story_nll_is_inf_for_texts_the_grammar_cannot_produce(text):
     assert tw.story_nll(text) == math.inf
 
 
-class _Enumerate(g._Chooser):
+class _Enumerate(g.Chooser):
     """Replays a path of option indices (0 past its end) and records the branching, for exhaustive enumeration."""
 
     def __init__(self, path):
@@ -125,7 +125,7 @@ def _all_continuations(run):
 @pytest.mark.parametrize(
     "state",
     [
-        g._Hero(
+        g.Hero(
             "anna",
             loc="park",
             held="ball",
@@ -134,12 +134,12 @@ def _all_continuations(run):
             dropped={"cup": "park"},
             colors={"cup": "red", "ball": "blue"},
         ),
-        g._Hero("tom", loc=None, held=None, nouns=["cup"], dropped={"cup": None}, last="feels", colors={"cup": "red"}),
-        g._Hero("tom", loc="zoo", held="kite", nouns=["kite"], last="drops", colors={"kite": "green"}),
+        g.Hero("tom", loc=None, held=None, nouns=["cup"], dropped={"cup": None}, last="feels", colors={"cup": "red"}),
+        g.Hero("tom", loc="zoo", held="kite", nouns=["kite"], last="drops", colors={"kite": "green"}),
     ],
 )
 def test_next_sentence_probabilities_sum_to_one_and_words_identify_the_path(state):
-    conts = _all_continuations(lambda ch: g._sentence(ch, _copy(state)))
+    conts = _all_continuations(lambda ch: g.emit_sentence(ch, _copy(state)))
     assert sum(p for _, p in conts) == pytest.approx(1.0, abs=1e-9)
     assert len({w for w, _ in conts}) == len(conts)  # unambiguous: different choices, different words
     for words, _ in conts:
@@ -147,13 +147,13 @@ def test_next_sentence_probabilities_sum_to_one_and_words_identify_the_path(stat
 
 
 def test_first_sentence_probabilities_sum_to_one():
-    conts = _all_continuations(lambda ch: g._intro(ch, g._Hero("emma")))
+    conts = _all_continuations(lambda ch: g.emit_intro(ch, g.Hero("emma")))
     assert sum(p for _, p in conts) == pytest.approx(1.0, abs=1e-9)
     assert len({w for w, _ in conts}) == len(conts)
 
 
 def _copy(state):
-    return g._Hero(
+    return g.Hero(
         state.name,
         state.loc,
         state.held,
@@ -166,7 +166,7 @@ def _copy(state):
 
 
 def test_end_probabilities():
-    for opts in g._END_OPTS.values():
+    for opts in g.END_OPTS.values():
         assert sum(o[1] for o in opts) == 1.0
     assert g.END_PROB[1] == 0.0 and g.END_PROB[6] == 1.0
 

@@ -279,7 +279,7 @@ def test_pools_never_clash():
     avoid = set(v.AVOID_WORDS)
     assert not avoid & set(v.KEYWORDS)
     texts = [*v.TRAIN_TOPICS, *v.TEST_TOPICS, *v.END_PHRASES, *v.START_WORDS, *v.REQUEST_FORMS]
-    assert not [(t, w) for t in texts for w in avoid if v._has_word(t, w)]
+    assert not [(t, w) for t in texts for w in avoid if v.has_word(t, w)]
     assert not [t for t in [*texts, *v.KEYWORDS] if "," in t or '"' in t]
 
 
@@ -385,14 +385,14 @@ def test_score_is_mean_of_details_and_in_unit_interval():
 
 
 def test_labeler_signature_and_rank_stage_loading():
-    from align.stages.rank import _function_labeler
+    from align.stages.rank import function_labeler
 
     responses = ["* The park is calm in the morning.\n* Ducks swim.", "A park.", ""]
     scores = v.labeler(PROMPT, responses)
     assert isinstance(scores, list) and len(scores) == 3 and all(isinstance(s, float) for s in scores)
     assert scores[0] == 1.0 and scores[0] > scores[1] > scores[2] == 0.0
     assert v.strict_labeler(PROMPT, responses) == [1.0, pytest.approx(1 / 3), 0.0]  # "A park." has no comma
-    rank_labeler = _function_labeler("align.data.verifiable:labeler")
+    rank_labeler = function_labeler("align.data.verifiable:labeler")
     assert rank_labeler([PROMPT], [responses]) == [scores]
 
 

@@ -1,6 +1,6 @@
 """The tiny world's grammar: lexicon, the story generator that knows its exact probabilities, and the world model.
 
-One generator function (`_story`) serves three purposes through the `_Chooser` it is given:
+One generator function (`_story`) serves three purposes through the `Chooser` it is given:
 - sampling: every random choice is drawn and its `-log p` added up, so a story comes with its exact NLL;
 - parsing: the same code is re-run reading the choices back from the words (`story_nll`). The grammar is
   unambiguous by construction: every choice is announced by the next word (each option has a distinct key word,
@@ -88,7 +88,7 @@ class Reject(Exception):
     """Forced choices cannot be met in this draw; the caller draws again."""
 
 
-class _Chooser:
+class Chooser:
     """Makes (sampling, forcing) or reads back (parsing) the generator's choices and sums their -log p in nats.
 
     Options are `(key, p, value)`: `key` is the word that follows the choice (`EOS` for the end of the text, None
@@ -166,7 +166,7 @@ _COLOR_OPTS = tuple((c, 1.0 / len(COLORS), c) for c in COLORS)
 _SIZE_OPTS = tuple((s, p, s) for s, p in SIZE_PROBS)  # key None for "no size": the next word is a color
 _INTRO_OPTS = tuple((a, p, a) for a, p in INTRO_PROBS)
 _THEN_OPTS = (("then", THEN_PROB, True), (None, 1.0 - THEN_PROB, False))
-_END_OPTS = {k: ((EOS, p, True), (None, 1.0 - p, False)) for k, p in END_PROB.items()}
+END_OPTS = {k: ((EOS, p, True), (None, 1.0 - p, False)) for k, p in END_PROB.items()}
 _MOOD_OPTS = {a: tuple((m, p, m) for m, p in zip(MOODS, ps, strict=True)) for a, ps in MOOD_AFTER.items()}
 
 
@@ -176,7 +176,7 @@ def _uniform(keys) -> tuple:
 
 
 @dataclass
-class _Hero:
+class Hero:
     """The generator's state: the story's one subject (the hero) and what the world looks like around them."""
 
     name: str
@@ -189,7 +189,7 @@ class _Hero:
     colors: dict[str, str] = field(default_factory=dict)  # noun -> color: `the red ball` names it again
 
 
-def _np(ch: _Chooser, st: _Hero) -> None:
+def _np(ch: Chooser, st: Hero) -> None:
     """`[size] color noun`; the noun is new to the story so that `the noun` always names one object."""
     size = ch.pick("size", _SIZE_OPTS)
     if size is not None:
@@ -203,7 +203,7 @@ def _np(ch: _Chooser, st: _Hero) -> None:
     st.held = noun
 
 
-def _the(ch: _Chooser, st: _Hero, noun: str) -> None:
+def _the(ch: Chooser, st: Hero, noun: str) -> None:
     """`the <color> <noun>`: an object of the story named again, with the color it was introduced with. Copying
     the color is how the model learns to look back in a text (measured: without these copies, a model pretrained
     on the corpus put chance probability on a color or place it had read; with them copying forms)."""
@@ -212,7 +212,7 @@ def _the(ch: _Chooser, st: _Hero, noun: str) -> None:
     ch.emit(noun)
 
 
-def _tail(ch: _Chooser, st: _Hero) -> None:
+def _tail(ch: Chooser, st: Hero) -> None:
     """Optional `in the P` after `finds a ...` or `meets X`: a new place while the hero's place is unknown, else
     that place again (copied from earlier in the text, as colors are by `_the`)."""
     if ch.pick("tail", (("in", TAIL_PROB, True), (".", 1.0 - TAIL_PROB, False))):
@@ -224,7 +224,7 @@ def _tail(ch: _Chooser, st: _Hero) -> None:
             ch.emit(st.loc)
 
 
-def _place(ch: _Chooser, st: _Hero) -> None:
+def _place(ch: Chooser, st: Hero) -> None:
     ch.emit("the")
     place = ch.pick("place", _uniform(p for p in PLACES if p != st.loc))
     ch.emit(place)
@@ -233,7 +233,7 @@ def _place(ch: _Chooser, st: _Hero) -> None:
     st.loc = place
 
 
-def _actions(st: _Hero) -> tuple:
+def _actions(st: Hero) -> tuple:
     """The actions the world allows now, with normalized probabilities, keyed by their verb."""
     ok = list(MOVES)
     if st.held is None:
@@ -254,7 +254,7 @@ def _actions(st: _Hero) -> tuple:
     return tuple((a, ACTION_WEIGHTS[a] / total, a) for a in ok)
 
 
-def _sentence(ch: _Chooser, st: _Hero) -> None:
+def emit_sentence(ch: Chooser, st: Hero) -> None:
     """One sentence after the first: `[then] (pronoun | name) verb ... .`"""
     if ch.pick("then", _THEN_OPTS):
         ch.emit("then")
@@ -303,7 +303,7 @@ def _sentence(ch: _Chooser, st: _Hero) -> None:
     ch.emit(".")
 
 
-def _intro(ch: _Chooser, st: _Hero) -> None:
+def emit_intro(ch: Chooser, st: Hero) -> None:
     """The first sentence names the hero: `name (is in | goes to) the P .` or `name (finds | has) a NP .`"""
     ch.emit(st.name)
     act = ch.pick("intro", _INTRO_OPTS)
@@ -323,19 +323,19 @@ def _intro(ch: _Chooser, st: _Hero) -> None:
     ch.emit(".")
 
 
-def _story(ch: _Chooser) -> None:
+def _story(ch: Chooser) -> None:
     """The whole story, including the end-of-story event after each sentence."""
     ch.k = 1
-    st = _Hero(ch.pick("name", _NAME_OPTS))
-    _intro(ch, st)
-    while not ch.pick("end", _END_OPTS[ch.k]):
+    st = Hero(ch.pick("name", _NAME_OPTS))
+    emit_intro(ch, st)
+    while not ch.pick("end", END_OPTS[ch.k]):
         ch.k += 1
-        _sentence(ch, st)
+        emit_sentence(ch, st)
 
 
 def sample_story(rng: random.Random) -> tuple[str, float]:
     """One story and its exact negative log-likelihood in nats (every choice, including the end event)."""
-    ch = _Chooser(rng)
+    ch = Chooser(rng)
     _story(ch)
     return " ".join(ch.words), ch.nats
 
@@ -347,7 +347,7 @@ def forced_story(rng: random.Random, force: dict, tries: int = 2000) -> list[str
     which means the forcing is impossible (a bug in the caller).
     """
     for _ in range(tries):
-        ch = _Chooser(rng, force=dict(force))
+        ch = Chooser(rng, force=dict(force))
         try:
             _story(ch)
         except Reject:
@@ -358,7 +358,7 @@ def forced_story(rng: random.Random, force: dict, tries: int = 2000) -> list[str
 
 def story_nll(text: str) -> float:
     """Exact NLL (nats) of `text` under the story generator, end event included; `math.inf` if it cannot occur."""
-    ch = _Chooser(words=text.split())
+    ch = Chooser(words=text.split())
     try:
         _story(ch)
     except NoParse:

@@ -161,7 +161,7 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def _has_word(text: str, word: str) -> bool:
+def has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w'’-]){re.escape(word)}(?![\w'’-])", text, re.IGNORECASE) is not None
 
 
@@ -341,7 +341,7 @@ class Keywords(Constraint):
         return f"Include the keyword{'s' if len(self.keywords) > 1 else ''} {quoted} in your response."
 
     def grade(self, text: str) -> float:
-        return sum(_has_word(text, k) for k in self.keywords) / len(self.keywords)
+        return sum(has_word(text, k) for k in self.keywords) / len(self.keywords)
 
     @classmethod
     def from_match(cls, m: re.Match[str], request: str) -> Constraint:
@@ -363,7 +363,7 @@ class AvoidWord(Constraint):
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"word": AVOID_WORDS}
 
     def grade(self, text: str) -> float:
-        return 0.0 if _has_word(text, self.word) else 1.0
+        return 0.0 if has_word(text, self.word) else 1.0
 
 
 @_register
@@ -620,7 +620,7 @@ def compatible(constraints: Sequence[Constraint]) -> bool:
         word = by["avoid_word"].word
         texts = [request, *(k for k in getattr(by.get("keywords"), "keywords", ()))]
         texts += [getattr(by.get("end_phrase"), "phrase", ""), getattr(by.get("start_word"), "word", "")]
-        if any(_has_word(t, word) for t in texts):
+        if any(has_word(t, word) for t in texts):
             return False
     if "no_commas" in by and "," in request:
         return False

@@ -122,7 +122,7 @@ def _with_adapter(model, peft_config, args):
     return get_peft_model(model, peft_config)
 
 
-def _plan_memory(model, args, train_dataset) -> tuple[list, int]:
+def plan_memory(model, args, train_dataset) -> tuple[list, int]:
     """Log the reward model's memory plan for its largest micro-batch (`per_device_train_batch_size` groups of the
     most responses, all padded to the longest) and, on CUDA, refuse when it does not fit (`align.memory_plan`)."""
     from align import memory_plan as mp
@@ -211,7 +211,7 @@ class RankingRewardTrainer(Trainer):
             else:
                 eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval", pair)
         if train_dataset is not None:
-            self.memory_plan = _plan_memory(model, args, train_dataset)
+            self.memory_plan = plan_memory(model, args, train_dataset)
         if data_collator is None:
             pad_multiple = getattr(args, "pad_to_multiple_of", None)
             data_collator = RankingCollator(processing_class.pad_token_id, pad_multiple)
