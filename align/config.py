@@ -458,8 +458,6 @@ STAGE_CONFIGS: dict[str, str] = {
 
 def config_class(stage: str):
     """The config dataclass of `stage`."""
-    import importlib
-
     if stage not in STAGE_CONFIGS:
         raise KeyError(f"no config for stage {stage!r}")
     module, name = STAGE_CONFIGS[stage].split(":")

@@ -210,12 +210,9 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, name):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
 
-    def measure(i: int) -> dict:
-        proc = subprocess.run([sys.executable, str(script), name, str(tmp_path / f"out{i}")], env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    result = measure(0)
+    proc = subprocess.run([sys.executable, str(script), name, str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = result["estimate"] / result["measured"]
     assert 0.75 <= ratio <= 1.25, (name, result["estimate"] / MiB, result["measured"] / MiB)
