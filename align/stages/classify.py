@@ -18,7 +18,6 @@ Held-out accuracy, F1 and (binary) Matthews correlation come from `evaluate`, wi
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from typing import Any
 from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load
-from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
+from align.io import parent_of, save_trained, stage_lifecycle
+from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +216,7 @@ def run(cfg) -> Path:
         lm_aux_coef=cfg.lm_aux_coef,
         num_choices=data["num_choices"],
     )
-    start = time.perf_counter()
-    result = train_or_load(trainer, resume_checkpoint(cfg))
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start}
+    metrics: dict[str, Any] = train_stage(trainer, cfg)[1]
     extra: dict[str, Any] = {}
 
     # Evaluate

@@ -1,7 +1,9 @@
-"""The end every stage shares; the start (output lock, stale marker set aside) is `align.io.stage_lifecycle`.
+"""What every Trainer stage shares between its start (output lock, stale marker set aside: `align.io.stage_lifecycle`)
+and its end.
 
     push_to_hub = hold_push(cfg)      # before the Trainer is built
-    ...train, evaluate, save the model dir...
+    result, metrics, resume = train_stage(trainer, cfg)
+    ...evaluate, save the model dir...
     if main process:
         finish_stage(output_dir, "sft", cfg, push_to_hub, parent=..., data=..., metrics=...)
     wait_for_everyone()
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 
@@ -18,6 +21,18 @@ def hold_push(cfg) -> bool:
     with its own card; align pushes the finished stage once, with its lineage (`finish_stage`)."""
     push_to_hub, cfg.push_to_hub = cfg.push_to_hub, False
     return push_to_hub
+
+
+def train_stage(trainer, cfg) -> tuple[Any, dict[str, float], str | None]:
+    """Train `trainer` from where `cfg` says (`resume_checkpoint`: the user's checkpoint, else the newest in
+    output_dir, else fresh), a finished checkpoint only loaded (`train_or_load`). Returns the TrainOutput, the metrics
+    every stage reports (`train_loss`, `train_runtime`: wall seconds of this run) and the checkpoint resumed from."""
+    from align.io import resume_checkpoint, train_or_load
+
+    resume = resume_checkpoint(cfg)
+    start = time.perf_counter()
+    result = train_or_load(trainer, resume)
+    return result, {"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start}, resume
 
 
 def finish_stage(output_dir: str | os.PathLike, stage: str, cfg, push_to_hub: bool, **info: Any) -> dict[str, Any]:

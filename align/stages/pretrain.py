@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, stage_lifecycle, train_or_load
-from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
+from align.io import parent_of, stage_lifecycle
+from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +190,8 @@ def run(cfg) -> Path:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
-    resume = resume_checkpoint(cfg)
-    start = time.perf_counter()
-    result = train_or_load(trainer, resume)
-    train_seconds = time.perf_counter() - start
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": train_seconds}
+    _, metrics, resume = train_stage(trainer, cfg)
+    train_seconds = metrics["train_runtime"]
     steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)
     tokens = steps_run * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
     metrics["tokens_per_second"] = tokens * cfg.max_length / max(train_seconds, 1e-9)

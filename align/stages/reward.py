@@ -24,7 +24,6 @@ responses (SFT samples when the data comes from `align rank` on the SFT model) i
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,10 @@ from align.errors import AlignError
 from align.io import (
     parent_of,
     read_stage_info,
-    resume_checkpoint,
     save_trained,
     stage_lifecycle,
-    train_or_load,
 )
-from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
+from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -360,9 +357,7 @@ def run(cfg) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    start = time.perf_counter()
-    result = train_or_load(trainer, resume_checkpoint(cfg))
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start}
+    metrics: dict[str, Any] = train_stage(trainer, cfg)[1]
     extra: dict[str, Any] = {}
 
     # Evaluate

@@ -14,15 +14,14 @@ labeler, or on any data `gold_labeler` on `gold_eval_dataset` (`align.evaluation
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
-from align.io import parent_of, resume_checkpoint, save_trained, stage_lifecycle, train_or_load
-from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
+from align.io import parent_of, save_trained, stage_lifecycle
+from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +149,7 @@ def run(cfg) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    resume = resume_checkpoint(cfg)
-    start = time.perf_counter()
-    result = train_or_load(trainer, resume)
-    metrics.update({"train_loss": result.training_loss, "train_runtime": time.perf_counter() - start})
+    metrics.update(train_stage(trainer, cfg)[1])
 
     # Evaluate
     if eval_ds is not None:
