@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The tiny chain: pretrain -> sft -> rank -> reward -> ppo, then runs/tiny/report.{md,html,json}. Reruns skip finished
-# stages and resume an interrupted one. `make demo SEED=1` runs it with another seed into runs/tiny-seed1.
+# stages and resume an interrupted one. `make demo SEED=1` runs it with another seed into runs/tiny-seed1;
+# `make demo LSTM=1` adds the LSTM baseline (recipes/tiny/pretrain_lstm.yaml) after PPO.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/align run recipes/tiny/chain.yaml $(if $(SEED),--seed $(SEED) --output_root runs/tiny-seed$(SEED))
+	HF_HUB_OFFLINE=1 $(BIN)/align run recipes/tiny/chain.yaml $(if $(SEED),--seed $(SEED) --output_root runs/tiny-seed$(SEED)) $(if $(LSTM),--with pretrain_lstm)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

@@ -12,6 +12,7 @@ A chain recipe sets shared keys once and lists the stages, each a stage recipe a
     stages:
       pretrain: recipes/tiny/pretrain.yaml
       sft: {recipe: recipes/tiny/sft.yaml, learning_rate: 1.0e-3}
+      pretrain_lstm: {stage: pretrain, recipe: recipes/tiny/pretrain_lstm.yaml, optional: true}
     report: {examples: 6}         # prompts answered side by side by each model
     accelerate_config: recipes/accelerate_configs/ddp.yaml   # optional: each stage under `accelerate launch`
 
@@ -19,7 +20,11 @@ Every relative path (stage recipes, output_root, accelerate_config, and each sta
 paths) is relative to the working directory, as for `align <stage>` (`align.config.PATH_RULE`); the stages run in
 the same directory and get the paths unchanged, so the chain can live anywhere.
 
-The runner sets each stage's `output_dir` to `<output_root>/<stage>` and wires parents: sft <- pretrain; rank policy
+An entry named other than its stage is a variant run beside the chain (a baseline, an ablation): `stage:` says which
+command runs, its output goes to `<output_root>/<name>`, its parents are wired as its stage's, and no later stage reads
+it. `optional: true` runs an entry only when asked: `align run CHAIN --with pretrain_lstm`.
+
+The runner sets each stage's `output_dir` to `<output_root>/<name>` and wires parents: sft <- pretrain; rank policy
 <- sft; reward model <- sft, data <- rank; ppo policy <- sft, reward_model_path <- reward. The resolved recipe of each
 stage is written to `<output_root>/recipes/<stage>.yaml` (rerun one stage alone with `align <stage> --config` it).
 
@@ -79,10 +84,16 @@ LOCATION_KEYS = ("output_dir", "logging_dir")
 class StagePlan:
     """One stage of a chain: its resolved recipe (stage file < shared keys < inline < command line < wiring)."""
 
-    stage: str
+    name: str  # the chain entry: its dir, its key in chain_state.json, what --from/--only/--NAME.key name
+    stage: str  # the command that runs it: the name itself, or the `stage:` of a variant
     recipe: dict[str, Any]
     source: str  # where the stage's keys came from, for messages
     parents: list[str] = field(default_factory=list)
+
+    @property
+    def variant(self) -> bool:
+        """Run beside the chain: no later stage is wired to it, so its rerun invalidates nothing."""
+        return self.name != self.stage
 
     @property
     def output_dir(self) -> Path:
@@ -97,8 +108,8 @@ class Chain:
     report: dict[str, Any]
     accelerate_config: Path | None = None  # each stage runs under `accelerate launch --config_file` this
 
-    def plan(self, stage: str) -> StagePlan:
-        return next(p for p in self.stages if p.stage == stage)
+    def plan(self, name: str) -> StagePlan:
+        return next(p for p in self.stages if p.name == name)
 
 
 def _config_fields(stage: str) -> set[str]:
@@ -116,8 +127,10 @@ def load_chain(
     shared: dict[str, Any] | None = None,
     per_stage: dict[str, dict[str, Any]] | None = None,
     check_keys: bool = True,
+    with_optional: tuple[str, ...] = (),
 ) -> Chain:
-    """Read a chain recipe and resolve every stage's recipe. Errors name the chain file and the key."""
+    """Read a chain recipe and resolve every stage's recipe, the `optional` entries only when named in
+    `with_optional`. Errors name the chain file and the key."""
     from align.config import did_you_mean, load_recipe
 
     path = Path(path)
@@ -128,16 +141,35 @@ def load_chain(
             f"{path}: 'stages' is missing or empty. List stages as a mapping, e.g. `stages: {{pretrain: "
             "pretrain.yaml, sft: sft.yaml}}`."
         )
-    names = list(stages_raw)
+    entries = {name: _entry(path, name, raw) for name, raw in stages_raw.items()}
+    kind = {name: str(entry.pop("stage", name)) for name, entry in entries.items()}
+    for name, stage in kind.items():
+        if stage not in STAGES:
+            what = f"'stage: {stage}' of entry '{name}'" if stage != name else f"stage '{name}'"
+            hint = did_you_mean(stage, list(STAGES))
+            if "did you mean" not in hint:
+                hint = f"; the stages are {', '.join(STAGES)}, and a variant's entry says its `stage:`."
+            raise AlignError(f"{path}: unknown {what}{hint}")
+    order = [s for s in STAGES if s in kind]
+    listed = [s for s in kind if kind[s] == s]
+    if listed != order:
+        raise AlignError(f"{path}: stages are listed as {listed}; the chain runs in order {order}. Reorder them.")
+    for name in with_optional:
+        if name not in entries:
+            raise AlignError(f"--with {name}: not an entry of {path} (entries: {', '.join(entries)}).")
+    optional = [n for n, e in entries.items() if e.pop("optional", False)]
+    names = [n for n in entries if n not in optional or n in with_optional]
     for name in names:
-        if name not in STAGES:
-            raise AlignError(f"{path}: unknown stage '{name}'{did_you_mean(name, list(STAGES))}")
-    order = [s for s in STAGES if s in names]
-    if names != order:
-        raise AlignError(f"{path}: stages are listed as {names}; the chain runs in order {order}. Reorder them.")
+        for parent in WIRING[kind[name]].values():
+            if parent in names and names.index(parent) > names.index(name):
+                raise AlignError(f"{path}: '{name}' is listed before its parent '{parent}'. List it after.")
     for name in per_stage or {}:
         if name not in names:
-            raise AlignError(f"command line: stage '{name}' is not in {path} (stages: {', '.join(names)}).")
+            skipped = f" It is optional: add --with {name}." if name in optional else ""
+            raise AlignError(
+                f"command line: stage '{name}' is not in {path} (stages: {', '.join(names)}).{skipped}"
+                f"{'' if skipped else did_you_mean(name, names)}"
+            )
     root = Path(output_root or data.get("output_root") or "")
     if not str(root) or str(root) == ".":
         raise AlignError(f"{path}: 'output_root' is not set; add `output_root: runs/<name>` or pass --output_root.")
@@ -150,24 +182,17 @@ def load_chain(
     shared_keys = {k: v for k, v in data.items() if k not in CHAIN_KEYS}
     shared_keys.update(shared or {})
 
-    fields = {s: _config_fields(s) for s in names}
+    fields = {s: _config_fields(s) for s in set(kind.values())}
     used: set[str] = set()
     plans = []
-    for stage in names:
-        entry = stages_raw[stage]
-        if entry is None:
-            entry = {}
-        if isinstance(entry, str):
-            entry = {"recipe": entry}
-        if not isinstance(entry, dict):
-            raise AlignError(f"{path}: stage '{stage}' is a {type(entry).__name__}; give a recipe path or a mapping.")
-        entry = dict(entry)
+    for name in names:
+        stage, entry = kind[name], entries[name]
         recipe: dict[str, Any] = {}
-        source = f"{path} (stages.{stage})"
+        source = f"{path} (stages.{name})"
         if entry.get("recipe"):
             file = Path(str(entry.pop("recipe")))
             if not file.is_file():
-                raise AlignError(f"{path}: stages.{stage}: recipe {file} not found{_path_fix(path, file)}")
+                raise AlignError(f"{path}: stages.{name}: recipe {file} not found{_path_fix(path, file)}")
             recipe = load_recipe(file)
             source = str(file)
         entry.pop("recipe", None)
@@ -177,17 +202,17 @@ def load_chain(
                 recipe[key] = value
                 used.add(key)
         recipe.update(entry)
-        recipe.update((per_stage or {}).get(stage, {}))
+        recipe.update((per_stage or {}).get(name, {}))
         for key in LOCATION_KEYS[:1]:
             if key in entry:
                 raise AlignError(
-                    f"{path}: stages.{stage} sets '{key}', but the chain puts each stage in <output_root>/<stage>. "
+                    f"{path}: stages.{name} sets '{key}', but the chain puts each stage in <output_root>/<name>. "
                     "Remove it, or change output_root."
                 )
-        recipe["output_dir"] = str(root / stage)
+        recipe["output_dir"] = str(root / name)
         parents = []
         for key, parent in WIRING[stage].items():
-            if parent in names:
+            if parent in names and kind[parent] == parent:
                 recipe[key] = str(root / parent)
                 if parent not in parents:
                     parents.append(parent)
@@ -196,7 +221,7 @@ def load_chain(
                 if key not in valid:
                     hint = did_you_mean(key, sorted(valid))
                     raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{hint}")
-        plans.append(StagePlan(stage, recipe, source, parents))
+        plans.append(StagePlan(name, stage, recipe, source, parents))
     if check_keys:
         unused = set(shared_keys) - used
         known = all(f is not None for f in fields.values())
@@ -211,6 +236,17 @@ def load_chain(
             where = "command line" if accelerate_config else str(path)
             raise AlignError(f"{where}: accelerate_config {launch} does not exist{_path_fix(path, launch)}")
     return Chain(path=path, output_root=root, stages=plans, report=report, accelerate_config=launch)
+
+
+def _entry(path: Path, name: str, raw: Any) -> dict[str, Any]:
+    """A `stages:` entry as a mapping of its own: `{recipe: FILE, ...keys}` from a path, a mapping, or nothing."""
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        return {"recipe": raw}
+    if not isinstance(raw, dict):
+        raise AlignError(f"{path}: stage '{name}' is a {type(raw).__name__}; give a recipe path or a mapping.")
+    return dict(raw)
 
 
 def _path_fix(chain: Path, missing: Path) -> str:
@@ -294,7 +330,7 @@ def done_reason(chain: Chain, plan: StagePlan, fp: str, state: dict[str, Any]) -
     recorded = info.get("recipe") or {}
     if fingerprint(plan, recorded) != fp:
         return False, f"recipe changed ({_diff(_what(plan, recorded), _what(plan, resolved_recipe(plan)))})"
-    entry = state.get(plan.stage) or {}
+    entry = state.get(plan.name) or {}
     if entry.get("lineage") is not None and entry.get("lineage") != lineage(chain, plan):
         changed = [p for p, h in lineage(chain, plan).items() if entry["lineage"].get(p) != h]
         return False, f"parent {', '.join(changed)} was rerun since"
@@ -308,7 +344,7 @@ def done_reason(chain: Chain, plan: StagePlan, fp: str, state: dict[str, Any]) -
 def _write_stage_recipe(chain: Chain, plan: StagePlan) -> Path:
     import yaml
 
-    file = chain.output_root / "recipes" / f"{plan.stage}.yaml"
+    file = chain.output_root / "recipes" / f"{plan.name}.yaml"
     head = (
         f"# Resolved by `align run {_rel(chain.path)}` from {plan.source}.\n"
         f"# Relative paths are relative to the working directory: {Path.cwd()}\n"
@@ -341,7 +377,7 @@ def _run_stage(chain: Chain, plan: StagePlan) -> None:
     if rc != 0:
         lines = [ln for ln in tail.decode("utf-8", "replace").splitlines() if ln.startswith("error: ")]
         why = lines[-1].removeprefix("error: ") if lines else f"exit code {rc}; see the traceback above"
-        raise AlignError(f"chain stopped at stage {plan.stage}: {why}. Fix it and rerun `align run` to resume.")
+        raise AlignError(f"chain stopped at stage {plan.name}: {why}. Fix it and rerun `align run` to resume.")
 
 
 def stage_command(chain: Chain, plan: StagePlan, recipe_file: Path) -> list[str]:
@@ -361,7 +397,7 @@ def _banner(text: str) -> None:
 
 def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
     """Run (or skip) each stage in order; returns one summary row per stage."""
-    names = [p.stage for p in chain.stages]
+    names = [p.name for p in chain.stages]
     for flag, value in (("--from", start), ("--only", only)):
         if value is not None and value not in names:
             raise AlignError(f"{flag} {value}: not a stage of {chain.path} (stages: {', '.join(names)}).")
@@ -369,66 +405,67 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
     selected = {only} if only else set(names)
     # Every stage's config is parsed (validated) before the first one runs: a bad ppo value fails now, not after
     # pretraining.
-    fps = {plan.stage: fingerprint(plan, resolved_recipe(plan)) for plan in chain.stages}
+    fps = {plan.name: fingerprint(plan, resolved_recipe(plan)) for plan in chain.stages}
     chain.output_root.mkdir(parents=True, exist_ok=True)
     state = read_state(chain.output_root)
     summary: list[dict[str, Any]] = []
     invalidated_by: str | None = None
     for i, plan in enumerate(chain.stages, 1):
-        fp = fps[plan.stage]
-        title = f"[{i}/{len(chain.stages)}] {plan.stage}  ->  {plan.output_dir}"
-        if plan.stage not in selected:
+        fp = fps[plan.name]
+        title = f"[{i}/{len(chain.stages)}] {plan.name}  ->  {plan.output_dir}"
+        if plan.name not in selected:
             ok, why = done_reason(chain, plan, fp, state)
             status = "done" if ok else f"not run ({why})"
-            summary.append({"stage": plan.stage, "status": status, "seconds": 0.0, "dir": str(plan.output_dir)})
+            summary.append({"stage": plan.name, "status": status, "seconds": 0.0, "dir": str(plan.output_dir)})
             continue
         for parent in plan.parents:
             if read_stage_info(chain.plan(parent).output_dir) is None:
                 raise AlignError(
-                    f"stage {plan.stage} needs {parent} in {chain.plan(parent).output_dir}, which is not finished. "
+                    f"stage {plan.name} needs {parent} in {chain.plan(parent).output_dir}, which is not finished. "
                     f"Run `align run {_rel(chain.path)} --from {parent}`."
                 )
         ok, why = done_reason(chain, plan, fp, state)
-        if plan.stage in forced:
+        if plan.name in forced:
             ok, why = False, f"rerun asked (--{'only' if only else 'from'})"
-        elif invalidated_by is not None and ok:
+        elif invalidated_by is not None and ok and not plan.variant:
             ok, why = False, f"invalidated: {invalidated_by} ran again before it"
         if ok:
             _banner(f"{title}: skipped ({why})")
             info = read_stage_info(plan.output_dir) or {}
-            state[plan.stage] = {**state.get(plan.stage, {}), "fingerprint": fp, "lineage": lineage(chain, plan)}
+            state[plan.name] = {**state.get(plan.name, {}), "fingerprint": fp, "lineage": lineage(chain, plan)}
             atomic_write_json(chain.output_root / STATE_FILE, state)
-            summary.append({"stage": plan.stage, "status": "skipped", "seconds": 0.0, "dir": str(plan.output_dir),
+            summary.append({"stage": plan.name, "status": "skipped", "seconds": 0.0, "dir": str(plan.output_dir),
                             "headline": summary_line(plan.stage, info.get("metrics") or {})})  # fmt: skip
             continue
-        started = state.get(plan.stage) or {}
+        started = state.get(plan.name) or {}
         stale = plan.output_dir.exists() and (
             read_stage_info(plan.output_dir) is not None or started.get("fingerprint") not in (None, fp)
         )
         resuming = plan.output_dir.exists() and not stale
         if stale:
-            logger.warning("%s: %s; removing %s so no stale checkpoint is resumed.", plan.stage, why, plan.output_dir)
-            later = names[names.index(plan.stage) + 1 :]
+            logger.warning("%s: %s; removing %s so no stale checkpoint is resumed.", plan.name, why, plan.output_dir)
+            later = [] if plan.variant else [p.name for p in chain.stages[i:] if not p.variant]
             if later:
-                logger.warning("%s: later stages (%s) are invalidated and will rerun.", plan.stage, ", ".join(later))
+                logger.warning("%s: later stages (%s) are invalidated and will rerun.", plan.name, ", ".join(later))
             with output_lock(plan.output_dir):  # not under a stage still writing there (e.g. left by a killed chain)
                 shutil.rmtree(plan.output_dir)
         _banner(f"{title}: {'resuming' if resuming else 'running'} ({why})")
-        state[plan.stage] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "running"}
+        state[plan.name] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "running"}
         atomic_write_json(chain.output_root / STATE_FILE, state)
         t0 = time.perf_counter()
         _run_stage(chain, plan)
         seconds = time.perf_counter() - t0
         info = read_stage_info(plan.output_dir)
         if info is None:
-            raise AlignError(f"stage {plan.stage} exited without writing {plan.output_dir / STAGE_FILE}; see above.")
-        state[plan.stage] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "done",
+            raise AlignError(f"stage {plan.name} exited without writing {plan.output_dir / STAGE_FILE}; see above.")
+        state[plan.name] = {"fingerprint": fp, "lineage": lineage(chain, plan), "status": "done",
                              "seconds": round(seconds, 1), "stage_sha256": _file_sha(plan.output_dir)}  # fmt: skip
         atomic_write_json(chain.output_root / STATE_FILE, state)
-        invalidated_by = invalidated_by or plan.stage
+        if not plan.variant:
+            invalidated_by = invalidated_by or plan.name
         headline = summary_line(plan.stage, info.get("metrics") or {})
-        logger.info("%s finished in %s: %s", plan.stage, _clock(seconds), headline or "no metrics")
-        summary.append({"stage": plan.stage, "status": "resumed" if resuming else "ran", "seconds": seconds,
+        logger.info("%s finished in %s: %s", plan.name, _clock(seconds), headline or "no metrics")
+        summary.append({"stage": plan.name, "status": "resumed" if resuming else "ran", "seconds": seconds,
                         "dir": str(plan.output_dir), "headline": headline})  # fmt: skip
     return summary
 
@@ -469,6 +506,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("chain", help="Chain recipe, e.g. recipes/tiny/chain.yaml.")
     p.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")
     p.add_argument("--only", metavar="STAGE", help="Run only this stage (its parents must be finished).")
+    p.add_argument("--with", dest="with_optional", metavar="NAME", action="append", default=[],
+                   help="Also run the chain's `optional: true` entry NAME (repeatable), e.g. --with pretrain_lstm.")
     p.add_argument("--output_root", help="Where the stage dirs and the report go (default: the chain's).")
     p.add_argument("--accelerate_config", help="Run each stage under `accelerate launch --config_file` this file.")
     p.add_argument("--report_only", action="store_true", help="Rebuild the report from the stage dirs; train nothing.")
@@ -497,13 +536,9 @@ def _split_overrides(rest: list[str]) -> tuple[dict[str, Any], dict[str, dict[st
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        if "." in key:
-            stage, _, k = key.partition(".")
-            if stage not in STAGES:
-                from align.config import did_you_mean
-
-                raise AlignError(f"align run: --{key}: unknown stage '{stage}'{did_you_mean(stage, list(STAGES))}")
-            per_stage.setdefault(stage, {})[k] = parsed
+        if "." in key:  # the entry is checked against the chain's (load_chain)
+            name, _, k = key.partition(".")
+            per_stage.setdefault(name, {})[k] = parsed
         else:
             shared[key] = parsed
     return shared, per_stage
@@ -515,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AlignError("align run: --from and --only conflict; use --from STAGE (it and later) or --only STAGE.")
     shared, per_stage = _split_overrides(rest)
     chain = load_chain(args.chain, output_root=args.output_root, accelerate_config=args.accelerate_config,
-                       shared=shared, per_stage=per_stage)  # fmt: skip
+                       shared=shared, per_stage=per_stage, with_optional=tuple(args.with_optional))  # fmt: skip
     t0 = time.perf_counter()
     # One `align run` per output_root (chain_state.json, the report). Each stage, a child process, locks its own dir
     # below it, so the two never wait on each other.

@@ -89,14 +89,18 @@ def test_shipped_chain_recipes_resolve(path, monkeypatch):
 
     monkeypatch.chdir(ROOT)  # shipped recipes name their files from the repo root, as their commands are run
 
-    chain = load_chain(path)  # every stage's keys checked against its config
-    names = [p.stage for p in chain.stages]
-    assert names[-3:] == ["rank", "reward", "ppo"]
+    raw = yaml.safe_load(path.read_text())["stages"]
+    optional = [name for name, entry in raw.items() if isinstance(entry, dict) and entry.get("optional")]
+    chain = load_chain(path, with_optional=optional)  # every stage's keys checked against its config
+    names = [p.name for p in chain.stages]
+    assert names == list(raw)  # every entry, the optional ones included, in the recipe's order
+    if "ppo" in names:  # an alignment chain ends in InstructGPT's three steps
+        assert [p.name for p in chain.stages if not p.variant][-3:] == ["rank", "reward", "ppo"]
     for plan in chain.stages:
-        assert plan.recipe["output_dir"] == str(chain.output_root / plan.stage)
+        assert plan.recipe["output_dir"] == str(chain.output_root / plan.name)
         for key, parent in WIRING[plan.stage].items():
             if parent in names:
-                assert plan.recipe[key] == str(chain.output_root / parent), (plan.stage, key)
+                assert plan.recipe[key] == str(chain.output_root / parent), (plan.name, key)
 
 
 def test_there_are_chain_recipes():
@@ -144,6 +148,69 @@ def test_bad_chain_recipes_name_the_key(tmp_path, monkeypatch, change, message):
     path = write_chain(tmp_path, **change)
     with pytest.raises(AlignError, match=message):
         load_chain(path)
+
+
+LSTM_ENTRY = {"stage": "pretrain", "optional": True, "model_type": "lstm",
+              "model_config": {"hidden_size": 24, "num_hidden_layers": 1}}  # fmt: skip
+
+
+def test_a_variant_entry_runs_its_stage_beside_the_chain_only_when_asked(tmp_path):
+    stages = {"pretrain": str(tmp_path / "pretrain.yaml"), "sft": str(tmp_path / "sft.yaml"),
+              "pretrain_lstm": {"recipe": str(tmp_path / "pretrain.yaml"), **LSTM_ENTRY},
+              "sft_long": {"recipe": str(tmp_path / "sft.yaml"), "stage": "sft", "max_steps": 9}}  # fmt: skip
+    path = write_chain(tmp_path, stages=stages)
+    chain = load_chain(path)
+    assert [(p.name, p.stage) for p in chain.stages] == [("pretrain", "pretrain"), ("sft", "sft"), ("sft_long", "sft")]
+    long = chain.plan("sft_long")
+    # wired as its stage (to the chain's pretrain), written to its own dir
+    assert long.recipe["model_name_or_path"] == str(chain.output_root / "pretrain") and long.parents == ["pretrain"]
+    assert long.recipe["output_dir"] == str(chain.output_root / "sft_long") and long.recipe["max_steps"] == 9
+    lstm = load_chain(path, with_optional=("pretrain_lstm",), per_stage={"pretrain_lstm": {"max_steps": 4}})
+    plan = lstm.plan("pretrain_lstm")
+    assert (plan.stage, plan.recipe["model_type"], plan.recipe["max_steps"]) == ("pretrain", "lstm", 4)
+    assert plan.recipe["output_dir"] == str(lstm.output_root / "pretrain_lstm") and plan.parents == []
+    with pytest.raises(AlignError, match="'pretrain_lstm' is not in .* It is optional: add --with pretrain_lstm"):
+        load_chain(path, per_stage={"pretrain_lstm": {"max_steps": 4}})
+    with pytest.raises(AlignError, match="--with pretrain_lsmt: not an entry of"):
+        load_chain(path, with_optional=("pretrain_lsmt",))
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ({"baseline": {"recipe": "pretrain.yaml"}}, "unknown stage 'baseline'; the stages are pretrain, .* variant"),
+        ({"pretrain": "pretrain.yaml", "big": {"stage": "pretrian"}}, "'stage: pretrian' of entry 'big'; did you"),
+        ({"long": {"stage": "sft"}, "pretrain": "pretrain.yaml"}, "'long' is listed before its parent 'pretrain'"),
+    ],
+)
+def test_bad_variant_entries_name_the_entry(tmp_path, monkeypatch, stages, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AlignError, match=message):
+        load_chain(write_chain(tmp_path, stages=stages))
+
+
+def test_a_variant_that_runs_invalidates_no_later_stage(tmp_path):
+    stages = {"pretrain": str(tmp_path / "pretrain.yaml"),
+              "pretrain_lstm": {"recipe": str(tmp_path / "pretrain.yaml"), **LSTM_ENTRY},
+              "sft": str(tmp_path / "sft.yaml")}  # fmt: skip
+    path = write_chain(tmp_path, stages=stages)
+    run = tmp_path / "run"
+    first = align_run(str(path), "--no_report")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (run / "pretrain_lstm").exists()  # optional, not asked
+    stamp = (run / "sft" / "align_stage.json").stat().st_mtime_ns
+    again = align_run(str(path), "--with", "pretrain_lstm")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "running (not run yet)" in _line(again.stderr, "[2/3] pretrain_lstm")
+    assert "skipped (done, recipe unchanged)" in _line(again.stderr, "[3/3] sft")
+    assert (run / "sft" / "align_stage.json").stat().st_mtime_ns == stamp
+    info = read_stage_info(run / "pretrain_lstm")
+    assert info["stage"] == "pretrain" and info["recipe"]["model_type"] == "lstm"
+    report = json.loads((run / "report.json").read_text())
+    lstm = report["headline"]["lstm_vs_transformer"]["lstm"]
+    assert lstm["eval_loss"] == pytest.approx(info["metrics"]["eval_loss"])
+    rerun = align_run(str(path), "--with", "pretrain_lstm", "--no_report")  # the variant is done: skipped too
+    assert rerun.stderr.count(": skipped (done, recipe unchanged)") == 3, rerun.stderr[-3000:]
 
 
 def test_bad_flags_exit_2_with_one_line(tmp_path):
