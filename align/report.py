@@ -36,10 +36,9 @@ from align.stage_metrics import TABLE, format_value
 logger = logging.getLogger(__name__)
 
 OPTIONS = {"examples": int, "prompts_file": str}
-# The recurrent baseline (issue 18): `align pretrain --config recipes/tiny/pretrain_lstm.yaml` writes it beside the
-# chain's stages; the chain itself does not run it, the report shows it when the dir is there.
+# The recurrent baseline: recipes/tiny/chain.yaml's optional entry `pretrain_lstm` (or `align pretrain --config
+# recipes/tiny/pretrain_lstm.yaml`) writes it beside the chain's stages; the report sets it beside the Transformer.
 LSTM_DIR = "pretrain_lstm"
-ROWS = {**TABLE, LSTM_DIR: TABLE["pretrain"]}  # the metrics table's rows per stage dir
 MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
 # PPO's parent when it is not the chain's SFT stage (e.g. an instruct model off the Hub or a GGUF file).
 PARENT = "parent"
@@ -69,14 +68,25 @@ def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def load_stages(root: Path) -> dict[str, dict[str, Any]]:
-    """`{stage: align_stage.json}` of the finished stages in `root/<stage>`, in chain order, the LSTM baseline's
-    (`root/pretrain_lstm`) after pretrain when present."""
+    """`{dir name: align_stage.json}` of the finished stages in `root/<name>`: the chain's stages in chain order, the
+    LSTM baseline's (`root/pretrain_lstm`) after pretrain, then any other stage dir (a chain's variant entry, e.g.
+    `classify_random`) by name."""
     found = {}
     for stage in (STAGES[0], LSTM_DIR, *STAGES[1:]):
         info = read_stage_info(root / stage)
         if info is not None:
             found[stage] = info
+    known = set(found) | {LSTM_DIR, *STAGES}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in known) if root.is_dir() else []:
+        info = read_stage_info(sub)
+        if info is not None and info.get("stage") in STAGES:
+            found[sub.name] = info
     return found
+
+
+def stage_of(name: str, info: dict[str, Any]) -> str:
+    """The stage a dir holds: its name for the chain's own, else what its align_stage.json says (a variant)."""
+    return name if name in STAGES else str(info.get("stage"))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -137,6 +147,9 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["best_of_n"] = best
     if LSTM_DIR in stages:
         out["lstm_vs_transformer"] = lstm_comparison(stages)
+    classifiers = classify_comparison(stages)
+    if classifiers:
+        out["classifiers"] = classifiers
     if not out["gold_score"]:
         del out["gold_score"]
     return out
@@ -176,12 +189,30 @@ def lstm_comparison(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, fl
     return out
 
 
+def classify_comparison(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per classifier dir (`classify` and its variants): GPT-1's two claims side by side, i.e. the init
+    (pretrained or random) and `lm_aux_coef`, with the held-out metrics and the task."""
+    rows = []
+    for name, info in stages.items():
+        if stage_of(name, info) != "classify":
+            continue
+        recipe, metrics = info.get("recipe") or {}, info.get("metrics") or {}
+        row = {"dir": name, "init": "random" if recipe.get("random_init") else "pretrained",
+               "lm_aux_coef": recipe.get("lm_aux_coef"), "task": recipe.get("tinyworld_task")
+               if recipe.get("dataset_name") == TINYWORLD else recipe.get("dataset_name"),
+               "steps": recipe.get("max_steps"), "seed": recipe.get("seed")}  # fmt: skip
+        keys = ("accuracy", "f1", "matthews_correlation", "majority_accuracy")
+        row.update({k: metrics[k] for k in keys if k in metrics})
+        rows.append(row)
+    return rows
+
+
 def metrics_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows `{stage, metric, label, value}` of the per-stage table."""
+    """Rows `{stage, metric, label, value}` of the per-stage table (`stage`: the dir name)."""
     rows = []
     for stage, info in stages.items():
         metrics = info.get("metrics") or {}
-        for key, label in ROWS.get(stage, []):
+        for key, label in TABLE.get(stage_of(stage, info), []):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 rows.append({"stage": stage, "metric": key, "label": label, "value": float(value)})
@@ -417,6 +448,12 @@ def headline_lines(top: dict[str, Any]) -> list[str]:
         if "copy_loss_near" in row and "copy_loss_far" in row:
             line += f"; copy loss near {row['copy_loss_near']:.3f}, far {row['copy_loss_far']:.3f} nats"
         lines.append(line + ".")
+    for row in top.get("classifiers") or []:
+        if "accuracy" not in row:
+            continue
+        scores = f"held-out accuracy {row['accuracy']:.3f}" + (f", F1 {row['f1']:.3f}" if "f1" in row else "")
+        lines.append(f"Classifier {row['dir']} ({row['task']}, {row['init']} init, lm_aux_coef {row['lm_aux_coef']}, "
+                     f"{row['steps']} steps): {scores}.")  # fmt: skip
     gold = top.get("gold_score") or {}
     if gold:
         lines.append("Mean gold score: " + ", ".join(f"{LABELS[s]} {v:.3f}" for s, v in gold.items()) + ".")

@@ -244,3 +244,28 @@ def test_report_table_and_chain_summary_show_classify(tmp_path):
     rows = metrics_table(load_stages(tmp_path))
     assert {(r["stage"], r["metric"]) for r in rows} >= {("classify", "accuracy"), ("classify", "majority_accuracy")}
     assert summary_line("classify", metrics) == "accuracy 0.9, f1 0.88, matthews_correlation 0.8"
+
+
+def test_report_sets_the_classifier_variants_side_by_side(tmp_path):
+    from align.io import write_stage_info
+    from align.report import headline, headline_lines, load_stages, metrics_table
+
+    base = {"dataset_name": "tinyworld", "tinyworld_task": "where", "max_steps": 150, "seed": 42, "lm_aux_coef": 0.5}
+    for name, recipe, acc in (("classify", {}, 0.9), ("classify_random", {"random_init": True}, 0.4),
+                              ("classify_noaux", {"lm_aux_coef": 0.0}, 0.85)):  # fmt: skip
+        metrics = {"accuracy": acc, "f1": acc - 0.01, "matthews_correlation": 0.5}
+        recipe = {**base, **recipe}
+        write_stage_info(tmp_path / name, "classify", parent=None, recipe=recipe, data=None, metrics=metrics)
+    (tmp_path / "notes").mkdir()  # a dir that is not a stage is not one
+    stages = load_stages(tmp_path)
+    assert list(stages) == ["classify", "classify_noaux", "classify_random"]
+    rows = {(r["stage"], r["metric"]): r["value"] for r in metrics_table(stages)}
+    assert rows[("classify_random", "accuracy")] == 0.4
+    lines = headline_lines(headline(tmp_path, stages))
+    assert lines == [
+        "Classifier classify (where, pretrained init, lm_aux_coef 0.5, 150 steps): held-out accuracy 0.900, F1 0.890.",
+        "Classifier classify_noaux (where, pretrained init, lm_aux_coef 0.0, 150 steps): held-out accuracy 0.850, F1 "
+        "0.840.",
+        "Classifier classify_random (where, random init, lm_aux_coef 0.5, 150 steps): held-out accuracy 0.400, F1 "
+        "0.390.",
+    ]
