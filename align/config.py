@@ -190,7 +190,9 @@ def resolve_model_keys(cfg) -> None:
                 raise ValueError(str(e)) from None  # parse_config puts the recipe file in front
     hub_id = getattr(cfg, "model_hub_id", None)
     if hub_id is not None:
-        if problem := _hub_id_problem(hub_id):
+        from align.hub.lineage import hub_id_problem
+
+        if problem := hub_id_problem(hub_id):
             raise ValueError(
                 f"model_hub_id {hub_id!r} {problem}. Give the Hub id model_name_or_path is a copy of, e.g. "
                 "HuggingFaceTB/SmolLM2-135M-Instruct, or remove the key."
@@ -200,19 +202,6 @@ def resolve_model_keys(cfg) -> None:
                 f"model_hub_id {hub_id!r} is set but model_name_or_path is not; set model_name_or_path to the copy "
                 "of it, or remove model_hub_id."
             )
-
-
-def _hub_id_problem(name: str) -> str | None:
-    """Why `name` is not a Hub repo id (`name` or `org/name`), or None."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.isabs(name) or Path(name).exists():
-        return "is a local path, not a Hub id"
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return "is not a valid Hub repo id (org/name: letters, digits, '-', '_', '.', one '/')"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

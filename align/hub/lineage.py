@@ -35,24 +35,29 @@ class Link:
     found: bool = True
 
 
-def is_hub_id(name: Any, *, bare: bool = False) -> bool:
-    """True for `org/name` Hub ids: one slash, a valid repo id, not a local path (existing, absolute, a file).
-
-    `bare`: a name without `org/` counts too, as datasets' canonical ids do (`imdb`); a card's base model or parent
-    needs the `org/` to be linked."""
+def hub_id_problem(name: Any, *, bare: bool = True) -> str | None:
+    """Why `name` is not a Hub repo id, or None. `bare`: a name without `org/` is one, as `gpt2` or datasets'
+    canonical ids (`imdb`) are; a card's base model or parent needs the `org/` to be linked."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not isinstance(name, str) or name.count("/") not in ((0, 1) if bare else (1,)):
-        return False
+    if not isinstance(name, str):
+        return "is not a string"
     if os.path.isabs(name) or Path(name).exists():
-        return False
+        return "is a local path, not a Hub id"
     if Path(name).suffix.lower() in _FILE_SUFFIXES:  # `data/sft.jsonl` is a file that moved, not a repo
-        return False
+        return "is a file name, not a Hub id"
+    if not bare and name.count("/") != 1:
+        return "has no org/ in front (org/name)"
     try:
         validate_repo_id(name)
     except HFValidationError:
-        return False
-    return True
+        return "is not a valid Hub repo id (org/name: letters, digits, '-', '_', '.', one '/')"
+    return None
+
+
+def is_hub_id(name: Any, *, bare: bool = False) -> bool:
+    """True for `org/name` Hub ids (with `bare`, `name` too) that are no local path or file name."""
+    return hub_id_problem(name, bare=bare) is None
 
 
 def hub_record(path: Path, endpoint: str) -> dict[str, Any] | None:
