@@ -197,9 +197,11 @@ def classify_comparison(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any
         if stage_of(name, info) != "classify":
             continue
         recipe, metrics = info.get("recipe") or {}, info.get("metrics") or {}
+        task = recipe.get("tinyworld_task") if recipe.get("dataset_name") == TINYWORLD else recipe.get("dataset_name")
+        if recipe.get("tinyworld_heldout_places"):
+            task = f"{task}, held-out places"
         row = {"dir": name, "init": "random" if recipe.get("random_init") else "pretrained",
-               "lm_aux_coef": recipe.get("lm_aux_coef"), "task": recipe.get("tinyworld_task")
-               if recipe.get("dataset_name") == TINYWORLD else recipe.get("dataset_name"),
+               "lm_aux_coef": recipe.get("lm_aux_coef"), "task": task,
                "steps": recipe.get("max_steps"), "seed": recipe.get("seed")}  # fmt: skip
         keys = ("accuracy", "f1", "matthews_correlation", "majority_accuracy")
         row.update({k: metrics[k] for k in keys if k in metrics})

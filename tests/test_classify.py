@@ -94,6 +94,33 @@ def test_tinyworld_tasks_are_balanced_unique_and_labelled_from_the_world():
     assert tc.examples("same_place", 10, seed=1) == tc.examples("same_place", 10, seed=1)
 
 
+def test_heldout_places_never_reach_training_and_are_all_the_held_out_rows_ask_about():
+    from align.data import tinyworld_classify as tc
+
+    held = set(tc.HELDOUT_PLACES)
+    assert len(held) == tc.NUM_CHOICES and held < set(tc.PLACES)
+    for task in ("where", "entail", "same_place"):
+        parts = tc.split_by_place(task, 40, 20, seed=3)
+        for row in parts["train"]:
+            words = " ".join([row["text"], row.get("text_pair") or "", *(row.get("choices") or [])]).split()
+            assert not held & set(words), (task, row)
+        for row in parts["test"]:
+            story = row["text"].removesuffix(f" where is {row['text'].split()[0]} ?")
+            assert tc.final_state(story)[1] in held, (task, row)
+            if task == "where":  # the 4 choices are the 4 held-out places, the true one the hero's
+                assert {c.split()[-2] for c in row["choices"]} == held
+                assert row["choices"][row["label"]].split()[-2] == tc.final_state(story)[1]
+            if task == "entail":
+                assert row["text_pair"].split()[-2] in held
+                assert (row["text_pair"].split()[-2] == tc.final_state(story)[1]) == (row["label"] == "entailment")
+            if task == "same_place":
+                assert tc.final_state(row["text_pair"])[1] in held
+    # the unrestricted rows are the ones every earlier run used
+    assert tc.examples("where", 5, seed=1) == tc.examples("where", 5, seed=1, places=None)
+    with pytest.raises(ValueError, match="happy` asks about moods"):
+        tc.examples("happy", 4, places=tc.HELDOUT_PLACES)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data errors (no model is loaded: data is checked first)
 
@@ -182,6 +209,20 @@ def test_stage_single_text_into_pipeline(pretrained, tmp_path):
     assert got[0]["label"] in ("yes", "no")
     card = build_model_card(out, repo_id="me/tiny-classify", endpoint="https://hf.test")
     assert card.data.pipeline_tag == "text-classification" and 'pipeline("text-classification"' in card.text
+
+
+def test_heldout_places_are_the_stage_held_out_split(pretrained, tmp_path, capsys):
+    from align.data.tinyworld_classify import HELDOUT_PLACES
+    from align.stages.classify import load_classify_data
+
+    data = load_classify_data(_cfg(pretrained, tmp_path / "out", tinyworld_task="entail", tinyworld_examples=60,
+                                   dataset_test_size=20, tinyworld_heldout_places=True))  # fmt: skip
+    assert (len(data["train"]), len(data["eval"])) == (40, 20)
+    assert data["info"]["heldout_places"] == list(HELDOUT_PLACES)
+    assert all(row["text_pair"].split()[-2] in HELDOUT_PLACES for row in data["eval"])
+    args = ["--dataset_name", "tinyworld", "--tinyworld_task", "happy", "--tinyworld_heldout_places", "true"]
+    line = _error(capsys, "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "o"), *args)
+    assert "tinyworld_heldout_places with tinyworld_task happy: happy asks about moods" in line
 
 
 def test_stage_multiple_choice_with_lora_is_saved_merged(pretrained, tmp_path):

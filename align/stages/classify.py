@@ -52,10 +52,17 @@ def load_classify_data(cfg) -> dict[str, Any]:
     if cfg.dataset_name == TINYWORLD:
         from align.data import tinyworld_classify
 
-        ds = tinyworld_classify.dataset(cfg.tinyworld_task, cfg.tinyworld_examples, seed=cfg.tinyworld_seed)
-        dd, source = {"train": ds}, f"tinyworld ({cfg.tinyworld_task})"
-        detected = tinyworld_classify.TASKS[cfg.tinyworld_task]
-        info: dict[str, Any] = {"name": TINYWORLD, "task": cfg.tinyworld_task, "seed": cfg.tinyworld_seed}
+        task, n, size = cfg.tinyworld_task, cfg.tinyworld_examples, cfg.dataset_test_size
+        source = f"tinyworld ({task})"
+        info: dict[str, Any] = {"name": TINYWORLD, "task": task, "seed": cfg.tinyworld_seed}
+        if cfg.tinyworld_heldout_places:  # train never mentions the held-out places; the held-out rows are about them
+            n_test = int(size) if size >= 1 else round(size * n)
+            parts = tinyworld_classify.split_by_place(task, n - n_test, n_test, seed=cfg.tinyworld_seed)
+            dd = {cfg.dataset_train_split: parts["train"], cfg.dataset_test_split: parts["test"]}
+            info["heldout_places"] = list(tinyworld_classify.HELDOUT_PLACES)
+        else:
+            dd = {cfg.dataset_train_split: tinyworld_classify.dataset(task, n, seed=cfg.tinyworld_seed)}
+        detected = tinyworld_classify.TASKS[task]
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
         source = cfg.dataset_name

@@ -99,6 +99,13 @@ class ClassifyStageConfig(TrainingArguments, ModelConfig, ScriptArguments):
     tinyworld_examples: int = field(
         default=2000, metadata={"help": "Generated examples (tinyworld), unique and class-balanced."}
     )
+    tinyworld_heldout_places: bool = field(
+        default=False,
+        metadata={
+            "help": "Transfer (tinyworld entail, same_place, where): the held-out rows are about 4 places that no "
+            "training row mentions (tinyworld_classify.HELDOUT_PLACES), so only pretraining has seen those words."
+        },
+    )
     tinyworld_seed: int = tinyworld_seed_field()
 
     def __post_init__(self):
@@ -116,6 +123,11 @@ class ClassifyStageConfig(TrainingArguments, ModelConfig, ScriptArguments):
             )
         if self.use_peft and self.random_init:
             errors.append("use_peft with random_init: adapters on random weights train nothing useful; set one")
+        if self.tinyworld_heldout_places and self.tinyworld_task == "happy":
+            errors.append("tinyworld_heldout_places with tinyworld_task happy: happy asks about moods, not places; "
+                          "use entail, same_place or where")  # fmt: skip
+        if self.tinyworld_heldout_places and not self.dataset_test_size:
+            errors.append("tinyworld_heldout_places needs held-out rows: set dataset_test_size (e.g. 300)")
         if self.load_in_4bit or self.load_in_8bit:
             errors.append("load_in_4bit/8bit: not supported (the stage saves the classifier merged); remove the key")
         if errors:
