@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The tiny chain: pretrain -> sft -> rank -> reward -> ppo, then runs/tiny/report.{md,html,json}. Reruns skip finished
 # stages and resume an interrupted one. `make demo SEED=1` runs it with another seed into runs/tiny-seed1;
-# `make demo LSTM=1` adds the LSTM baseline (recipes/tiny/pretrain_lstm.yaml) after PPO.
+# `make demo LSTM=1` adds the LSTM baseline (recipes/tiny/pretrain_lstm.yaml) after PPO: about 4 more minutes.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/align run recipes/tiny/chain.yaml $(if $(SEED),--seed $(SEED) --output_root runs/tiny-seed$(SEED)) $(if $(LSTM),--with pretrain_lstm)
 
