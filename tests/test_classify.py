@@ -211,6 +211,44 @@ def test_stage_single_text_into_pipeline(pretrained, tmp_path):
     assert card.data.pipeline_tag == "text-classification" and 'pipeline("text-classification"' in card.text
 
 
+def test_csv_question_answer_pairs_with_string_labels_into_pipeline(pretrained, tmp_path, capsys):
+    """A user's CSV: `text` a question, `text_pair` an answer, `label` match / mismatch (strings); the classifier
+    built from it takes (question, answer) pairs in pipeline("text-classification")."""
+    import csv
+
+    from transformers import pipeline
+
+    from align.cli import main
+
+    rows = []
+    for i, (hero, place) in enumerate([("tom", "park"), ("sue", "farm"), ("dan", "zoo"), ("amy", "shop")] * 6):
+        other = ["park", "farm", "zoo", "shop"][(i + 1) % 4]
+        answer, label = (place, "match") if i % 2 == 0 else (other, "mismatch")
+        rows.append({"text": f"{hero} goes to the {place} . where is {hero} ?",
+                     "text_pair": f"{hero} is in the {answer} .", "label": label})  # fmt: skip
+    data = tmp_path / "qa.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "text_pair", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "qa"
+    args = ["--model_name_or_path", str(pretrained), "--dataset_name", str(data), "--dataset_test_size", "8",
+            "--max_steps", "2", "--per_device_train_batch_size", "8", "--save_strategy", "no", "--report_to", "none",
+            "--bf16", "false", "--output_dir", str(out)]  # fmt: skip
+    assert main(["classify", *args]) == 0, capsys.readouterr().err
+    info = json.loads((out / "align_stage.json").read_text())
+    assert info["input_format"] == "pair" and info["id2label"] == {"0": "match", "1": "mismatch"}
+    assert info["data"]["rows"] == 16 and info["data"]["eval_rows"] == 8
+    assert {"accuracy", "f1", "matthews_correlation"} <= set(info["metrics"])
+    clf = pipeline("text-classification", model=str(out), device="cpu")
+    q, a = "tom goes to the park . where is tom ?", "tom is in the park ."
+    tokens = clf.tokenizer.convert_ids_to_tokens(clf.tokenizer(q, a)["input_ids"])  # what pipeline() feeds the model
+    assert tokens == ["<s>", *q.split(), "<|delim|>", *a.split(), "<|extract|>"]
+    got = clf({"text": q, "text_pair": a}, top_k=None)
+    assert sorted(g["label"] for g in got) == ["match", "mismatch"]
+    assert abs(sum(g["score"] for g in got) - 1) < 1e-5
+
+
 def test_heldout_places_are_the_stage_held_out_split(pretrained, tmp_path, capsys):
     from align.data.tinyworld_classify import HELDOUT_PLACES
     from align.stages.classify import load_classify_data
