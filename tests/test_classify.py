@@ -261,6 +261,11 @@ def test_heldout_places_are_the_stage_held_out_split(pretrained, tmp_path, capsy
     args = ["--dataset_name", "tinyworld", "--tinyworld_task", "happy", "--tinyworld_heldout_places", "true"]
     line = _error(capsys, "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "o"), *args)
     assert "tinyworld_heldout_places with tinyworld_task happy: happy asks about moods" in line
+    args = ["--dataset_name", "tinyworld", "--tinyworld_task", "where", "--tinyworld_heldout_places", "true",
+            "--tinyworld_examples", "100", "--dataset_test_size", "100"]  # fmt: skip
+    line = _error(capsys, "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "o"), *args)
+    assert line == ("error: tinyworld (where): dataset_test_size 100 holds out 100 of tinyworld_examples 100, leaving "
+                    "0 training rows. Hold out 1 to 99 rows (e.g. 10) or raise tinyworld_examples.")  # fmt: skip
 
 
 def test_stage_multiple_choice_with_lora_is_saved_merged(pretrained, tmp_path):

@@ -57,6 +57,12 @@ def load_classify_data(cfg) -> dict[str, Any]:
         info: dict[str, Any] = {"name": TINYWORLD, "task": task, "seed": cfg.tinyworld_seed}
         if cfg.tinyworld_heldout_places:  # train never mentions the held-out places; the held-out rows are about them
             n_test = int(size) if size >= 1 else round(size * n)
+            if not 1 <= n_test < n:
+                raise AlignError(
+                    f"{source}: dataset_test_size {size:g} holds out {n_test} of tinyworld_examples {n}, leaving "
+                    f"{n - n_test} training rows. Hold out 1 to {n - 1} rows (e.g. {n // 10 or 1}) or raise "
+                    "tinyworld_examples."
+                )
             parts = tinyworld_classify.split_by_place(task, n - n_test, n_test, seed=cfg.tinyworld_seed)
             dd = {cfg.dataset_train_split: parts["train"], cfg.dataset_test_split: parts["test"]}
             info["heldout_places"] = list(tinyworld_classify.HELDOUT_PLACES)
