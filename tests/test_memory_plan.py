@@ -216,3 +216,47 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, name):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = result["estimate"] / result["measured"]
     assert 0.75 <= ratio <= 1.25, (name, result["estimate"] / MiB, result["measured"] / MiB)
+
+
+MMAP = """
+import json, os, sys
+from align.memory_plan import set_malloc_mmap_threshold
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+applied = set_malloc_mmap_threshold(int(sys.argv[1])) if sys.argv[1] != "default" else None
+blocks = [bytearray(100_000) for _ in range(2000)]  # 200 MB of 100 kB blocks
+for b in blocks:
+    b[::4096] = b"\\x01" * len(range(0, len(b), 4096))  # every page touched: resident
+keep = bytearray(100_000)  # above them: the freed space is not the heap's top, which free() would trim by itself
+before = rss()
+del blocks
+print(json.dumps({"applied": applied, "freed": before - rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
+def test_malloc_mmap_threshold_gives_freed_blocks_back():
+    """200 MB of 100 kB blocks, freed beneath a live one: from the heap (glibc's default 128 KiB threshold) they stay
+    resident; with the threshold at 64 KiB each was mapped on its own and goes back to the OS at once."""
+
+    def run(arg):
+        proc = subprocess.run([sys.executable, "-c", MMAP, arg], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    pinned = run("65536")
+    if not pinned["applied"]:
+        pytest.skip("this C library has no glibc mallopt")
+    assert pinned["freed"] > 150 * MiB, pinned["freed"] / MiB
+    assert run("default")["freed"] < 20 * MiB
+
+
+def test_malloc_mmap_threshold_out_of_glibcs_range_is_refused(tmp_path):
+    from align.trainers.ppo_config import PPOConfig
+
+    with pytest.raises(ValueError, match="malloc_mmap_threshold 67108864 must be in"):
+        PPOConfig(output_dir=str(tmp_path), malloc_mmap_threshold=64 * MiB, use_cpu=True, report_to="none")

@@ -35,6 +35,7 @@ import torch
 
 from align.errors import AlignError
 from align.io import last_checkpoint
+from align.memory_plan import set_malloc_mmap_threshold
 from align.modeling import max_positions
 from align.rl.ppo import (
     AdaptiveKLController,
@@ -146,6 +147,15 @@ class PPOTrainer:
         # Each process samples its own responses: device_specific seeds differ per rank.
         set_seed(args.seed, device_specific=True)
         acc = self.accelerator
+        if args.malloc_mmap_threshold is not None:
+            if set_malloc_mmap_threshold(args.malloc_mmap_threshold):
+                logger.info(
+                    "ppo: malloc maps blocks of %d bytes or more on their own pages (malloc_mmap_threshold): a "
+                    "lower CPU peak, slower steps.",
+                    args.malloc_mmap_threshold,
+                )
+            else:
+                logger.warning("ppo: malloc_mmap_threshold is set but this C library has no glibc mallopt; ignored.")
 
         # Models
         self.is_peft = peft_config is not None or _is_peft_model(policy)
