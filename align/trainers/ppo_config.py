@@ -291,11 +291,6 @@ class PPOConfig(TrainingArguments):
             f"kl_estimator {self.kl_estimator!r} is unknown; use one of {', '.join(KL_ESTIMATORS)}",
         )
         need(
-            self.malloc_mmap_threshold is None or 0 < self.malloc_mmap_threshold <= 32 * 2**20,
-            f"malloc_mmap_threshold {self.malloc_mmap_threshold} must be in [1, 33554432] bytes (glibc's maximum "
-            "is 32 MiB), or unset",
-        )
-        need(
             self.value_model_init in VALUE_MODEL_INITS,
             f"value_model_init {self.value_model_init!r} is unknown; use one of {', '.join(VALUE_MODEL_INITS)}",
         )
