@@ -315,13 +315,9 @@ def set_malloc_mmap_threshold(nbytes: int) -> bool:
 
     Why: by default the threshold rises by itself to 32 MiB as large blocks are freed, so nearly every activation of
     a small model comes from the heap, and a forward/backward's mix of kept and freed blocks of many sizes leaves
-    holes that later blocks do not fit: the heap grows far past what is live. Measured on one PPO epoch of
-    SmolLM2-135M (shared base, gradient checkpointing, 16 x 134 tokens, fp32; AMD EPYC, 2 cores, one run each):
-    peak RSS 6.1 GiB by default, 6.3 with one arena, 6.1 with the threshold at 16 MiB, 2.8 at 4 MiB (the hidden states
-    are 4.9 MB there), and 2.5 GiB at 64 KiB over a whole update; but each mapped block is faulted in and zeroed
-    afresh, so that epoch took 67 s instead of 50; with THP_MEM_ALLOC_ENABLE=1 set before torch loads (PyTorch's
-    allocator madvises huge pages for tensors of 2 MB or more) it took 46 s at 2.9 GiB. Calling `malloc_trim` between
-    phases did not help (6.5 GiB): the growth happens within one backward."""
+    holes that later blocks do not fit: the heap grows far past what is live. Mapped blocks are faulted in and
+    zeroed afresh, which costs time; PyTorch's huge pages (THP_MEM_ALLOC_ENABLE=1, set before torch loads) make that
+    cheap. The measurements on SmolLM2-135M PPO are in the README ("CPU peak memory")."""
     fn = _mallopt()
     if fn is None:
         return False
