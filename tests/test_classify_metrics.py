@@ -41,6 +41,21 @@ def test_matthews_correlation():
     assert mcc.compute(predictions=[1, 1, 1], references=[1, 0, 1])["matthews_correlation"] == 0.0
 
 
+def test_classify_metrics_multiple_choice_is_macro_f1_over_answer_positions():
+    import numpy as np
+    from transformers import EvalPrediction
+
+    from align.trainers.classify import ClassifyMetrics
+
+    # rows of 4 choices (-inf pads a row with 3); predicted positions 0, 0, 0, 1; true 0, 1, 2, 1
+    logits = np.array([[2.0, 0, 0, 0], [1.0, 0, 0, -np.inf], [3.0, 1, 2, 0], [0, 5.0, 0, 0]])
+    got = ClassifyMetrics(4, "multiple_choice")(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 2, 1])))
+    # accuracy 2/4; position 0: TP 1, FP 2 -> 2/4; position 1: TP 1, FN 1 -> 2/3; position 2: FN 1 -> 0
+    assert set(got) == {"accuracy", "f1"}
+    assert got["accuracy"] == pytest.approx(0.5)
+    assert got["f1"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+
+
 def test_metric_paths_are_inside_the_package():
     for name in METRICS:
         assert (Path(metric_path(name)) / f"{name}.py").is_file()

@@ -141,13 +141,14 @@ class ClassifyTrainer(Trainer):
 class ClassifyMetrics:
     """`compute_metrics` through `evaluate`, from the modules shipped in `align/metrics` (loaded by local path, so
     offline): accuracy always; with 2 classes F1 of class 1 and Matthews correlation; with more, macro F1.
-    Multiple choice (predicting an index among the choices): accuracy only."""
+    Multiple choice predicts an answer position, so its F1 is the macro F1 over the positions (`num_labels` = the
+    most choices): a head that leans to one position scores below its accuracy, as with any skewed classifier."""
 
     def __init__(self, num_labels: int, input_format: str):
         from align.metrics import load_metric
 
         self.binary = num_labels == 2 and input_format != "multiple_choice"
-        names = ["accuracy"] if input_format == "multiple_choice" else ["accuracy", "f1"]
+        names = ["accuracy", "f1"]
         if self.binary:
             names.append("matthews_correlation")
         self.metrics = {n: load_metric(n) for n in names}
