@@ -223,6 +223,24 @@ def test_resume_continues_step_count_and_kl_controller(tmp_path, tok):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_deepspeed_zero3_is_refused_naming_what_works(tmp_path, tok, monkeypatch):
+    # accelerate enables DeepSpeed only with GPUs: give its state a ZeRO-3 plugin once the Accelerator exists
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    init = Accelerator.__init__
+
+    def with_zero3(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", SimpleNamespace(zero_stage=3))
+
+    monkeypatch.setattr(Accelerator, "__init__", with_zero3)
+    with pytest.raises(AlignError, match=r"ZeRO-3 is not supported .* FSDP2 \(recipes/accelerate_configs/fsdp.yaml\)"):
+        make_trainer(tok, make_args(tmp_path))
+
+
 def test_nan_reward_stops_naming_step_and_metric(tmp_path, tok):
     calls = []
 

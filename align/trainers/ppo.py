@@ -49,7 +49,13 @@ from align.rl.ppo import (
 from align.trainers.padding import pad_right
 from align.trainers.ppo_checkpoint import VALUE_DIR, load_checkpoint, save_checkpoint
 from align.trainers.ppo_config import PPOConfig
-from align.trainers.ppo_models import PolicyAndValue, SharedBaseCritic, fuse_gelu_new, plain_backbone_state
+from align.trainers.ppo_models import (
+    PolicyAndValue,
+    SharedBaseCritic,
+    fuse_gelu_new,
+    plain_backbone_state,
+    plain_model_state,
+)
 from align.trainers.ppo_rollout import (
     Rollout,
     decode_responses,
@@ -60,6 +66,7 @@ from align.trainers.ppo_rollout import (
     make_rollout,
     reward_model_scores,
 )
+from align.trainers.sharding import full_parameters, is_sharded, plain_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +154,13 @@ class PPOTrainer:
         # Each process samples its own responses: device_specific seeds differ per rank.
         set_seed(args.seed, device_specific=True)
         acc = self.accelerator
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+            raise AlignError(
+                "ppo: DeepSpeed ZeRO-3 is not supported by align's PPO yet (its rollout would need the partitioned "
+                "parameters gathered). Use FSDP2 (recipes/accelerate_configs/fsdp.yaml), which shards the same way, "
+                "or ZeRO-2 (recipes/accelerate_configs/deepspeed_zero2.yaml)."
+            )
         if args.malloc_mmap_threshold is not None:
             if set_malloc_mmap_threshold(args.malloc_mmap_threshold):
                 logger.info(
@@ -436,20 +450,21 @@ class PPOTrainer:
         """This process's rollout of update `step` (1-based), its metrics (global: all processes) and up to two
         samples; the KL controller takes this update's KL."""
         idx = self._batch_indices(step - 1)
-        rollout = make_rollout(
-            self.policy,
-            self.ref_policy,
-            self.value_model,
-            self.processing_class,
-            [self.train_prompts[0][i] for i in idx],
-            [self.train_prompts[1][i] for i in idx],
-            self.score,
-            args=self.args,
-            kl_coef=self.kl_ctl.value,
-            eos_token_ids=self.eos_token_ids,
-            accelerator=self.accelerator,
-            use_gen_logits=self._use_gen_logits,
-        )
+        with self._full_parameters():
+            rollout = make_rollout(
+                self.policy,
+                self.ref_policy,
+                self.value_model,
+                self.processing_class,
+                [self.train_prompts[0][i] for i in idx],
+                [self.train_prompts[1][i] for i in idx],
+                self.score,
+                args=self.args,
+                kl_coef=self.kl_ctl.value,
+                eos_token_ids=self.eos_token_ids,
+                accelerator=self.accelerator,
+                use_gen_logits=self._use_gen_logits,
+            )
         self._check_finite(step, **{"ppo/score": rollout.raw_scores})
         metrics = self._rollout_metrics(rollout)
         self.kl_ctl.update(metrics["ppo/kl"], rollout.kl.shape[0] * self.world_size)
@@ -706,14 +721,15 @@ class PPOTrainer:
         rank, world = self.accelerator.process_index, self.world_size
         mine = list(range(rank, len(ids), world))
         responses: list[str] = []
-        if mine:
-            _, _, resp, _ = self.generate(
-                [ids[i] for i in mine],
-                sample=self.args.eval_temperature > 0,
-                temperature=self.args.eval_temperature or None,
-            )
-            mask, has_eos = response_mask(resp, self.eos_token_ids)
-            responses = decode_responses(self.processing_class, resp, mask, has_eos)
+        with self._full_parameters():  # every rank enters (a collective under FSDP2), even one with no prompt
+            if mine:
+                _, _, resp, _ = self.generate(
+                    [ids[i] for i in mine],
+                    sample=self.args.eval_temperature > 0,
+                    temperature=self.args.eval_temperature or None,
+                )
+                mask, has_eos = response_mask(resp, self.eos_token_ids)
+                responses = decode_responses(self.processing_class, resp, mask, has_eos)
         pairs = (
             gather_object([(i, r) for i, r in zip(mine, responses, strict=True)])
             if world > 1
@@ -755,10 +771,22 @@ class PPOTrainer:
             accelerator=self.accelerator,
         )
 
+    def _full_parameters(self):
+        """`align.trainers.sharding.full_parameters` of the policy + value wrapper: under FSDP2 its shards gathered
+        for generation, scoring and saving, which call the policy and critic below the sharded root."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return full_parameters(self.model, getattr(plugin, "reshard_after_forward", True))
+
     # ---------------------------------------------------------------- checkpoints and saving
 
     def _save_checkpoint(self) -> Path:
-        final = save_checkpoint(
+        with self._full_parameters():
+            final = self._write_checkpoint()
+        self._callback("on_save")
+        return final
+
+    def _write_checkpoint(self) -> Path:
+        return save_checkpoint(
             self.args.output_dir,
             self.state,
             {
@@ -776,9 +804,8 @@ class PPOTrainer:
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             save_total_limit=self.args.save_total_limit,
+            model=self.model,
         )
-        self._callback("on_save")
-        return final
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         ppo_state, saved = load_checkpoint(
@@ -790,6 +817,7 @@ class PPOTrainer:
             lr_scheduler=self.lr_scheduler,
             is_peft=self.is_peft,
             world_size=self.world_size,
+            model=self.model,
         )
         self.kl_ctl.load_state_dict(ppo_state["kl_controller"])
         self.episodes = int(ppo_state["episodes"])
@@ -816,27 +844,39 @@ class PPOTrainer:
         out = Path(output_dir or self.args.output_dir)
         merge = merge_adapter if merge_adapter is not None else bool(getattr(self.args, "merge_adapter", False))
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            tok = self.processing_class
-            policy = self.policy
-            value = self.value_model
-            shared = isinstance(value, SharedBaseCritic)
-            if shared:
-                value = value.to_sequence_classifier()  # before any merge below: it reads the unmerged base
-            if self.is_peft and merge:
-                policy = copy.deepcopy(policy).merge_and_unload()  # merges the active (policy) adapter only
-            gc = policy.generation_config
-            gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
-            if tok.bos_token_id is not None:
-                gc.bos_token_id = tok.bos_token_id
-            if shared and not merge:
-                policy.save_pretrained(out, selected_adapters=[self.value_model.policy_adapter])
-            else:
-                policy.save_pretrained(out)
-            tok.save_pretrained(out)
-            value.save_pretrained(out / VALUE_DIR)
-            tok.save_pretrained(out / VALUE_DIR)
+        with self._full_parameters():
+            if acc.is_main_process:
+                self._save_policy_and_value(out, merge)
         acc.wait_for_everyone()
+
+    def _save_policy_and_value(self, out: Path, merge: bool) -> None:
+        tok = self.processing_class
+        policy = self.policy
+        value = self.value_model
+        shared = isinstance(value, SharedBaseCritic)
+        if shared:
+            value = value.to_sequence_classifier()  # before any merge below: it reads the unmerged base
+        # Under FSDP2 the weights are read off the gathered parameters (save_pretrained's state_dict() would reshard
+        # them), and a merge is computed from them (FSDP2 modules cannot be deep-copied)
+        sharded = is_sharded(self.model)
+        state = (lambda m: {"state_dict": plain_state_dict(m)}) if sharded else (lambda m: {})
+        policy_state = state(policy)
+        if self.is_peft and merge and sharded:
+            policy_state = {"state_dict": plain_model_state(policy, policy.active_adapter)}
+            policy = policy.get_base_model()
+        elif self.is_peft and merge:
+            policy = copy.deepcopy(policy).merge_and_unload()  # merges the active (policy) adapter only
+        gc = policy.generation_config
+        gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
+        if tok.bos_token_id is not None:
+            gc.bos_token_id = tok.bos_token_id
+        if shared and not merge:
+            policy.save_pretrained(out, selected_adapters=[self.value_model.policy_adapter], **policy_state)
+        else:
+            policy.save_pretrained(out, **policy_state)
+        tok.save_pretrained(out)
+        value.save_pretrained(out / VALUE_DIR, **state(value))
+        tok.save_pretrained(out / VALUE_DIR)
 
     # ---------------------------------------------------------------- misc
 

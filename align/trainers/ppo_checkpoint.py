@@ -20,12 +20,19 @@ import torch
 from align.errors import AlignError
 from align.io import atomic_write_json, atomic_write_text, fsync_tree, no_space_error, no_space_left
 from align.trainers.ppo_models import SharedBaseCritic
+from align.trainers.sharding import (
+    full_trainable_and_optimizer_state,
+    is_sharded,
+    load_full_trainable_and_optimizer_state,
+    plain_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
 PPO_STATE = "ppo_state.json"  # step, episodes, KL controller: what TrainerState has no field for
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (align.io)
 VALUE_DIR = "value_model"
+SHARDED_STATE = "fsdp_trainable.safetensors"  # FSDP2 runs: the trainable parameters by wrapper name, for resuming
 TMP_SUFFIX = ".tmp"  # checkpoint-N.tmp: a checkpoint being written (align.io.last_checkpoint never picks it)
 
 
@@ -40,16 +47,22 @@ def save_checkpoint(
     optimizer,
     lr_scheduler,
     save_total_limit: int | None,
+    model=None,
 ) -> Path:
     """`output_dir/checkpoint-N/` (N = `state.global_step`): policy (HF format, or adapter), value model, optimizer,
     scheduler, RNG per process, `ppo_state` (what `TrainerState` has no field for: episodes, KL controller, ...) and
     `state` (a `TrainerState`). Written in `checkpoint-N.tmp/` (`trainer_state.json` last), fsynced, then renamed: a
     kill or a full disk mid-save leaves no `checkpoint-N` at all, and the previous checkpoints stand. Keeps the
-    newest `save_total_limit` complete checkpoints. Call it on every process."""
+    newest `save_total_limit` complete checkpoints. Call it on every process.
+
+    `model`: the policy + value wrapper; when FSDP2 shards it (call inside `sharding.full_parameters`), the HF files
+    are read off the gathered parameters, and the trainable parameters and the optimizer are saved as full state dicts
+    (`torch.distributed.checkpoint.state_dict`, keyed by parameter name: `SHARDED_STATE`, `optimizer.pt`) that
+    `load_checkpoint` spreads back over the ranks."""
     tmp = Path(output_dir) / f"checkpoint-{state.global_step}{TMP_SUFFIX}"
     try:
         return _write_checkpoint(
-            tmp, state, ppo_state, accelerator, policy, value_model, optimizer, lr_scheduler, save_total_limit
+            tmp, state, ppo_state, accelerator, policy, value_model, optimizer, lr_scheduler, save_total_limit, model
         )
     except Exception as e:
         if isinstance(e, AlignError) or not no_space_left(e, output_dir):
@@ -60,20 +73,32 @@ def save_checkpoint(
 
 
 def _write_checkpoint(
-    tmp: Path, state, ppo_state, acc, policy, value_model, optimizer, lr_scheduler, save_total_limit
+    tmp: Path, state, ppo_state, acc, policy, value_model, optimizer, lr_scheduler, save_total_limit, model
 ) -> Path:
     final = tmp.with_name(f"checkpoint-{state.global_step}")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save: never mix two saves
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
+    sharded = model is not None and is_sharded(model)
+    plain = (lambda m: {"state_dict": plain_state_dict(m)}) if sharded else (lambda m: {})
     if acc.is_main_process:
         if isinstance(value_model, SharedBaseCritic):  # the policy's peft model holds both adapters: save its own
-            policy.save_pretrained(tmp, selected_adapters=[value_model.policy_adapter])
+            policy.save_pretrained(tmp, selected_adapters=[value_model.policy_adapter], **plain(policy))
+            value_model.save_pretrained(tmp / VALUE_DIR)  # reads the gathered parameters itself
         else:
-            policy.save_pretrained(tmp)
-        value_model.save_pretrained(tmp / VALUE_DIR)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            policy.save_pretrained(tmp, **plain(policy))
+            value_model.save_pretrained(tmp / VALUE_DIR, **plain(value_model))
+    if sharded:
+        # After the HF files: these state dicts reshard the parameters (FSDP2's state-dict hook). Collectives: every
+        # rank gathers, the main one keeps the full tensors (on the CPU) and writes them.
+        trainable, optimizer_state = full_trainable_and_optimizer_state(model, optimizer)
+    if acc.is_main_process:
+        if sharded:
+            from safetensors.torch import save_file
+
+            save_file({k: t.contiguous() for k, t in trainable.items()}, tmp / SHARDED_STATE)
+        torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         atomic_write_json(tmp / PPO_STATE, ppo_state)
     torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pth")
@@ -111,11 +136,13 @@ def load_checkpoint(
     lr_scheduler,
     is_peft: bool,
     world_size: int,
+    model=None,
 ) -> tuple[dict[str, Any], Any]:
     """Load what `save_checkpoint` wrote in `ckpt` into the models, optimizer and scheduler, and this process's RNG
     states (when the checkpoint had `world_size` processes; else a warning: sampling will not replay exactly).
-    Returns (`ppo_state` as saved, the saved `TrainerState`). AlignError for an incomplete checkpoint."""
-    from accelerate.utils import load_checkpoint_in_model
+    Returns (`ppo_state` as saved, the saved `TrainerState`). AlignError for an incomplete checkpoint. `model`: the
+    policy + value wrapper; sharded by FSDP2, it takes the full trainable state and optimizer state (any world size).
+    Call it on every process."""
     from transformers import TrainerState
 
     if not (ckpt / TRAINER_STATE).is_file() or not (ckpt / PPO_STATE).is_file():
@@ -123,18 +150,21 @@ def load_checkpoint(
             f"{ckpt}: not a complete PPO checkpoint (no {TRAINER_STATE} or {PPO_STATE}). "
             "Resume from another checkpoint-N, or start over."
         )
-    if is_peft:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    if model is not None and is_sharded(model):
+        if not (ckpt / SHARDED_STATE).is_file():
+            raise AlignError(
+                f"{ckpt}: no {SHARDED_STATE}; it was saved without FSDP. Resume it without FSDP, or start over."
+            )
+        trainable, optimizer_state = {}, {}
+        if accelerator.is_main_process:  # the others receive their shards from it
+            from safetensors.torch import load_file
 
-        set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
+            trainable = load_file(ckpt / SHARDED_STATE)
+            optimizer_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        load_full_trainable_and_optimizer_state(model, optimizer, trainable, optimizer_state)
     else:
-        load_checkpoint_in_model(policy, ckpt, strict=True)
-    if isinstance(value_model, SharedBaseCritic):
-        value_model.load_pretrained(ckpt / VALUE_DIR)
-    else:
-        load_checkpoint_in_model(value_model, ckpt / VALUE_DIR, strict=True)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        _load_models(ckpt, policy, value_model, is_peft)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     ppo_state = json.loads((ckpt / PPO_STATE).read_text())
     saved = TrainerState.load_from_json(str(ckpt / TRAINER_STATE))
@@ -149,6 +179,22 @@ def load_checkpoint(
             world_size,
         )
     return ppo_state, saved
+
+
+def _load_models(ckpt: Path, policy, value_model, is_peft: bool) -> None:
+    from accelerate.utils import load_checkpoint_in_model
+
+    if is_peft:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
+    else:
+        load_checkpoint_in_model(policy, ckpt, strict=True)
+    if isinstance(value_model, SharedBaseCritic):
+        value_model.load_pretrained(ckpt / VALUE_DIR)
+    else:
+        load_checkpoint_in_model(value_model, ckpt / VALUE_DIR, strict=True)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from align.errors import AlignError
+from align.trainers.sharding import plain_state_dict
 
 CRITIC_ADAPTER = "critic"  # not "value": BERT-like models have modules named `value`, and peft names params by both
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -126,7 +127,7 @@ class SharedBaseCritic(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self._policy, adapter_name=self.adapter_name)
+        state = get_peft_model_state_dict(self._policy, plain_state_dict(self._policy), adapter_name=self.adapter_name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path / "adapter_model.safetensors")
         self._policy.peft_config[self.adapter_name].save_pretrained(path)
         save_file({"weight": self.score.weight.detach().cpu().contiguous()}, path / VALUE_HEAD_FILE)
@@ -172,10 +173,19 @@ class SharedBaseCritic(nn.Module):
 def plain_backbone_state(peft_model, merge_adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a peft model's backbone under plain transformers names (no `base_layer`, no adapter
     tensors): the base's weights, plus adapter `merge_adapter`'s LoRA delta where it has one (None: the base alone)."""
+    base = peft_model.get_base_model()
+    return _plain_merged_state(getattr(base, base.base_model_prefix), merge_adapter)
+
+
+def plain_model_state(peft_model, merge_adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """`plain_backbone_state` of the whole base model (its head included): what `merge_and_unload()` would save, read
+    off the parameters without copying the model (an FSDP2 model cannot be deep-copied)."""
+    return _plain_merged_state(peft_model.get_base_model(), merge_adapter)
+
+
+def _plain_merged_state(backbone: nn.Module, merge_adapter: str | None) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
-    base = peft_model.get_base_model()
-    backbone = getattr(base, base.base_model_prefix)
     with torch.no_grad():
         deltas = {}
         if merge_adapter is not None:
@@ -183,7 +193,7 @@ def plain_backbone_state(peft_model, merge_adapter: str | None = None) -> dict[s
                       for name, m in backbone.named_modules()
                       if isinstance(m, LoraLayer) and merge_adapter in m.lora_A}  # fmt: skip
         state = {}
-        for key, t in backbone.state_dict().items():
+        for key, t in plain_state_dict(backbone).items():  # not state_dict(): it would reshard an FSDP2 model
             if ".lora_" in key or ".modules_to_save." in key:
                 continue
             plain = key.replace(".base_layer.", ".").replace(".original_module.", ".")
@@ -237,6 +247,16 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The decoder-layer classes of both models: what FSDP's transformer-based wrap shards one by one (accelerate
+        reads it off the module it prepares)."""
+        names: list[str] = []
+        for model in (self.policy, self.value_model):
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            names += [n for n in getattr(base, "_no_split_modules", None) or [] if n not in names]
+        return names
 
     def forward(self, input_ids, attention_mask, position_ids, response_length: int, ptx=None):
         logits = policy_logits(self.policy, input_ids, attention_mask, position_ids, response_length)
