@@ -54,16 +54,16 @@ LEAN_MALLOC_THRESHOLD = 4 * 2**20  # below the 4.9 MB hidden states of 16 x 134 
 MODEL_PROMPT_FILE = "recipes/smollm2-135m/data/ppo_prompts.jsonl"
 
 
-def bench_args(output_dir: str, bf16: bool, **workload):
+def bench_args(output_dir: str, bf16: bool, use_cpu: bool = True, **workload):
     """The PPOConfig of both workloads: `workload` (sizes, lr, KL) over the settings every bench run shares (no
-    saving, no trackers, CPU, seed 0)."""
+    saving, no trackers, the CPU unless `use_cpu` is False, seed 0)."""
     from align.trainers.ppo_config import PPOConfig
 
     return PPOConfig(
         output_dir=output_dir,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=use_cpu,
         disable_tqdm=True,
         num_sample_generations=0,
         seed=0,
@@ -183,7 +183,8 @@ class PhasePeaks:
 
 
 def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: str, checkpointing: bool,
-                updates: int, malloc_mmap_threshold: int | None = None, micro_batch: int = MODEL_PROMPTS):  # fmt: skip
+                updates: int, malloc_mmap_threshold: int | None = None, micro_batch: int = MODEL_PROMPTS,
+                device: str = "cpu"):  # fmt: skip
     """The real-model workload (see the module docstring): a PPOTrainer and its Clock."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -217,6 +218,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
     args = bench_args(
         output_dir,
         bf16,
+        use_cpu=device == "cpu",
         max_steps=updates,
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=MODEL_PROMPTS // micro_batch,
@@ -281,12 +283,19 @@ def main() -> int:
         help=f"--model: rollout rows per forward/backward in training, the rest by gradient accumulation (the same "
         f"update; default {MODEL_PROMPTS}: the whole rollout at once).",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="--model: where the PPO runs (cuda: the GPU's peak memory is reported too; scripts/device_check.sh).",
+    )
     opts = parser.parse_args()
     from align.modeling import cpu_has_native_bf16
 
     if opts.precision is None:
         opts.precision = "auto" if opts.model else "fp32"
-    bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cpu_has_native_bf16())
+    native = torch.cuda.is_bf16_supported() if opts.device == "cuda" else cpu_has_native_bf16()
+    bf16 = opts.precision == "bf16" or (opts.precision == "auto" and native)
     logging.basicConfig(level=logging.WARNING)
     if opts.model:
         return _compare_layouts(opts) if opts.layout == "both" else _bench_model(opts, bf16)
@@ -336,7 +345,7 @@ def _bench_model(opts, bf16: bool) -> int:
         trainer, clock = build_model(opts.model, opts.threads, out, bf16=bf16, layout=opts.layout,
                                      checkpointing=opts.checkpointing, updates=opts.updates,
                                      malloc_mmap_threshold=threshold or None,
-                                     micro_batch=opts.micro_batch)  # fmt: skip
+                                     micro_batch=opts.micro_batch, device=opts.device)  # fmt: skip
         setup_s = time.perf_counter() - t0
         if opts.profile:
             _profile(trainer, opts.profile)
@@ -364,6 +373,7 @@ def _bench_model(opts, bf16: bool) -> int:
         "generation_tokens_per_s": round(tokens / med["generation"], 1),
         "peak_rss_mib": max(peaks.mib().values()),
         "peak_rss_mib_by_phase": peaks.mib(),
+        **_cuda_peak(opts.device),
         "memory_plan_peak_mib": round(plan_peak / 2**20, 1),
         "setup_s": round(setup_s, 1),
         "workload": {
@@ -382,12 +392,19 @@ def _bench_model(opts, bf16: bool) -> int:
     return 0
 
 
+def _cuda_peak(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    return {"cuda_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "cuda_device": torch.cuda.get_device_name()}  # fmt: skip
+
+
 def _compare_layouts(opts) -> int:
     """The default layout and the baseline side by side: one child process each (their own peak RSS), one line."""
     import subprocess
 
     common = [sys.executable, __file__, "--model", opts.model, "--threads", str(opts.threads),
-              "--updates", str(opts.updates)]  # fmt: skip
+              "--updates", str(opts.updates), "--device", opts.device]  # fmt: skip
     runs = {
         "default": ["--layout", "shared", "--precision", opts.precision, "--micro-batch", str(opts.micro_batch)]
         + ([] if opts.checkpointing else ["--no-checkpointing"])
