@@ -291,6 +291,12 @@ class PPOTrainer:
             num_training_steps=self.optimizer_steps,
         )
         self.model, self.optimizer = acc.prepare(wrapper, optimizer)
+        self.vllm = None  # generation_backend vllm: TRL's colocated engine, weights pushed before each rollout
+        if args.generation_backend == "vllm":
+            from align.trainers.ppo_vllm import make_vllm_engine
+
+            self.vllm = make_vllm_engine(self.policy, tokenizer, args=args, accelerator=acc,
+                                         eos_token_ids=self.eos_token_ids)  # fmt: skip
 
         kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl else None
         self.kl_ctl = kl_ctl or FixedKLController(args.kl_coef)
@@ -450,6 +456,8 @@ class PPOTrainer:
         """This process's rollout of update `step` (1-based), its metrics (global: all processes) and up to two
         samples; the KL controller takes this update's KL."""
         idx = self._batch_indices(step - 1)
+        if self.vllm is not None:
+            self.vllm.sync_weights()  # the policy as the last update left it (LoRA merged in for the push)
         with self._full_parameters():
             rollout = make_rollout(
                 self.policy,
@@ -464,6 +472,7 @@ class PPOTrainer:
                 eos_token_ids=self.eos_token_ids,
                 accelerator=self.accelerator,
                 use_gen_logits=self._use_gen_logits,
+                engine=self.vllm,
             )
         self._check_finite(step, **{"ppo/score": rollout.raw_scores})
         metrics = self._rollout_metrics(rollout)

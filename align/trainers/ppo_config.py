@@ -17,6 +17,7 @@ from align.config import (
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy", "policy_lora")
+GENERATION_BACKENDS = ("transformers", "vllm")
 
 
 @dataclass
@@ -252,6 +253,26 @@ class PPOConfig(TrainingArguments):
         },
     )
 
+    # Generation engine
+    generation_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "What samples the rollouts: 'transformers' (the policy's generate) or 'vllm' (GPUs: a vLLM "
+            "engine colocated on each training GPU, TRL's VLLMGeneration, as TRL's GRPO with vllm_mode colocate; "
+            "the policy's weights, LoRA merged, are pushed to it before each rollout; old logprobs still come from "
+            "the policy). Needs `pip install vllm` in a version TRL supports (0.22 to 0.31 for TRL 1.16). "
+            "Evaluation decodes with transformers either way.",
+            "choices": list(GENERATION_BACKENDS),
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={
+            "help": "generation_backend vllm: the share of each GPU's memory vLLM reserves for the weights and "
+            "its KV cache; the rest is left to training (TRL's GRPO colocated default is 0.3 too)."
+        },
+    )
+
     # Samples and evaluation
     num_sample_generations: int = field(
         default=10,
@@ -289,6 +310,10 @@ class PPOConfig(TrainingArguments):
         need(
             self.kl_estimator in KL_ESTIMATORS,
             f"kl_estimator {self.kl_estimator!r} is unknown; use one of {', '.join(KL_ESTIMATORS)}",
+        )
+        need(
+            self.generation_backend in GENERATION_BACKENDS,
+            f"generation_backend {self.generation_backend!r} is unknown; use one of {', '.join(GENERATION_BACKENDS)}",
         )
         need(
             self.value_model_init in VALUE_MODEL_INITS,

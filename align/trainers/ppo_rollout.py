@@ -192,15 +192,21 @@ def generate_responses(
     sample: bool = True,
     temperature: float | None = None,
     output_logits: bool = False,
+    engine=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Responses to `prompt_ids` (left-padded, KV cache, in chunks of `args.local_rollout_forward_batch_size`).
 
     Args:
         sample: sample at `temperature` (default `args.temperature`; 0 = greedy) with `args.top_k`/`top_p`.
         output_logits: also return the sampled tokens' logprobs from generate's logits (when sampling).
+        engine: a vLLM engine (`align.trainers.ppo_vllm`) that samples instead, with the rollout's settings.
     Returns:
         (query_responses `(B, P + T)`, prompt_mask `(B, P)`, responses `(B, T)`, logprobs `(B, T)` or None).
     """
+    if engine is not None:
+        from align.trainers.ppo_vllm import vllm_responses
+
+        return vllm_responses(engine, tokenizer, prompt_ids, device=accelerator.device)
     from transformers import GenerationConfig
     from trl.trainer.utils import selective_log_softmax
 
@@ -366,6 +372,7 @@ def make_rollout(
     eos_token_ids: int | list[int] | None,
     accelerator: Accelerator,
     use_gen_logits: bool,
+    engine=None,
 ) -> Rollout:
     """Generate responses to `prompt_ids`, score them and compute the KL-penalized rewards and GAE advantages.
 
@@ -377,6 +384,7 @@ def make_rollout(
         args: `PPOConfig` (generation, `kl_estimator`, `missing_eos_penalty`, `reward_clip`, `whiten_rewards`,
             `gamma`, `lam`, `local_rollout_forward_batch_size`). kl_coef: beta for this rollout.
         use_gen_logits: take the old logprobs from generate's logits (`gen_logits_fit`), else a policy forward.
+        engine: a vLLM engine that samples the responses (`generate_responses`).
     Scores are not checked here: a nan flows into `Rollout.raw_scores` (the trainer stops on it).
     """
     limit = max_positions(policy.config)
@@ -395,7 +403,8 @@ def make_rollout(
         args=args,
         eos_token_ids=eos_token_ids,
         accelerator=accelerator,
-        output_logits=use_gen_logits,
+        output_logits=use_gen_logits and engine is None,
+        engine=engine,
     )
     mask, has_eos = response_mask(responses, eos_token_ids)
     attn = torch.cat([prompt_mask, mask.long()], dim=1)
