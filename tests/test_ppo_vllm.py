@@ -3,6 +3,7 @@ parameters) runs unchanged over a stand-in `vllm.LLM` whose model is a tiny llam
 random weights, so it samples like the policy only through the weights pushed to it before each rollout."""
 
 import importlib
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,8 @@ from align.trainers.ppo_models import plain_model_state
 
 WORDS = ["good", "bad", "a", "b", "c", "d", "e", "f"]
 SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENV_AT_IMPORT = {k: os.environ.get(k) for k in DIST_ENV}
 PROMPTS = [{"prompt": " ".join(WORDS[i % 8] for i in range(j, j + 1 + j % 4))} for j in range(32)]
 
 
@@ -77,8 +80,11 @@ def fake_vllm(monkeypatch):
     monkeypatch.setattr(vg, "LLM", FakeLLM, raising=False)
     monkeypatch.setattr(vg, "SamplingParams", FakeSamplingParams, raising=False)
     monkeypatch.setattr("align.trainers.ppo_vllm._cuda", lambda: True)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # TRL sets them: restore after
-        monkeypatch.delenv(key, raising=False)
+    # TRL's engine setup sets these in os.environ; the setenv registers each for removal at teardown (a delenv of an
+    # absent key registers nothing), so later tests' subprocesses do not see a process group to join
+    for key in DIST_ENV:
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     return FakeLLM
 
 
@@ -149,6 +155,11 @@ def test_vllm_missing_or_no_gpu_is_one_line_naming_the_fix(tmp_path, monkeypatch
     with pytest.raises(AlignError, match="runs on CUDA GPUs only; set generation_backend: transformers"):
         PPOTrainer(args(tmp_path, value_model_init="policy"), policy, processing_class=tok, train_dataset=PROMPTS,
                    reward_fn=count_good)  # fmt: skip
+
+
+def test_the_engine_leaves_no_distributed_environment_behind():
+    # runs after the engine test: TRL's RANK / WORLD_SIZE / MASTER_PORT would make later subprocesses join a group
+    assert {k: os.environ.get(k) for k in DIST_ENV} == ENV_AT_IMPORT
 
 
 def test_unknown_backend_is_refused():
