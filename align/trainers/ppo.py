@@ -66,7 +66,7 @@ from align.trainers.ppo_rollout import (
     make_rollout,
     reward_model_scores,
 )
-from align.trainers.sharding import full_parameters, is_sharded, plain_state_dict
+from align.trainers.sharding import full_parameters, is_sharded, state_dict_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -865,16 +865,16 @@ class PPOTrainer:
         shared = isinstance(value, SharedBaseCritic)
         if shared:
             value = value.to_sequence_classifier()  # before any merge below: it reads the unmerged base
-        # Under FSDP2 the weights are read off the gathered parameters (save_pretrained's state_dict() would reshard
-        # them), and a merge is computed from them (FSDP2 modules cannot be deep-copied)
+        # Under FSDP2 the weights are read off the gathered parameters (state_dict_kwargs), and a merge is computed
+        # from them (FSDP2 modules cannot be deep-copied)
         sharded = is_sharded(self.model)
-        state = (lambda m: {"state_dict": plain_state_dict(m)}) if sharded else (lambda m: {})
-        policy_state = state(policy)
         if self.is_peft and merge and sharded:
             policy_state = {"state_dict": plain_model_state(policy, policy.active_adapter)}
             policy = policy.get_base_model()
-        elif self.is_peft and merge:
-            policy = copy.deepcopy(policy).merge_and_unload()  # merges the active (policy) adapter only
+        else:
+            if self.is_peft and merge:
+                policy = copy.deepcopy(policy).merge_and_unload()  # merges the active (policy) adapter only
+            policy_state = state_dict_kwargs(policy, sharded)
         gc = policy.generation_config
         gc.eos_token_id, gc.pad_token_id = self.eos_token_ids, tok.pad_token_id
         if tok.bos_token_id is not None:
@@ -884,7 +884,7 @@ class PPOTrainer:
         else:
             policy.save_pretrained(out, **policy_state)
         tok.save_pretrained(out)
-        value.save_pretrained(out / VALUE_DIR, **state(value))
+        value.save_pretrained(out / VALUE_DIR, **state_dict_kwargs(value, sharded))
         tok.save_pretrained(out / VALUE_DIR)
 
     # ---------------------------------------------------------------- misc

@@ -24,7 +24,7 @@ from align.trainers.sharding import (
     full_trainable_and_optimizer_state,
     is_sharded,
     load_full_trainable_and_optimizer_state,
-    plain_state_dict,
+    state_dict_kwargs,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,14 +81,14 @@ def _write_checkpoint(
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     sharded = model is not None and is_sharded(model)
-    plain = (lambda m: {"state_dict": plain_state_dict(m)}) if sharded else (lambda m: {})
     if acc.is_main_process:
         if isinstance(value_model, SharedBaseCritic):  # the policy's peft model holds both adapters: save its own
-            policy.save_pretrained(tmp, selected_adapters=[value_model.policy_adapter], **plain(policy))
+            policy.save_pretrained(tmp, selected_adapters=[value_model.policy_adapter],
+                                   **state_dict_kwargs(policy, sharded))  # fmt: skip
             value_model.save_pretrained(tmp / VALUE_DIR)  # reads the gathered parameters itself
         else:
-            policy.save_pretrained(tmp, **plain(policy))
-            value_model.save_pretrained(tmp / VALUE_DIR, **plain(value_model))
+            policy.save_pretrained(tmp, **state_dict_kwargs(policy, sharded))
+            value_model.save_pretrained(tmp / VALUE_DIR, **state_dict_kwargs(value_model, sharded))
     if sharded:
         # After the HF files: these state dicts reshard the parameters (FSDP2's state-dict hook). Collectives: every
         # rank gathers, the main one keeps the full tensors (on the CPU) and writes them.
@@ -141,8 +141,8 @@ def load_checkpoint(
     """Load what `save_checkpoint` wrote in `ckpt` into the models, optimizer and scheduler, and this process's RNG
     states (when the checkpoint had `world_size` processes; else a warning: sampling will not replay exactly).
     Returns (`ppo_state` as saved, the saved `TrainerState`). AlignError for an incomplete checkpoint. `model`: the
-    policy + value wrapper; sharded by FSDP2, it takes the full trainable state and optimizer state (any world size).
-    Call it on every process."""
+    policy + value wrapper; sharded by FSDP2, it takes the full trainable state and optimizer state. Call it on every
+    process."""
     from transformers import TrainerState
 
     if not (ckpt / TRAINER_STATE).is_file() or not (ckpt / PPO_STATE).is_file():

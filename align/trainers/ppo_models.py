@@ -183,17 +183,17 @@ def plain_model_state(peft_model, merge_adapter: str | None = None) -> dict[str,
     return _plain_merged_state(peft_model.get_base_model(), merge_adapter)
 
 
-def _plain_merged_state(backbone: nn.Module, merge_adapter: str | None) -> dict[str, torch.Tensor]:
+def _plain_merged_state(module: nn.Module, merge_adapter: str | None) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     with torch.no_grad():
         deltas = {}
         if merge_adapter is not None:
             deltas = {f"{name}.base_layer.weight": m.get_delta_weight(merge_adapter)
-                      for name, m in backbone.named_modules()
+                      for name, m in module.named_modules()
                       if isinstance(m, LoraLayer) and merge_adapter in m.lora_A}  # fmt: skip
         state = {}
-        for key, t in plain_state_dict(backbone).items():  # not state_dict(): it would reshard an FSDP2 model
+        for key, t in plain_state_dict(module).items():  # not state_dict(): it would reshard an FSDP2 model
             if ".lora_" in key or ".modules_to_save." in key:
                 continue
             plain = key.replace(".base_layer.", ".").replace(".original_module.", ".")

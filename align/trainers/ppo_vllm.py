@@ -39,8 +39,9 @@ def make_vllm_engine(policy, tokenizer, *, args, accelerator, eos_token_ids):
         )
     from trl.generation.vllm_generation import VLLMGeneration
 
-    stop = eos_token_ids if isinstance(eos_token_ids, list) else [eos_token_ids]
-    extra = {"stop_token_ids": [t for t in stop if t is not None]}
+    # as align.rl.ppo.response_mask reads them: one id, several, or None (no EOS)
+    stop = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    extra = {"stop_token_ids": stop}
     if args.min_new_tokens:
         extra["min_tokens"] = args.min_new_tokens
     return VLLMGeneration(

@@ -55,6 +55,12 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_units(model))
 
 
+def state_dict_kwargs(module: nn.Module, sharded: bool) -> dict:
+    """`save_pretrained` keywords for `module`: inside `full_parameters` of a sharded model its `plain_state_dict`
+    (save_pretrained's own state_dict() would reshard the parameters), else none."""
+    return {"state_dict": plain_state_dict(module)} if sharded else {}
+
+
 def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module.state_dict()` (same keys: tied parameters under every name, persistent buffers) read straight off the
     modules, without state-dict hooks: inside `full_parameters` FSDP2's hook would swap the gathered parameters back
