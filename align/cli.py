@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging()
     try:
+        if name == "ppo":
+            _huge_pages_for_mapped_heap(rest)
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except AlignError as e:
@@ -79,6 +81,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted. Rerun the same command to resume from the last checkpoint.", file=sys.stderr)
         return 130
+
+
+def _huge_pages_for_mapped_heap(argv: list[str]) -> None:
+    """Set THP_MEM_ALLOC_ENABLE=1 (PyTorch's transparent huge pages for CPU tensors of 2 MB or more) when a PPO run
+    sets `malloc_mmap_threshold` and the environment does not choose: mapped blocks are faulted in and zeroed
+    afresh, and huge pages make that cheap (SmolLM2-135M PPO, 2-core AMD EPYC: 1.34x slower per epoch without them,
+    0.9x the default heap's time with them). PyTorch reads the variable at its first allocation, so it must be set
+    before torch loads: here, not in the trainer. THP_MEM_ALLOC_ENABLE=0 opts out."""
+    if "THP_MEM_ALLOC_ENABLE" in os.environ or not sys.platform.startswith("linux"):
+        return
+    threshold = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--malloc_mmap_threshold="):
+            threshold = arg.split("=", 1)[1]
+        elif arg == "--malloc_mmap_threshold" and i + 1 < len(argv):
+            threshold = argv[i + 1]
+    if threshold is None:
+        config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+        config = config or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        if config is not None and os.path.isfile(config):
+            import yaml
+
+            try:
+                with open(config) as f:
+                    data = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                return  # the stage reports a bad recipe with its file and line
+            if isinstance(data, dict):
+                threshold = data.get("malloc_mmap_threshold")
+    if threshold in (None, "", "null", "None"):
+        return
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    logging.getLogger("align.cli").info(
+        "ppo: THP_MEM_ALLOC_ENABLE=1 (PyTorch's huge pages for CPU tensors of 2 MB or more): malloc_mmap_threshold "
+        "maps blocks afresh and huge pages make that cheap. Set THP_MEM_ALLOC_ENABLE=0 to opt out."
+    )
 
 
 if __name__ == "__main__":

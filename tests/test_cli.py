@@ -1,5 +1,6 @@
 """`align` as a user meets it: help for every command, one-line errors with exit code 2, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,34 @@ def test_bad_recipe_key_is_one_line_exit_2(tmp_path):
         f"error: {recipe}: unknown key 'learning_rat'; did you mean 'learning_rate'?"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "recipe", "expected"),
+    [
+        (["--malloc_mmap_threshold", "4194304"], None, "1"),
+        (["--malloc_mmap_threshold=4194304"], None, "1"),
+        ([], "malloc_mmap_threshold: 4194304\n", "1"),
+        ([], "learning_rate: 1.0e-5\n", None),  # the key unset: PyTorch's default heap, no variable
+        ([], "malloc_mmap_threshold: null\n", None),
+    ],
+)
+def test_ppo_with_mapped_heap_turns_on_huge_pages(tmp_path, monkeypatch, argv, recipe, expected):
+    """A PPO run with `malloc_mmap_threshold` gets THP_MEM_ALLOC_ENABLE=1 before torch loads (from the command line or
+    its recipe); without the key, nothing is set."""
+    from align.cli import _huge_pages_for_mapped_heap
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    if recipe is not None:
+        (tmp_path / "ppo.yaml").write_text(recipe)
+        argv = ["--config", str(tmp_path / "ppo.yaml"), *argv]
+    _huge_pages_for_mapped_heap(argv)
+    assert os.environ.get("THP_MEM_ALLOC_ENABLE") == expected
+
+
+def test_huge_pages_left_to_the_user_who_sets_them(monkeypatch):
+    from align.cli import _huge_pages_for_mapped_heap
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    _huge_pages_for_mapped_heap(["--malloc_mmap_threshold", "4194304"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
