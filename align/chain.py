@@ -464,7 +464,9 @@ def run_chain(chain: Chain, *, start: str | None = None, only: str | None = None
         if not plan.variant:
             invalidated_by = invalidated_by or plan.name
         headline = summary_line(plan.stage, info.get("metrics") or {})
-        logger.info("%s finished in %s: %s", plan.name, _clock(seconds), headline or "no metrics")
+        peak = info.get("peak_rss_mib")
+        logger.info("%s finished in %s%s: %s", plan.name, _clock(seconds),
+                    f", peak RSS {peak / 1024:.2f} GiB" if peak else "", headline or "no metrics")  # fmt: skip
         summary.append({"stage": plan.name, "status": "resumed" if resuming else "ran", "seconds": seconds,
                         "dir": str(plan.output_dir), "headline": headline})  # fmt: skip
     return summary

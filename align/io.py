@@ -96,6 +96,17 @@ def recipe_sha256(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far in MiB (`getrusage`), or None where there is no such call. A stage
+    run under accelerate records its main process's."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def write_stage_info(
     output_dir: str | os.PathLike,
     stage: str,
@@ -116,6 +127,8 @@ def write_stage_info(
         metrics: numbers, e.g. `eval_loss` (nats per token), `perplexity`, `entropy_floor`.
         extra: stage-specific fields (e.g. `samples`, `log_history`).
 
+    `peak_rss_mib` (`peak_rss_mib()`) records the stage process's peak memory, which the chain logs per stage.
+
     The finished dir keeps no pickle: Trainer's `training_args.bin` is removed here, also from `adapter/` (the
     resolved recipe is in this file), so what is pushed or shared loads without unpickling. Checkpoints keep theirs
     for resuming.
@@ -130,6 +143,7 @@ def write_stage_info(
         "data": data,
         "versions": package_versions(),
         "metrics": metrics,
+        "peak_rss_mib": peak_rss_mib(),
         **extra,
     }
     for where in (Path(output_dir), Path(output_dir) / "adapter"):  # a merged LoRA stage keeps its adapter there

@@ -3,6 +3,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -102,3 +104,17 @@ def test_parent_of_records_the_hub_id_of_a_base_model_copy(tmp_path):
     # An align stage's own align_stage.json names its base: the stage link is recorded as it is.
     write_stage_info(tmp_path / "sft", "sft", parent={"model": str(gguf)}, recipe={}, data=None, metrics={})
     assert parent_of(str(tmp_path / "sft"), hub_id) == {"stage": "sft", "path": str((tmp_path / "sft").resolve())}
+
+
+def test_peak_rss_counts_memory_the_process_touched(tmp_path):
+    """A fresh process that fills 300 MiB peaks above it, and its stage file records the figure."""
+    code = (
+        "import json, sys; from align.io import peak_rss_mib, write_stage_info\n"
+        "before = peak_rss_mib(); block = bytearray(300 * 2**20); block[::4096] = b'x' * len(block[::4096])\n"
+        "info = write_stage_info(sys.argv[1], 'sft', parent=None, recipe={}, data=None, metrics={})\n"
+        "print(json.dumps([before, info['peak_rss_mib']]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    before, peak = json.loads(out.stdout)
+    assert 300 < peak < 300 + before + 64
+    assert json.loads((tmp_path / "align_stage.json").read_text())["peak_rss_mib"] == peak
