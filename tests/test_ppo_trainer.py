@@ -381,6 +381,36 @@ def test_ptx_eval_and_callbacks(tmp_path, tok, caplog):
     assert seen and seen[-1] == 2
 
 
+def test_critic_warmup_trains_the_value_model_alone(tmp_path, tok):
+    """critic_warmup_steps 1: update 1 leaves every policy weight bit for bit (its AdamW state empty) and moves the
+    value model; update 2 trains both."""
+    snapshots = {}
+    holder = []
+
+    def params(module):
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            t = holder[0]
+            opt = getattr(t.optimizer, "optimizer", t.optimizer)  # accelerate's wrapper, or the optimizer itself
+            with_state = [sum(1 for p in g["params"] if opt.state.get(p)) for g in opt.param_groups]
+            snapshots[state.global_step] = (params(t.policy), params(t.value_model), with_state)
+
+    args = make_args(tmp_path, max_steps=2, critic_warmup_steps=1, logging_steps=1)
+    trainer = make_trainer(tok, args, callbacks=[Snap()])
+    holder.append(trainer)
+    policy0, value0 = params(trainer.policy), params(trainer.value_model)
+    trainer.train()
+    (policy1, value1, state1), (policy2, _, state2) = snapshots[1], snapshots[2]
+    assert all(torch.equal(policy0[n], policy1[n]) for n in policy0)
+    assert any(not torch.equal(value0[n], value1[n]) for n in value0)
+    assert any(not torch.equal(policy1[n], policy2[n]) for n in policy1)
+    n_policy, n_value = (len(g["params"]) for g in trainer.optimizer.param_groups)
+    assert state1 == [0, n_value] and state2 == [n_policy, n_value]  # group 0 is the policy's
+    assert history(trainer, "ppo/critic_warmup") == [1.0, 0.0]
+
+
 def test_no_eval_with_eval_strategy_no(tmp_path, tok):
     """eval_strategy "no": no eval at all, the end included (as Trainer); "steps" adds the curve's last point."""
     calls = []

@@ -551,6 +551,7 @@ class PPOTrainer:
         self.model.train()
         k = 0
         n_micro = args.num_ppo_epochs * args.num_mini_batches * args.gradient_accumulation_steps
+        warmup = step <= args.critic_warmup_steps  # `step` counts updates from 1
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(B)
             for m in range(args.num_mini_batches):
@@ -577,10 +578,13 @@ class PPOTrainer:
                         vf, vf_clipfrac = value_loss(vpred, x["values"], x["returns"], x["mask"], args.cliprange_value)
                         with torch.set_grad_enabled(args.entropy_coef > 0):
                             entropy = masked_mean(entropy_from_logits(logits / args.temperature), x["mask"])
-                        loss = (pg + args.vf_coef * vf - args.entropy_coef * entropy) * weight
+                        # during the critic's warm-up the policy's terms are kept at weight 0, so every parameter
+                        # stays in the graph (DDP), and their gradients are dropped before the step
+                        keep = 0.0 if warmup else 1.0
+                        loss = (keep * (pg - args.entropy_coef * entropy) + args.vf_coef * vf) * weight
                         checks = {"ppo/policy_loss": pg, "ppo/value_loss": vf}
                         if ptx_loss is not None:
-                            loss = loss + args.ptx_coef * ptx_loss / args.gradient_accumulation_steps
+                            loss = loss + keep * args.ptx_coef * ptx_loss / args.gradient_accumulation_steps
                             checks["ppo/ptx_loss"] = ptx_loss
                         self._check_finite(step, **checks)
                         acc.backward(loss)
@@ -596,6 +600,9 @@ class PPOTrainer:
                         sums[f"ppo/{name}"] += float(v.detach()) * w
                     if ptx_loss is not None:
                         sums["ppo/ptx_loss"] += float(ptx_loss.detach()) / n_micro
+                if warmup:  # AdamW skips a parameter without a gradient: no update, no moment, no decay
+                    for p in self.optimizer.param_groups[0]["params"]:
+                        p.grad = None
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self._check_finite(step, **{"ppo/grad_norm": torch.as_tensor(norm)})
@@ -608,6 +615,8 @@ class PPOTrainer:
             reduced = acc.reduce(torch.tensor([sums[n] for n in names], device=acc.device), "mean")
             sums = dict(zip(names, reduced.tolist(), strict=True))
         sums["ppo/lr"] = self.lr_scheduler.get_last_lr()[0]
+        if args.critic_warmup_steps:
+            sums["ppo/critic_warmup"] = float(warmup)
         return dict(sums)
 
     # ---------------------------------------------------------------- train

@@ -193,6 +193,16 @@ class PPOConfig(TrainingArguments):
             "loss is in squared reward units, often much larger than the policy loss."
         },
     )
+    critic_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "The first PPO updates train the value model alone: the policy's gradients are dropped before "
+            "each optimizer step, so it samples every warm-up rollout unchanged (OpenRLHF's freezing_actor_steps). "
+            "For a critic that starts from nothing (value_model_init 'policy' or 'policy_lora', a fresh head): in "
+            "the SmolLM2-135M chain its explained variance stayed below 0 for 21 of 30 updates, while the policy "
+            "trained on those advantages. 0 = none."
+        },
+    )
     gamma: float = field(
         default=1.0,
         metadata={"help": "Discount. 1.0 as TRL: the score arrives at the last token and must reach the first."},
