@@ -297,6 +297,8 @@ def test_stage_with_one_shared_base_saves_plain_models(tmp_path, stages, caplog)
                         gold_eval_samples=0)  # fmt: skip
     info = read_stage_info(out)
     assert info["value_model"]["init"] == "policy_lora" and info["peft"] == {"adapter": True, "merged": True}
+    # eval_strategy "no" with a gold labeler: the stage's own gold eval, no second one by the trainer at the end
+    assert "gold_score" in info["metrics"] and not any("eval/gold_score" in h for h in info["log_history"])
     gen = pipeline("text-generation", model=str(out), device="cpu")
     assert gen("where is tom ?", max_new_tokens=2, do_sample=False)[0]["generated_text"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "adapter" / "critic").exists()

@@ -411,23 +411,6 @@ def test_critic_warmup_trains_the_value_model_alone(tmp_path, tok):
     assert history(trainer, "ppo/critic_warmup") == [1.0, 0.0]
 
 
-def test_no_eval_with_eval_strategy_no(tmp_path, tok):
-    """eval_strategy "no": no eval at all, the end included (as Trainer); "steps" adds the curve's last point."""
-    calls = []
-
-    def eval_fn(prompts, responses):
-        calls.append(len(prompts))
-        return 1.0
-
-    for strategy, expected in (("no", []), ("steps", [1.0])):
-        calls.clear()
-        args = make_args(tmp_path / strategy, max_steps=1, eval_strategy=strategy, eval_steps=5)
-        trainer = make_trainer(tok, args, eval_dataset=PROMPTS[:3], eval_fn=eval_fn)
-        trainer.train()
-        assert history(trainer, "eval/gold_score") == expected, strategy
-        assert calls == [3] * len(expected), strategy
-
-
 def _ds(rows):
     from datasets import Dataset
 

@@ -301,6 +301,11 @@ def run(cfg) -> Path:
         def eval_fn(ps: list[str], rs: list[str]) -> float:
             return float(score(reward_model, reward_tokenizer, ps, rs).mean())
 
+    if gold and str(getattr(cfg.eval_strategy, "value", cfg.eval_strategy)) == "no":
+        # No curve asked for: the trainer's one eval, at the end, would score the gold prompts greedily a second time
+        # (4 of the SmolLM2 chain's 80 minutes); the stage scores the policy itself below.
+        eval_fn = None
+
     # Train
     # Trainer would push every checkpoint; align pushes the finished stage once, with lineage (as the SFT stage).
     push_to_hub = hold_push(cfg)

@@ -684,9 +684,7 @@ class PPOTrainer:
         if self._log_window:
             self.log({})
         final_step = self.state.global_step
-        # The curve's last point (eval_strategy "steps"); with "no", as in Trainer, no eval: the PPO stage scores the
-        # policy itself afterwards, and a second pass over the gold prompts cost 4 of the SmolLM2 chain's 80 minutes.
-        if self._should_eval_at_end(final_step):
+        if self.eval_fn is not None and self.eval_prompts is not None and not self._evaluated_at(final_step):
             self.log(self.evaluate())
         if args.save_strategy != "no" and saved_at != self.state.global_step and self.state.global_step > start:
             self._save_checkpoint()
@@ -710,14 +708,6 @@ class PPOTrainer:
             and args.eval_strategy == "steps"
             and args.eval_steps
             and step % self._every(args.eval_steps) == 0
-        )
-
-    def _should_eval_at_end(self, step: int) -> bool:
-        return bool(
-            self.eval_fn is not None
-            and self.eval_prompts is not None
-            and self.args.eval_strategy == "steps"
-            and not self._evaluated_at(step)
         )
 
     def log(self, logs: dict[str, float]) -> None:
