@@ -98,18 +98,13 @@ def _huge_pages_for_mapped_heap(argv: list[str]) -> None:
         elif arg == "--malloc_mmap_threshold" and i + 1 < len(argv):
             threshold = argv[i + 1]
     if threshold is None:
-        config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-        config = config or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-        if config is not None and os.path.isfile(config):
-            import yaml
+        from align.config import find_config, load_recipe  # neither loads torch
 
-            try:
-                with open(config) as f:
-                    data = yaml.safe_load(f)
-            except (OSError, yaml.YAMLError):
-                return  # the stage reports a bad recipe with its file and line
-            if isinstance(data, dict):
-                threshold = data.get("malloc_mmap_threshold")
+        try:
+            config = find_config(argv)
+            threshold = load_recipe(config).get("malloc_mmap_threshold") if config is not None else None
+        except AlignError:
+            return  # the stage reports a bad command line or recipe with its file and line
     if threshold in (None, "", "null", "None"):
         return
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"

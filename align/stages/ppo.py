@@ -301,7 +301,7 @@ def run(cfg) -> Path:
         def eval_fn(ps: list[str], rs: list[str]) -> float:
             return float(score(reward_model, reward_tokenizer, ps, rs).mean())
 
-    if gold and str(getattr(cfg.eval_strategy, "value", cfg.eval_strategy)) == "no":
+    if gold and cfg.eval_strategy == "no":
         # No curve asked for: the trainer's one eval, at the end, would score the gold prompts greedily a second time
         # (4 of the SmolLM2 chain's 80 minutes); the stage scores the policy itself below.
         eval_fn = None

@@ -274,7 +274,7 @@ class PPOTrainer:
         if isinstance(value_model, SharedBaseCritic):  # the critic's adapter lives in the policy's peft model
             value_params = value_model.adapter_parameters() + value_params
         in_value = {id(p) for p in value_params}
-        groups = [
+        groups = [  # the policy's first: critic_warmup_steps drops the gradients of group 0
             {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in in_value]},
             {"params": value_params},
         ]
