@@ -4,6 +4,7 @@
     align rank --config recipes/tiny/rank.yaml --model_name_or_path runs/tiny/sft --labeler_noise 0
     align rank export --config recipes/tiny/rank.yaml --output sheet.csv     # samples only, for human labelers
     align rank import sheet.csv --output_dir runs/tiny/rank                  # their rankings back, validated
+    align rank serve sheet.csv                                               # or rank in a browser (rank_serve.py)
 
 Prompts: tiny-world instructions (train split; the test split is kept for held-out gold evaluation), or your file
 (`prompt` column, or `messages` ending in a user turn; `dataset_column_mapping` renames columns). The labeler
@@ -72,6 +73,9 @@ subcommands (human labelers):
       sample K responses per prompt (no labeler) and write a sheet: id, prompt, response_0..response_{K-1}, ranking
   align rank import SHEET --output_dir DIR
       read the filled sheet back, validate every row, write DIR as `align rank` does (labeler: human)
+  align rank serve SHEET [--port 8765] [--host H --token T]
+      rank in a browser instead (docs/labeling.md); then `align rank import SHEET.annotations.jsonl --output_dir
+      DIR [--disagreement majority|per_annotator]`
 
 ranking format: response numbers best -> worst, '>' between ranks, '=' joining ties, e.g. 2>0=3>1
 (2 best, 0 and 3 tie, 1 worst); a JSON list such as [2, [0, 3], 1] is accepted too.
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     from align.config import parse_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        from align.stages import rank_serve
+
+        return rank_serve.serve_main(argv[1:])
     if argv and argv[0] in ("export", "import"):
         from align.stages import rank_sheet
 

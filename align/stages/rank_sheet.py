@@ -142,6 +142,16 @@ def sheet_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """One filled sheet row -> a validated rankings row {prompt, responses, ranking}."""
     from align.data.rankings import parse_ranking_row
 
+    responses = sheet_responses(row, where)
+    ranking = parse_ranking(row.get("ranking"), where=where)
+    prompt, responses, _, _ = parse_ranking_row(
+        {"prompt": row.get("prompt"), "responses": responses, "ranking": ranking}, where=where
+    )
+    return {"prompt": prompt, "responses": responses, "ranking": ranking}
+
+
+def sheet_responses(row: dict[str, Any], where: str) -> Any:
+    """A sheet row's responses (its `responses` list, or its response_0..response_{K-1} cells), none empty."""
     if "responses" in row:
         responses = row["responses"]
     else:
@@ -154,11 +164,7 @@ def sheet_row(row: dict[str, Any], where: str) -> dict[str, Any]:
             raise AlignError(
                 f"{where}: 'response_{i}' is empty; an empty response cannot be ranked. Drop the row or fill it."
             )
-    ranking = parse_ranking(row.get("ranking"), where=where)
-    prompt, responses, _, _ = parse_ranking_row(
-        {"prompt": row.get("prompt"), "responses": responses, "ranking": ranking}, where=where
-    )
-    return {"prompt": prompt, "responses": responses, "ranking": ranking}
+    return responses
 
 
 def import_main(argv: list[str]) -> int:
@@ -169,9 +175,21 @@ def import_main(argv: list[str]) -> int:
         "Read a filled sheet back, validate every row, and write the output dir as `align rank` does "
         "(labeler: human).",
     )
-    parser.add_argument("sheet", help="The filled sheet (.csv or .jsonl) from `align rank export`.")
+    parser.add_argument("sheet", help="The filled sheet (.csv or .jsonl) from `align rank export`, or the "
+                        "annotations log of `align rank serve`.")  # fmt: skip
     parser.add_argument("--output_dir", required=True, help="Where rankings.jsonl, dataset/ and align_stage.json go.")
+    from align.stages import rank_serve
+
+    rank_serve.add_import_arguments(parser)
     args = parser.parse_args(argv)
+    from align.data.annotations import is_annotation_log
+
+    if is_annotation_log(Path(args.sheet)):
+        rank_serve.import_annotations(args.sheet, args.output_dir, args.disagreement or "majority")
+        return 0
+    if args.disagreement is not None:
+        raise AlignError(f"--disagreement: {args.sheet} is a sheet (one ranking per row), not an `align rank serve` "
+                         "log. Drop the flag.")  # fmt: skip
     import_sheet(args.sheet, args.output_dir)
     return 0
 
