@@ -61,7 +61,7 @@ class Browser:
             os.dup2(b, 4)
 
         args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=1100,1100",
+                "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=1100,700",
                 "--force-device-scale-factor=1", "--hide-scrollbars", "about:blank"]  # fmt: skip
         self.proc = subprocess.Popen(args, pass_fds=(3, 4), preexec_fn=fds, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
