@@ -393,6 +393,7 @@ class Handler(BaseHTTPRequestHandler):
                 result = {**app.state(body["annotator"]), "duplicate": result.get("duplicate", False)}
             self._json(200, result)
         except HTTPError as e:
+            self.close_connection = True  # a body may be left unread: the connection cannot carry another request
             self._json(e.status, {"error": e.message})
 
     def _body(self) -> dict[str, Any]:
