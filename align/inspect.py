@@ -2,6 +2,7 @@
 
     align inspect attention runs/tiny/sft --prompt "write a story about tom ." --response "tom has a red ball ."
     align inspect attention runs/tiny/reward --prompt P --response R     # which tokens the score reads
+    align inspect embeddings runs/tiny/pretrain --word2vec --random_init  # what the input embeddings learned
 
 Each subcommand module exposes `main(argv) -> int` and writes its files under `--output_dir`.
 """
@@ -15,6 +16,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attention": (
         "align.inspect_attention",
         "attention heatmaps per layer/head, entropy, and how well attention ranks tokens as gradients do",
+    ),
+    "embeddings": (
+        "align.inspect_embeddings",
+        "input embeddings: neighbours, analogies, a 2-D map, class grouping; beside word2vec and random weights",
     ),
 }
 

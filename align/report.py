@@ -150,6 +150,9 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     classifiers = classify_comparison(stages)
     if classifiers:
         out["classifiers"] = classifiers
+    embeddings = embeddings_inspection(root, stages)
+    if embeddings:
+        out["embeddings"] = embeddings
     if not out["gold_score"]:
         del out["gold_score"]
     return out
@@ -200,13 +203,52 @@ def classify_comparison(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any
         task = recipe.get("tinyworld_task") if recipe.get("dataset_name") == TINYWORLD else recipe.get("dataset_name")
         if recipe.get("tinyworld_heldout_places"):
             task = f"{task}, held-out places"
-        row = {"dir": name, "init": "random" if recipe.get("random_init") else "pretrained",
+        init = "random" if recipe.get("random_init") else "pretrained"
+        if recipe.get("averaged_embeddings"):
+            source = (info.get("averaged_embeddings") or {}).get("space", "model")
+            init = f"averaged embeddings ({'random init' if source == 'random_init' else source})"
+        row = {"dir": name, "init": init,
                "lm_aux_coef": recipe.get("lm_aux_coef"), "task": task,
                "steps": recipe.get("max_steps"), "seed": recipe.get("seed")}  # fmt: skip
         keys = ("accuracy", "f1", "matthews_correlation", "majority_accuracy")
         row.update({k: metrics[k] for k in keys if k in metrics})
         rows.append(row)
     return rows
+
+
+def embeddings_inspection(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The figures of `align inspect embeddings` on one of the run's models (`root/embeddings/`, else the command's
+    default dir for a stage, `runs/inspect/<root--stage>/`), each space's class scores and first neighbours; None
+    when it was not run."""
+    from align.inspect_attention import default_output_dir
+
+    dirs = [root / "embeddings"] + [default_output_dir(str(root / name)) for name in stages]
+    for folder in dirs:
+        try:
+            data = json.loads((folder / "embeddings.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        spaces = []
+        for space in data.get("spaces") or []:
+            keys = ("nn_agreement", "nn_agreement_chance", "knn5_agreement", "kmeans_purity", "kmeans_purity_chance")
+            grouping = {k: space["class_grouping"][k] for k in keys} if space.get("class_grouping") else None
+            neighbours = {w: [n for n, _ in v["top"][:5]] for w, v in list(space["neighbours"].items())[:4]}
+            analogies = [{k: a[k] for k in ("query", "expected", "rank")} for a in space.get("analogies") or []]
+            spaces.append({"name": space["name"], "source": space["source"], "class_grouping": grouping,
+                           "neighbours": neighbours, "analogies": analogies, "png": space.get("png")})  # fmt: skip
+        return {"dir": str(folder), "model": data.get("model"), "spaces": spaces}
+    return None
+
+
+def _embedding_lines(emb: dict[str, Any]) -> list[str]:
+    lines = []
+    for s in emb["spaces"]:
+        g = s["class_grouping"]
+        if g:
+            lines.append(f"Embeddings, {s['name']}: grammar classes, 1-NN agreement {g['nn_agreement']:.3f} (chance "
+                         f"{g['nn_agreement_chance']:.3f}), k-means purity {g['kmeans_purity']:.3f} (chance "
+                         f"{g['kmeans_purity_chance']:.3f}).")  # fmt: skip
+    return lines
 
 
 def metrics_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -454,8 +496,13 @@ def headline_lines(top: dict[str, Any]) -> list[str]:
         if "accuracy" not in row:
             continue
         scores = f"held-out accuracy {row['accuracy']:.3f}" + (f", F1 {row['f1']:.3f}" if "f1" in row else "")
+        if row["init"].startswith("averaged"):
+            lines.append(f"Classifier {row['dir']} ({row['task']}, logistic regression on {row['init']}): {scores}.")
+            continue
         lines.append(f"Classifier {row['dir']} ({row['task']}, {row['init']} init, lm_aux_coef {row['lm_aux_coef']}, "
                      f"{row['steps']} steps): {scores}.")  # fmt: skip
+    if top.get("embeddings"):
+        lines += _embedding_lines(top["embeddings"])
     gold = top.get("gold_score") or {}
     if gold:
         lines.append("Mean gold score: " + ", ".join(f"{LABELS[s]} {v:.3f}" for s, v in gold.items()) + ".")
@@ -494,10 +541,42 @@ def _markdown(root: Path, stages, top, table, examples, figures) -> str:
             cells = [_cell_md(row["answers"][s]) for s in models]
             out.append(f"| {_md_escape(row['prompt'])} | " + " | ".join(cells) + " |")
         out += ["", "Scores: gold = the hidden gold labeler (0-1); RM = the reward model (0 = SFT's average).", ""]
+    out += _embeddings_md(top.get("embeddings"))
     out += ["## Stages", ""]
     for stage, info in stages.items():
         out.append(f"- **{stage}**: `{root / stage}` (recipe sha256 `{info.get('recipe_sha256', '')[:12]}`)")
     return "\n".join(out) + "\n"
+
+
+def _embeddings_md(emb: dict[str, Any] | None) -> list[str]:
+    """The embedding section (`align inspect embeddings`): class scores, neighbours, analogy ranks, the maps."""
+    if not emb:
+        return []
+    out = ["## What the input embeddings learned", "", f"`align inspect embeddings` on `{emb['model']}` "
+           f"(all figures: `{emb['dir']}/embeddings.json`, the page: `embeddings.html`).", ""]  # fmt: skip
+    grouped = [s for s in emb["spaces"] if s["class_grouping"]]
+    if grouped:
+        out += ["| space | 1-NN class agreement (chance) | 5-NN | k-means purity (chance) |", "|---|---|---|---|"]
+        for s in grouped:
+            g = s["class_grouping"]
+            out.append(f"| {s['name']} | {g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f}) | "
+                       f"{g['knn5_agreement']:.3f} | {g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f}) |")
+        out.append("")
+    words = list(emb["spaces"][0]["neighbours"]) if emb["spaces"] else []
+    if words:
+        out += ["| word | " + " | ".join(s["name"] for s in emb["spaces"]) + " |", "|---" * (len(emb["spaces"]) + 1)
+                + "|"]  # fmt: skip
+        for w in words:
+            out.append(f"| {_md_escape(w)} | " + " | ".join(_md_escape(", ".join(s["neighbours"].get(w, [])))
+                                                          for s in emb["spaces"]) + " |")  # fmt: skip
+        out.append("")
+    for s in emb["spaces"]:
+        for a in s["analogies"]:
+            if a["expected"]:
+                out.append(f"- {s['name']}: {a['query']} = {a['expected']}: rank {a['rank'] or 'n/a'}")
+        if s["png"]:
+            out += ["", f"![{s['name']}](report_files/{s['png']})", ""]
+    return out + [""]
 
 
 def _md_escape(text: str) -> str:
@@ -567,6 +646,24 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
             "</table><p class='score'>gold = the hidden gold labeler (0-1); RM = the reward model, centered so "
             "SFT samples average 0.</p>"
         ]
+    emb = top.get("embeddings")
+    if emb:
+        out.append("<h2>What the input embeddings learned</h2><table><tr><th>space</th><th>1-NN class agreement "
+                   "(chance)</th><th>k-means purity (chance)</th><th>neighbours</th></tr>")  # fmt: skip
+        for s in emb["spaces"]:
+            g = s["class_grouping"]
+            cells = ([f"{g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f})",
+                      f"{g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f})"] if g else ["n/a", "n/a"])
+            near = "; ".join(f"{w}: {', '.join(n)}" for w, n in s["neighbours"].items())
+            out.append(f"<tr><td>{e(s['name'])}</td>" + "".join(f"<td>{c}</td>" for c in cells)
+                       + f"<td>{e(near)}</td></tr>")  # fmt: skip
+        out.append("</table>")
+        for s in emb["spaces"]:
+            png = Path(emb["dir"]) / s["png"] if s["png"] else None
+            if png is not None and png.is_file():
+                data = base64.b64encode(png.read_bytes()).decode("ascii")
+                out.append(f"<figure><img alt='{e(s['name'])}' src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{e(s['name'])}: 2-D map (PCA) of the input embeddings</figcaption></figure>")
     out += ["<h2>Stages</h2><ul>"]
     out += [f"<li><b>{e(s)}</b>: <code>{e(str(root / s))}</code></li>" for s in stages] + ["</ul></body></html>"]
     return "\n".join(out) + "\n"
@@ -586,6 +683,10 @@ def write_report(root: str | os.PathLike, options: dict[str, Any] | None = None)
     files = root / "report_files"
     for name, (_, png) in figures.items():
         atomic_write_bytes(files / f"{name}.png", png)
+    for space in (top.get("embeddings") or {}).get("spaces", []):
+        png = Path(top["embeddings"]["dir"]) / space["png"] if space["png"] else None
+        if png is not None and png.is_file():
+            atomic_write_bytes(files / space["png"], png.read_bytes())
     data = {
         "output_root": str(root),
         **{

@@ -191,6 +191,11 @@ def run(cfg) -> Path:
     if data["eval"] is None and cfg.eval_strategy != "no":
         cfg.eval_strategy = "no"
 
+    if cfg.averaged_embeddings:  # the bag-of-vectors baseline: a logistic regression, no Trainer
+        from align.stages.classify_embeddings import run_averaged
+
+        return run_averaged(cfg, data)
+
     # Model
     model, tokenizer, ids = load_classifier(cfg, num_labels, id2label, label2id)
     train_ds = tokenize(data["train"], tokenizer, fmt, ids, label2id, cfg.max_length, desc="tokenizing train")

@@ -53,6 +53,21 @@ class ClassifyStageConfig(TrainingArguments, ModelConfig, ScriptArguments):
             "(GPT-1's 'no pre-training' ablation, Table 5). Off: start from the pretrained model."
         },
     )
+    averaged_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "A baseline instead of GPT-1's fine-tuning: logistic regression on the mean of the texts' input "
+            "embeddings (of embeddings_from, default model_name_or_path; with random_init, fresh ones), fit to "
+            "convergence; nothing else trains (align.stages.classify_embeddings). Off: GPT-1's fine-tuning."
+        },
+    )
+    embeddings_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "averaged_embeddings: the model dir, Hub id or word2vec dir (`align inspect embeddings "
+            "--word2vec`) whose vectors are averaged. Default: model_name_or_path."
+        },
+    )
     # Objective
     lm_aux_coef: float = field(
         default=0.5,
@@ -128,6 +143,11 @@ class ClassifyStageConfig(TrainingArguments, ModelConfig, ScriptArguments):
                           "use entail, same_place or where")  # fmt: skip
         if self.tinyworld_heldout_places and not self.dataset_test_size:
             errors.append("tinyworld_heldout_places needs held-out rows: set dataset_test_size (e.g. 300)")
+        if self.embeddings_from and not self.averaged_embeddings:
+            errors.append("embeddings_from is read only with averaged_embeddings true; set it, or remove the key")
+        if self.averaged_embeddings and (self.use_peft or self.push_to_hub):
+            errors.append("averaged_embeddings with use_peft or push_to_hub: the baseline fits a logistic regression "
+                          "on fixed vectors and saves no transformers model; remove those keys")  # fmt: skip
         if self.load_in_4bit or self.load_in_8bit:
             errors.append("load_in_4bit/8bit: not supported (the stage saves the classifier merged); remove the key")
         if errors:
