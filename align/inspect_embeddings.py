@@ -17,7 +17,8 @@ unit(a) - unit(b) + unit(c) (3CosAdd; Mikolov et al. 2013); `rank` is where d la
 
 Class grouping (words of known class: the tiny world's names, colors, places, objects and feelings, when the space
 can represent them all): 1-NN and 5-NN class agreement (the share of a word's nearest other words that have its
-class) and the purity of spherical k-means with one cluster per class, each beside its chance level.
+class) and the purity of spherical k-means with one cluster per class, each beside its chance level, and the mean
+silhouette (cosine distance), which keeps measuring once the classes are separable and the others reach 1.
 
 Beside MODEL, in the same files: `--word2vec` (gensim's word2vec on the stage's own pretraining corpus, saved to
 OUTPUT_DIR/word2vec and reused), `--random_init` (the same architecture with fresh random weights), `--compare DIR`.
@@ -303,7 +304,7 @@ def inspect_space(space: EmbeddingSpace, words: list[str], analogies: list[str],
     neighbours = {}
     for w in words:
         pieces = space.pieces(w)
-        shown = [w] if space.vocab is not None else space.tokenizer.convert_ids_to_tokens(pieces)
+        shown = [w] if space.vocab is not None else [space.tokenizer.decode([i]) for i in pieces]
         same = {c for c in cand_words if c.lower() == w.lower()}  # "King" is no neighbour of "king": the same word
         top = nearest(space.vector(w), cand_vecs, cand_words, top_k, exclude=same | {w})
         neighbours[w] = {"pieces": shown, "top": [[n, round(s, 4)] for n, s in top]}

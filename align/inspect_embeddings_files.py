@@ -16,7 +16,7 @@ from typing import Any
 CLASS_COLORS = {"name": "#1f77b4", "color": "#d62728", "place": "#2ca02c", "object": "#ff7f0e",
                 "feeling": "#9467bd", "other": "#b0b0b0"}  # fmt: skip
 SCORES = (("nn_agreement", "1-NN class agreement"), ("knn5_agreement", "5-NN class agreement"),
-          ("kmeans_purity", "k-means purity"))  # fmt: skip
+          ("kmeans_purity", "k-means purity"), ("silhouette", "silhouette (cosine)"))  # fmt: skip
 
 
 def file_stem(name: str) -> str:
@@ -111,8 +111,12 @@ def report_html(report: dict[str, Any], title: str) -> str:
                    + "</tr>")  # fmt: skip
         for s in grouped:
             g = s["class_grouping"]
-            cells = [f"{g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f})", f"{g['knn5_agreement']:.3f}",
-                     f"{g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f})"]  # fmt: skip
+            cells = [
+                f"{g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f})",
+                f"{g['knn5_agreement']:.3f}",
+                f"{g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f})",
+                f"{g['silhouette']:+.3f}",
+            ]
             out.append(f"<tr><td>{e(s['name'])}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         out.append("</table>")
     out.append(f"<h2>Nearest neighbours (cosine, top {report['top_k']})</h2><table><tr><th>word</th>"
@@ -121,7 +125,8 @@ def report_html(report: dict[str, Any], title: str) -> str:
         cells = []
         for s in spaces:
             n = s["neighbours"][w]
-            pieces = f"<br><span class='note'>pieces {e(' '.join(n['pieces']))}</span>" if len(n["pieces"]) > 1 else ""
+            split = " + ".join(repr(p) for p in n["pieces"])  # repr: a piece's leading space shows
+            pieces = f"<br><span class='note'>mean of {e(split)}</span>" if len(n["pieces"]) > 1 else ""
             cells.append("<td>" + e(", ".join(f"{x} {c:.2f}" for x, c in n["top"])) + pieces + "</td>")
         out.append(f"<tr><th>{e(w)}</th>{''.join(cells)}</tr>")
     out.append("</table>")
@@ -169,7 +174,8 @@ def summary_text(report: dict[str, Any], output_dir: Path, written: list[Path]) 
         if g:
             lines.append(f"class grouping over {g['words']} words: 1-NN agreement {g['nn_agreement']:.3f} (chance "
                          f"{g['nn_agreement_chance']:.3f}), 5-NN {g['knn5_agreement']:.3f}, k-means purity "
-                         f"{g['kmeans_purity']:.3f} (chance {g['kmeans_purity_chance']:.3f})")  # fmt: skip
+                         f"{g['kmeans_purity']:.3f} (chance {g['kmeans_purity_chance']:.3f}), silhouette "
+                         f"{g['silhouette']:+.3f}")  # fmt: skip
         for w, n in s["neighbours"].items():
             lines.append(f"  {w}: " + ", ".join(f"{x} {c:.2f}" for x, c in n["top"][:5]))
         for a in s["analogies"]:

@@ -78,6 +78,28 @@ def chance_nn_agreement(labels: Sequence[str]) -> float:
     return sum(m * (m - 1) for m in Counter(labels).values()) / (n * (n - 1))
 
 
+def silhouette(vectors, labels: Sequence[str]) -> float:
+    """Mean silhouette coefficient (Rousseeuw 1987) with cosine distance 1 - cos: per word, a = mean distance to the
+    other words of its class, b = the smallest mean distance to another class, s = (b - a) / max(a, b) (0 for a
+    class of one). From -1 to 1; unlike the agreement and purity it does not saturate once classes are separable:
+    it says by how much."""
+    import torch
+
+    dist = 1 - cosine_matrix(vectors, vectors)
+    labels = list(labels)
+    classes = sorted(set(labels))
+    members = {c: torch.tensor([j for j, lab in enumerate(labels) if lab == c]) for c in classes}
+    total = 0.0
+    for i, c in enumerate(labels):
+        own = members[c][members[c] != i]
+        if len(own) == 0:
+            continue
+        a = float(dist[i, own].mean())
+        b = min(float(dist[i, members[o]].mean()) for o in classes if o != c)
+        total += 0.0 if max(a, b) == 0 else (b - a) / max(a, b)
+    return total / len(labels)
+
+
 def purity(labels: Sequence[str], clusters: Sequence[int]) -> float:
     """Cluster purity (Manning et al., IR book, 16.3): each cluster counts its most common class; the sum over N."""
     by_cluster: dict[int, Counter] = {}
@@ -135,7 +157,7 @@ def chance_purity(labels: Sequence[str], clusters: Sequence[int], *, seed: int =
 
 def class_grouping(vectors, labels: Sequence[str], *, seed: int = 0) -> dict:
     """How well a space groups words by class: 1-NN and 5-NN class agreement, k-means purity with k = #classes,
-    each beside its chance level."""
+    each beside its chance level, and the silhouette (cosine distance)."""
     k = len(set(labels))
     clusters = kmeans(vectors, k, seed=seed)
     return {
@@ -146,6 +168,7 @@ def class_grouping(vectors, labels: Sequence[str], *, seed: int = 0) -> dict:
         "knn5_agreement": knn_class_agreement(vectors, labels, k=5),
         "kmeans_purity": purity(labels, clusters),
         "kmeans_purity_chance": chance_purity(labels, clusters, seed=seed),
+        "silhouette": silhouette(vectors, labels),
         "clusters": clusters,
     }
 

@@ -230,8 +230,9 @@ def embeddings_inspection(root: Path, stages: dict[str, dict[str, Any]]) -> dict
             continue
         spaces = []
         for space in data.get("spaces") or []:
-            keys = ("nn_agreement", "nn_agreement_chance", "knn5_agreement", "kmeans_purity", "kmeans_purity_chance")
-            grouping = {k: space["class_grouping"][k] for k in keys} if space.get("class_grouping") else None
+            keys = ("nn_agreement", "nn_agreement_chance", "knn5_agreement", "kmeans_purity", "kmeans_purity_chance",
+                    "silhouette")
+            grouping = {k: space["class_grouping"].get(k) for k in keys} if space.get("class_grouping") else None
             neighbours = {w: [n for n, _ in v["top"][:5]] for w, v in list(space["neighbours"].items())[:4]}
             analogies = [{k: a[k] for k in ("query", "expected", "rank")} for a in space.get("analogies") or []]
             spaces.append({"name": space["name"], "source": space["source"], "class_grouping": grouping,
@@ -247,7 +248,8 @@ def _embedding_lines(emb: dict[str, Any]) -> list[str]:
         if g:
             lines.append(f"Embeddings, {s['name']}: grammar classes, 1-NN agreement {g['nn_agreement']:.3f} (chance "
                          f"{g['nn_agreement_chance']:.3f}), k-means purity {g['kmeans_purity']:.3f} (chance "
-                         f"{g['kmeans_purity_chance']:.3f}).")  # fmt: skip
+                         f"{g['kmeans_purity_chance']:.3f})" + (f", silhouette {g['silhouette']:+.3f}."
+                         if g.get("silhouette") is not None else "."))  # fmt: skip
     return lines
 
 
@@ -556,11 +558,13 @@ def _embeddings_md(emb: dict[str, Any] | None) -> list[str]:
            f"(all figures: `{emb['dir']}/embeddings.json`, the page: `embeddings.html`).", ""]  # fmt: skip
     grouped = [s for s in emb["spaces"] if s["class_grouping"]]
     if grouped:
-        out += ["| space | 1-NN class agreement (chance) | 5-NN | k-means purity (chance) |", "|---|---|---|---|"]
+        out += ["| space | 1-NN class agreement (chance) | 5-NN | k-means purity (chance) | silhouette |",
+                "|---|---|---|---|---|"]
         for s in grouped:
             g = s["class_grouping"]
             out.append(f"| {s['name']} | {g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f}) | "
-                       f"{g['knn5_agreement']:.3f} | {g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f}) |")
+                       f"{g['knn5_agreement']:.3f} | {g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f}) | "
+                f"{_signed(g.get('silhouette'))} |")
         out.append("")
     words = list(emb["spaces"][0]["neighbours"]) if emb["spaces"] else []
     if words:
@@ -577,6 +581,10 @@ def _embeddings_md(emb: dict[str, Any] | None) -> list[str]:
         if s["png"]:
             out += ["", f"![{s['name']}](report_files/{s['png']})", ""]
     return out + [""]
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def _md_escape(text: str) -> str:

@@ -23,6 +23,7 @@ from align.inspect_embeddings_math import (
     nearest,
     pca_2d,
     purity,
+    silhouette,
 )
 from align.io import write_stage_info
 
@@ -117,6 +118,14 @@ def test_class_agreement_and_purity_by_hand():
     assert purity(["x", "x", "x", "y", "y", "z"], [0, 0, 1, 1, 1, 2]) == pytest.approx(5 / 6)
 
 
+def test_silhouette_by_hand():
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    # classes on their own axes: a = 0 (same direction), b = 1 - cos 90 deg = 1: s = (1 - 0) / 1 = 1 for every word
+    assert silhouette(torch.tensor([e1, e1, e2, e2]), ["A", "A", "B", "B"]) == pytest.approx(1.0)
+    # each class holds one of each axis: a = 1, b = mean(0, 1) = 0.5: s = (0.5 - 1) / 1 = -0.5 for every word
+    assert silhouette(torch.tensor([e1, e2, e1, e2]), ["A", "A", "B", "B"]) == pytest.approx(-0.5)
+
+
 def test_kmeans_and_grouping_find_separated_classes():
     torch.manual_seed(0)
     axes = torch.eye(3).repeat_interleave(4, 0)  # 3 classes of 4 points on the axes
@@ -169,7 +178,7 @@ def test_tiny_world_model_groups_its_classes(tiny_dir, tmp_path, capsys):
     g = pretrain["class_grouping"]
     assert g["words"] == 69 and g["classes"] == {"color": 10, "feeling": 5, "name": 20, "object": 20, "place": 14}
     # every classed word sits on its class's axis: each nearest word is of its class, k-means finds the classes
-    assert g["nn_agreement"] == 1.0 and g["kmeans_purity"] == 1.0
+    assert g["nn_agreement"] == 1.0 and g["kmeans_purity"] == 1.0 and g["silhouette"] > 0.9
     # chance: (20*19 + 10*9 + 14*13 + 20*19 + 5*4) / (69*68)
     assert g["nn_agreement_chance"] == pytest.approx((380 + 90 + 182 + 380 + 20) / (69 * 68))
     names = {w for w, c in tinyworld_classes().items() if c == "name"}
