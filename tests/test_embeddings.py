@@ -225,6 +225,24 @@ def test_a_subword_word_is_the_mean_of_its_pieces(tmp_path):
     assert word in words and all(w.isalpha() for w in words)  # whole words only, no fragments or punctuation
 
 
+def test_a_reward_model_is_read_through_its_classifier_class(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from align import modeling
+
+    tok = modeling.wordlevel_tokenizer(WORDS, model_max_length=16)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, num_labels=1, pad_token_id=tok.pad_token_id)  # fmt: skip
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(tmp_path / "reward")
+    tok.save_pretrained(tmp_path / "reward")
+    write_stage_info(tmp_path / "reward", "reward", parent=None, recipe={}, data=None, metrics={})
+    space = load_space(str(tmp_path / "reward"))
+    assert space.name == "reward" and not space.subword
+    torch.testing.assert_close(space.matrix, model.get_input_embeddings().weight.detach())
+    torch.testing.assert_close(space.vector("king"), space.matrix[tok.convert_tokens_to_ids("king")].double())
+
+
 def test_errors_are_one_line(tiny_dir, w2v_dir, tmp_path, capsys, monkeypatch):
     out = ["--output_dir", str(tmp_path / "out")]
     msg = _one_line_error(capsys, ["inspect", "embeddings", str(tiny_dir), "--words", "tomm", *out])
