@@ -16,6 +16,7 @@ ids count real tokens only, so each row sees the positions it would see alone.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -174,7 +175,9 @@ def decode(
     width = 1
     per_batch = max(1, batch_size // k)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    with decode_attention_for(model):
+    with decode_attention_for(model), warnings.catch_warnings():
+        # transformers 5.25 renames `past_key_values` to `cache` (5.40 drops it); earlier 5.x know only the former
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         for batch in length_batches([len(p) for p in prompt_ids], per_batch):
             prompts = [list(prompt_ids[i]) for i in batch]
             tokens, lp = _decode_batch(model, prompts, k, share_prefix, prefix, max_new_tokens, pad_token_id, device,
