@@ -149,6 +149,7 @@ def gold_eval(
     samples_per_prompt: int = 1,
     seed: int = 0,
     labeler: GoldLabeler | None = None,
+    backend: str = "transformers",
 ) -> dict[str, Any]:
     """Answer `prompts` with the chat template and score each answer with `labeler` (default: the tiny world's).
 
@@ -185,6 +186,7 @@ def gold_eval(
             temperature=temperature,
             num_return_sequences=samples_per_prompt,
             batch_size=batch_size,
+            backend=backend,
         )
     if was_training:
         model.train()
@@ -209,7 +211,8 @@ def gold_eval(
 def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: float, samples: int = 0,
                     labeler: GoldLabeler | None = None):  # fmt: skip
     """`gold_eval` with a stage config's settings (`gold_eval_max_new_tokens`, `per_device_eval_batch_size`, `seed`):
-    answers decoded at `temperature`, or, with `samples` > 0, that many answers per prompt at SAMPLED_TEMPERATURE."""
+    answers decoded at `temperature`, or, with `samples` > 0, that many answers per prompt at SAMPLED_TEMPERATURE.
+    A config whose `generation_backend` is "align" decodes with align's loop (`align.generate.generate`)."""
     return gold_eval(
         model,
         tokenizer,
@@ -220,6 +223,7 @@ def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: f
         samples_per_prompt=max(samples, 1),
         seed=cfg.seed,
         labeler=labeler,
+        backend="align" if getattr(cfg, "generation_backend", None) == "align" else "transformers",
     )
 
 

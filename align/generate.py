@@ -69,9 +69,18 @@ def generate(
     top_k: int = 0,
     num_return_sequences: int = 1,
     batch_size: int = 32,
+    backend: str = "transformers",
 ) -> list[list[str]]:
-    """Batched sampling with left padding and the KV cache. Returns, per prompt, `num_return_sequences` responses."""
+    """Batched sampling with left padding and the KV cache. Returns, per prompt, `num_return_sequences` responses.
+
+    `backend` "align" samples with `align.generation.decode` (a model with its own recurrent state, the LSTM,
+    always uses `generate`); `batch_size` counts prompts either way."""
     import torch
+
+    if backend == "align" and not getattr(model, "_is_stateful", False):
+        return _generate_align(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k,
+                               num_return_sequences=num_return_sequences, batch_size=batch_size)  # fmt: skip
 
     if chat:
         texts = [
@@ -104,6 +113,35 @@ def generate(
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def _generate_align(model, tokenizer, prompts, *, chat, max_new_tokens, temperature, top_p, top_k,
+                    num_return_sequences, batch_size) -> list[list[str]]:  # fmt: skip
+    from align.generation.decode import decode
+
+    if chat:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template writes BOS itself
+    else:
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else (
+        tokenizer.eos_token_id)  # fmt: skip
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = decode(model, ids, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        num_return_sequences=num_return_sequences,
+                        batch_size=batch_size * num_return_sequences)  # fmt: skip
+    finally:
+        model.train(was_training)
+    decoded = [d.strip() for d in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    k = num_return_sequences
+    return [decoded[i : i + k] for i in range(0, len(decoded), k)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,7 +188,7 @@ class PhasePeaks:
 
 def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: str, checkpointing: bool,
                 updates: int, malloc_mmap_threshold: int | None = None, micro_batch: int = MODEL_PROMPTS,
-                device: str = "cpu"):  # fmt: skip
+                device: str = "cpu", generation_backend: str = "transformers"):  # fmt: skip
     """The real-model workload (see the module docstring): a PPOTrainer and its Clock."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -235,6 +235,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         value_model_init="policy_lora" if layout == "shared" else "reward",
         gradient_checkpointing=checkpointing,
         malloc_mmap_threshold=malloc_mmap_threshold,
+        generation_backend=generation_backend,
     )
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")  # fmt: skip
@@ -292,6 +293,12 @@ def main() -> int:
         choices=["cpu", "cuda"],
         default="cpu",
         help="--model: where the PPO runs (cuda: the GPU's peak memory is reported too; scripts/device_check.sh).",
+    )
+    parser.add_argument(
+        "--generation-backend",
+        choices=["transformers", "align"],
+        default="transformers",
+        help="--model: what samples the rollouts (PPOConfig.generation_backend); the baseline uses transformers.",
     )
     opts = parser.parse_args()
     from align.modeling import cpu_has_native_bf16
@@ -351,7 +358,8 @@ def _bench_model(opts, bf16: bool) -> int:
         trainer, clock = build_model(opts.model, opts.threads, out, bf16=bf16, layout=opts.layout,
                                      checkpointing=opts.checkpointing, updates=opts.updates,
                                      malloc_mmap_threshold=threshold or None,
-                                     micro_batch=opts.micro_batch, device=opts.device)  # fmt: skip
+                                     micro_batch=opts.micro_batch, device=opts.device,
+                                     generation_backend=opts.generation_backend)  # fmt: skip
         setup_s = time.perf_counter() - t0
         if opts.profile:
             _profile(trainer, opts.profile)
@@ -368,6 +376,7 @@ def _bench_model(opts, bf16: bool) -> int:
         "bench": "ppo_model",
         "model": opts.model,
         "layout": opts.layout,
+        "generation_backend": opts.generation_backend,
         "gradient_checkpointing": opts.checkpointing,
         "malloc_mmap_threshold": threshold or None,
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
@@ -413,6 +422,7 @@ def _compare_layouts(opts) -> int:
               "--updates", str(opts.updates), "--device", opts.device]  # fmt: skip
     runs = {
         "default": ["--layout", "shared", "--precision", opts.precision]
+        + ["--generation-backend", opts.generation_backend]
         + ([] if opts.micro_batch is None else ["--micro-batch", str(opts.micro_batch)])
         + ([] if opts.checkpointing else ["--no-checkpointing"])
         + ([] if opts.malloc_mmap_threshold is None else ["--malloc-mmap-threshold", str(opts.malloc_mmap_threshold)]),

@@ -187,3 +187,26 @@ def test_sampler_copy_merged_adapter_gives_the_policys_greedy_tokens():
     x = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
         torch.testing.assert_close(copy.model(x).logits, policy(x).logits)
+
+
+@pytest.mark.parametrize(
+    "model_type,sizes",
+    [("llama", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}),
+     ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 2})],
+)  # fmt: skip
+def test_generate_backends_agree_when_greedy(model_type, sizes):
+    # align.generate.generate, the path of rank, gold evaluation and best-of-n: both backends, the same answers
+    from align import modeling
+    from align.generate import generate
+
+    tok = modeling.wordlevel_tokenizer(["good", "bad", "a", "b", "c", "d"])
+    torch.manual_seed(0)
+    model = modeling.new_causal_lm(model_type, sizes, tok, max_length=64).eval()
+    modeling.set_generation_defaults(model, tok)
+    prompts = ["a b c", "good", "d d a b"]
+    kw = dict(chat=False, max_new_tokens=7, temperature=0.0, batch_size=2)
+    ours = generate(model, tok, prompts, backend="align", **kw)
+    assert ours == generate(model, tok, prompts, backend="transformers", **kw)
+    assert len(ours) == 3 and all(len(g) == 1 and g[0] for g in ours)
+    # K greedy answers per prompt (generate refuses them; align's loop returns K copies of the one answer)
+    assert generate(model, tok, prompts, backend="align", num_return_sequences=2, **kw) == [g * 2 for g in ours]

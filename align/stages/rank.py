@@ -204,6 +204,7 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
             top_k=cfg.top_k,
             num_return_sequences=cfg.num_generations,
             batch_size=step,
+            backend=cfg.generation_backend,
         )
     if state.num_processes > 1:
         pairs = sorted(gather_object(list(zip(mine, out, strict=True))))

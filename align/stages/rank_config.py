@@ -68,6 +68,14 @@ class RankConfig(ModelConfig, ScriptArguments):
     generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per generate() call; each yields num_generations sequences."}
     )
+    generation_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "What samples: 'transformers' (the model's generate) or 'align' (align's decode loop: each "
+            "prompt computed once for its K answers, ended answers leave the batch; docs/generation.md).",
+            "choices": ["transformers", "align"],
+        },
+    )
     # Labeler
     labeler: str = field(
         default=GOLD,

@@ -292,7 +292,17 @@ class PPOTrainer:
         )
         self.model, self.optimizer = acc.prepare(wrapper, optimizer)
         self.vllm = None  # generation_backend vllm: TRL's colocated engine, weights pushed before each rollout
-        if args.generation_backend == "vllm":
+        self.sampler = None  # generation_backend align: the policy's merged copy, synced before each rollout
+        if args.generation_backend == "align":
+            from align.generation.sampler_copy import SamplerCopy
+
+            if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
+                raise AlignError(
+                    f"ppo: generation_backend align needs the whole policy on each process, not "
+                    f"{acc.distributed_type.value}'s shards; set generation_backend: transformers."
+                )
+            self.sampler = SamplerCopy(self.policy, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        elif args.generation_backend == "vllm":
             from align.trainers.ppo_vllm import make_vllm_engine
 
             self.vllm = make_vllm_engine(self.policy, tokenizer, args=args, accelerator=acc,
@@ -458,6 +468,8 @@ class PPOTrainer:
         idx = self._batch_indices(step - 1)
         if self.vllm is not None:
             self.vllm.sync_weights()  # the policy as the last update left it (LoRA merged in for the push)
+        if self.sampler is not None:
+            self.sampler.sync()  # likewise: the merged copy align's decode samples from
         with self._full_parameters():
             rollout = make_rollout(
                 self.policy,
@@ -472,7 +484,7 @@ class PPOTrainer:
                 eos_token_ids=self.eos_token_ids,
                 accelerator=self.accelerator,
                 use_gen_logits=self._use_gen_logits,
-                engine=self.vllm,
+                engine=self.vllm or self.sampler,
             )
         self._check_finite(step, **{"ppo/score": rollout.raw_scores})
         metrics = self._rollout_metrics(rollout)
@@ -771,7 +783,15 @@ class PPOTrainer:
             sample=sample,
             temperature=temperature,
             output_logits=self._use_gen_logits,
+            engine=self._synced_sampler(),
         )
+
+    def _synced_sampler(self):
+        """The sampler copy, synced with the policy, when generation_backend is align; None otherwise."""
+        if self.sampler is None:
+            return None
+        self.sampler.sync()
+        return self.sampler
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from align.config import (
 from align.rl.ppo import KL_ESTIMATORS
 
 VALUE_MODEL_INITS = ("reward", "policy", "policy_lora")
-GENERATION_BACKENDS = ("transformers", "vllm")
+GENERATION_BACKENDS = ("transformers", "align", "vllm")
 
 
 @dataclass
@@ -267,11 +267,13 @@ class PPOConfig(TrainingArguments):
     generation_backend: str = field(
         default="transformers",
         metadata={
-            "help": "What samples the rollouts: 'transformers' (the policy's generate) or 'vllm' (GPUs: a vLLM "
+            "help": "What samples the rollouts: 'transformers' (the policy's generate); 'align' (align's decode "
+            "loop on a copy of the policy with LoRA merged, in bf16 when training in bf16, synced before each "
+            "rollout: docs/generation.md); or 'vllm' (GPUs: a vLLM "
             "engine colocated on each training GPU, TRL's VLLMGeneration, as TRL's GRPO with vllm_mode colocate; "
             "the policy's weights, LoRA merged, are pushed to it before each rollout; old logprobs still come from "
             "the policy). Needs `pip install vllm` in a version TRL supports (0.22 to 0.31 for TRL 1.16). "
-            "Evaluation decodes with transformers either way.",
+            "Evaluation during training samples as the rollouts do, except with vllm (transformers).",
             "choices": list(GENERATION_BACKENDS),
         },
     )

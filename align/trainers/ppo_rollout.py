@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from align.errors import AlignError
+from align.generation.decode import decode
+from align.generation.sampler_copy import SamplerCopy
 from align.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
@@ -203,6 +205,10 @@ def generate_responses(
     Returns:
         (query_responses `(B, P + T)`, prompt_mask `(B, P)`, responses `(B, T)`, logprobs `(B, T)` or None).
     """
+    temperature = args.temperature if temperature is None else temperature
+    if isinstance(engine, SamplerCopy):
+        return sampler_responses(engine, tokenizer, prompt_ids, args=args, eos_token_ids=eos_token_ids,
+                                 device=accelerator.device, temperature=temperature if sample else 0.0)  # fmt: skip
     if engine is not None:
         from align.trainers.ppo_vllm import vllm_responses
 
@@ -210,7 +216,6 @@ def generate_responses(
     from transformers import GenerationConfig
     from trl.trainer.utils import selective_log_softmax
 
-    temperature = args.temperature if temperature is None else temperature
     sample = sample and temperature > 0
     gen_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -251,6 +256,27 @@ def generate_responses(
     old = torch.cat([nn.functional.pad(x, (0, width - x.shape[1])) for x in logprobs]) if logprobs else None
     query_responses = torch.cat([input_ids.to(device), responses], dim=1)
     return query_responses, prompt_mask.to(device), responses, old
+
+
+def sampler_responses(sampler: SamplerCopy, tokenizer, prompt_ids: list[list[int]], *, args: PPOConfig,
+                      eos_token_ids, device, temperature: float):  # fmt: skip
+    """`generate_responses`' tuple from align's decode loop on the policy's merged copy: (query_responses
+    `(B, P + T)`, prompt_mask `(B, P)`, responses `(B, T)` right-padded with the pad token after each EOS, None:
+    the old logprobs come from the policy's own forward)."""
+    responses = decode(
+        sampler.model,
+        prompt_ids,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_k=args.top_k or 0,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+        min_new_tokens=args.min_new_tokens or 0,
+        batch_size=args.local_rollout_forward_batch_size,
+    )
+    input_ids, prompt_mask = pad_left(prompt_ids, tokenizer.pad_token_id)
+    return torch.cat([input_ids, responses], dim=1).to(device), prompt_mask.to(device), responses.to(device), None
 
 
 @torch.no_grad()
