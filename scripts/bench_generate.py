@@ -13,6 +13,7 @@ fraction of it each path reaches (0.27 GFLOP per new token plus the prefill's, a
 
     python scripts/bench_generate.py                 # ~6 min on a 2-core AMD EPYC
     python scripts/bench_generate.py --repeats 1 --prompts 16
+    python scripts/bench_generate.py --prompts 16 --k 4 --new-tokens 128   # rank's shape: K answers per prompt
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=1, help="Answers per prompt (rank's num_generations); > 1 drops "
+                        "the greedy paths.")
     parser.add_argument("--threads", type=int, default=2)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
@@ -99,18 +102,19 @@ def main() -> int:
         enc = tok.pad({"input_ids": ids}, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=n_new, do_sample=sample, temperature=1.0 if sample else None,
+                                 num_return_sequences=opts.k,
                                  top_k=0 if sample else None, top_p=1.0 if sample else None, pad_token_id=pad,
                                  eos_token_id=eos)  # fmt: skip
         new = out[:, enc["input_ids"].shape[1] :]
         ended = (new == eos).cumsum(1)
         kept = int(((ended == 0) | ((ended == 1) & (new == eos))).sum())
         # generate computes every row's prompt, and every row until all have ended
-        return kept, sum(map(len, ids)), len(ids) * new.shape[1]
+        return kept, opts.k * sum(map(len, ids)), opts.k * len(ids) * new.shape[1]
 
     def ours(model, sample, **kw):
         stats = DecodeStats()
         decode(model, ids, max_new_tokens=n_new, eos_token_ids=eos, pad_token_id=pad,
-               temperature=1.0 if sample else 0.0, stats=stats, **kw)  # fmt: skip
+               temperature=1.0 if sample else 0.0, num_return_sequences=opts.k, stats=stats, **kw)  # fmt: skip
         return stats.new_tokens, stats.prefill_tokens, stats.row_steps
 
     paths = {
@@ -122,6 +126,8 @@ def main() -> int:
         "align_bf16_no_compaction": lambda: ours(bf16, True, compact_fraction=2.0),
         "align_fp32": lambda: ours(fp32, True),
     }
+    if opts.k > 1:  # generate refuses K greedy answers
+        paths = {name: fn for name, fn in paths.items() if "greedy" not in name}
     results = {}
     for name, fn in paths.items():
         runs = []
@@ -144,6 +150,7 @@ def main() -> int:
         "bench": "generate",
         "model": opts.model,
         "prompts": len(ids),
+        "answers_per_prompt": opts.k,
         "new_tokens": n_new,
         "repeats": opts.repeats,
         "bf16_matmul_peak_gflops": round(peak, 1),

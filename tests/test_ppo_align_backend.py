@@ -54,4 +54,6 @@ def test_rollouts_come_from_the_synced_merged_copy(tmp_path, monkeypatch, bf16):
     tol = dict(rtol=0.05, atol=0.05) if bf16 else {}
     torch.testing.assert_close(ours, theirs, **tol)
     assert not torch.allclose(theirs, base, atol=1e-3)
-    assert all(h["ppo/response_length"] >= 2 for h in trainer.state.log_history if "ppo/response_length" in h)
+    logged = [h for h in trainer.state.log_history if "ppo/response_length" in h]
+    assert len(logged) == 2 and all(h["ppo/response_length"] >= 2 for h in logged)
+    assert all(0 < h["time/sampling"] <= h["time/generation"] for h in logged)

@@ -91,7 +91,7 @@ def test_short_run_raises_reward(tmp_path, tok):
     last = trainer.state.log_history[-1]
     for key in ("ppo/kl", "ppo/reward", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/policy_loss",
                 "ppo/value_loss", "ppo/explained_variance", "ppo/response_length", "ppo/eos_rate", "ppo/kl_coef",
-                "time/generation", "time/scoring", "time/training"):  # fmt: skip
+                "time/generation", "time/sampling", "time/scoring", "time/training"):  # fmt: skip
         assert key in last, key
     assert trainer.ref_policy is not None and not any(p.requires_grad for p in trainer.ref_policy.parameters())
 

@@ -514,6 +514,7 @@ class PPOTrainer:
             ).item(),
             "ppo/value_mean": masked_mean(r.values, r.mask).item(),
             "time/generation": r.generation_time,
+            "time/sampling": r.sampling_time,
             "time/scoring": r.scoring_time,
         }
 

@@ -90,6 +90,7 @@ class Rollout:
     response_texts: list[str]
     generation_time: float
     scoring_time: float
+    sampling_time: float = 0.0  # the part of generation_time spent sampling (the rest: the old logprobs' forward)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -432,6 +433,7 @@ def make_rollout(
         output_logits=use_gen_logits and engine is None,
         engine=engine,
     )
+    t_sampled = time.perf_counter()
     mask, has_eos = response_mask(responses, eos_token_ids)
     attn = torch.cat([prompt_mask, mask.long()], dim=1)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
@@ -484,4 +486,5 @@ def make_rollout(
         response_texts=texts,
         generation_time=t1 - t0,
         scoring_time=t2 - t1,
+        sampling_time=t_sampled - t0,
     )
