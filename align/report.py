@@ -403,7 +403,8 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
         sft_gold = (top.get("gold_score") or {}).get("sft", (top.get("gold_score") or {}).get(PARENT))
         fig, axes = figure(3, title="PPO, per update")
         drawn = [
-            line_panel(axes[0], history, [("ppo/score", "reward-model score")], "reward-model score"),
+            line_panel(axes[0], history, [("ppo/rm_score", "reward model's own"),
+                                          ("ppo/score", "optimized (penalty, clip)")], "reward-model score"),
             line_panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
             line_panel(
                 axes[2],

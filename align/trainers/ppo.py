@@ -500,12 +500,17 @@ class PPOTrainer:
     def _rollout_metrics(self, r: Rollout) -> dict[str, float]:
         """TRL's rollout metrics over all processes (per-response values gathered; `ppo/value_mean` this process's)."""
         g = self.accelerator.gather
-        kl_seq, score_g = g(r.kl.sum(1)), g(r.scores)
+        kl_seq, score_g, raw_g = g(r.kl.sum(1)), g(r.scores), g(r.raw_scores)
         return {
             "ppo/kl": kl_seq.mean().item(),
             "ppo/reward": g(r.rewards.sum(1)).mean().item(),
+            # the score PPO optimizes: the reward model's (or reward function's), less missing_eos_penalty, clipped
             "ppo/score": score_g.mean().item(),
             "ppo/score_std": score_g.std().item() if score_g.numel() > 1 else 0.0,
+            # the reward model's own score, before the penalty and the clip, and what they took off it
+            "ppo/rm_score": raw_g.mean().item(),
+            "ppo/rm_score_std": raw_g.std().item() if raw_g.numel() > 1 else 0.0,
+            "ppo/score_adjustment": (score_g - raw_g).mean().item(),
             "ppo/response_length": g(r.mask.sum(1).float()).mean().item(),
             "ppo/eos_rate": g(r.has_eos.float()).mean().item(),
             "ppo/kl_coef": r.kl_coef,
