@@ -10,6 +10,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402 - after the environment above, which must be set before anything imports datasets
 
 
+@pytest.fixture(autouse=True)
+def isolated_align_cache(tmp_path_factory, monkeypatch):
+    """align's own cache (gold evaluations of a fixed model) in a fresh folder per test, never ~/.cache: a test must
+    not read what another stored. Subprocesses inherit it through the environment."""
+    monkeypatch.setenv("ALIGN_CACHE_DIR", str(tmp_path_factory.mktemp("align_cache")))
+
+
 @pytest.fixture
 def isolated_datasets_cache(tmp_path_factory, monkeypatch):
     """datasets' Arrow cache (and align's JSON cache under it) in a fresh folder, away from ~/.cache and others."""

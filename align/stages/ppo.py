@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from align import evaluation
 from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
@@ -220,9 +221,21 @@ def parent_gold_score(cfg, model, tokenizer, prompts: list[str], samples: int = 
                     "source": f"{cfg.model_name_or_path}/align_stage.json"}  # fmt: skip
     if settings is not None:
         logger.info("ppo: the SFT stage's gold eval used other settings (%s); scoring the parent again.", settings)
-    result = _gold(cfg, model, tokenizer, prompts, samples, labeler)
-    return {"gold_scores": [float(s) for s in result["gold_scores"]], "gold_pass_rates": result["gold_pass_rates"],
-            "responses": result["responses"], "source": "computed"}  # fmt: skip
+    def compute() -> dict[str, Any]:
+        result = _gold(cfg, model, tokenizer, prompts, samples, labeler)
+        return {"gold_scores": [float(s) for s in result["gold_scores"]],
+                "gold_pass_rates": result["gold_pass_rates"], "responses": result["responses"]}  # fmt: skip
+
+    # The same model, prompts and decoding on a rerun (a recipe tuned around a fixed parent): read it back
+    fingerprint = evaluation.model_fingerprint(cfg.model_name_or_path)
+    name = getattr(labeler, "name", None)
+    key = None if fingerprint is None else {
+        "model": fingerprint, "prompts": prompts, "settings": ours, "seed": cfg.seed, "dtype": str(model.dtype),
+        "batch_size": cfg.per_device_eval_batch_size, "backend": cfg.generation_backend, "labeler": name,
+        "labeler_source": evaluation.source_digest(name),
+    }  # fmt: skip
+    result, source = evaluation.cached_gold_eval(key, compute)
+    return {**result, "source": source}
 
 
 def final_mean(log_history: list[dict[str, Any]], key: str) -> float:
