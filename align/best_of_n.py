@@ -61,13 +61,15 @@ def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = Non
     policy_path, reward_path = recipe["model_name_or_path"], recipe["reward_model_path"]
     max_new_tokens = int(recipe.get("gold_eval_max_new_tokens", 64))
     seed = int(recipe.get("seed", 42))
+    backend = "align" if recipe.get("generation_backend") == "align" else "transformers"  # sample as the stage did
 
     tokenizer = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         groups = generate(policy, tokenizer, prompts, chat=True, max_new_tokens=max_new_tokens,
-                          temperature=SAMPLED_TEMPERATURE, num_return_sequences=n, batch_size=batch_size)  # fmt: skip
+                          temperature=SAMPLED_TEMPERATURE, num_return_sequences=n, batch_size=batch_size,
+                          backend=backend)  # fmt: skip
     del policy
     reward = load_scorer(reward_path, batch_size=batch_size)
     flat = reward([p for p, g in zip(prompts, groups, strict=True) for _ in g], [r for g in groups for r in g])

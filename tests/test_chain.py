@@ -19,7 +19,7 @@ from align.io import read_stage_info
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-CHAIN_RECIPES = sorted((ROOT / "recipes").rglob("chain.yaml"))
+CHAIN_RECIPES = sorted((ROOT / "recipes").rglob("chain*.yaml"))
 
 TINY_PRETRAIN = {
     "model_type": "llama",

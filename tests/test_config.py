@@ -9,9 +9,11 @@ from align.config import parse_config, recipe_dict
 from align.errors import AlignError
 
 ROOT = Path(__file__).resolve().parents[1]
-# Chain recipes (chain.yaml) are checked by tests/test_chain.py: they list stages, not one stage's keys.
+# Chain recipes (chain.yaml, chain_*.yaml) are checked by tests/test_chain.py: they list stages, not one stage's keys.
 STAGE_RECIPES = sorted(
-    p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate_configs" not in p.parts and p.stem != "chain"
+    p
+    for p in (ROOT / "recipes").rglob("*.yaml")
+    if "accelerate_configs" not in p.parts and p.stem.split("_")[0] != "chain"
 )
 ACCELERATE_CONFIGS = [
     *sorted((ROOT / "recipes" / "accelerate_configs").glob("*.yaml")),
