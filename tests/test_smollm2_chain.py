@@ -127,3 +127,27 @@ def test_the_smollm2_chain_end_to_end(tmp_path_factory):
     for stage in ("reward", "ppo"):
         card = ModelCard((preview / stage / "README.md").read_text())
         assert card.data.base_model == HUB_ID, stage
+
+
+@pytest.mark.slow
+def test_the_quick_chain_as_shipped(tmp_path_factory):
+    """recipes/smollm2-135m/chain_quick.yaml at its own size (about 11 min on 2 cores): the loop to iterate on runs
+    end to end from the GGUF file, and logs what its figures are read from."""
+    pytest.importorskip("gguf")
+    gguf_file = smollm2_gguf(tmp_path_factory.mktemp("gguf"))
+    run = tmp_path_factory.mktemp("quick") / "run"
+    command = [sys.executable, "-m", "align", "run", str(RECIPES / "chain_quick.yaml"), "--output_root", str(run),
+               "--model_name_or_path", str(gguf_file)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=2400)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rank, ppo = read_stage_info(run / "rank"), read_stage_info(run / "ppo")
+    assert rank["metrics"]["num_prompts"] == 64 and rank["recipe"]["generation_backend"] == "align"
+    assert len(ppo["gold_scores"]) == len(ppo["parent_gold_scores"]) == 64
+    updates = [h for h in ppo["log_history"] if "ppo/rm_score" in h]
+    assert len(updates) == 4
+    for h in updates:  # the reward model's own score, what the penalty took off, EOS rate and length: every update
+        assert h["ppo/score"] == pytest.approx(h["ppo/rm_score"] + h["ppo/score_adjustment"], abs=1e-4)
+        assert 0 <= h["ppo/eos_rate"] <= 1 and 0 < h["ppo/response_length"] <= 64
+        assert 0 < h["time/sampling"] <= h["time/generation"]
+    assert (run / "report.html").is_file()
