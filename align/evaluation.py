@@ -161,6 +161,7 @@ def gold_eval(
     on the same random draws where their distributions agree.
 
     Returns `{"gold_score": mean, "gold_pass_rates": {constraint: mean over the answers it applies to},
+    "gold_pass_counts": {constraint: how many answers that is},
     "gold_scores": per-prompt list, "responses": the first answer to each prompt, "samples": first `num_samples`
     (prompt, response, gold_score), one answer per prompt}`.
     """
@@ -197,10 +198,12 @@ def gold_eval(
     flat = [c[1] for cs in checked for c in cs]
     keys = sorted({k for d in flat for k in d})
     # Over the answers a constraint applies to (a verifiable prompt has 1-3 of 19 kinds; tiny world: all, always).
-    rates = {k: sum(d[k] for d in flat if k in d) / sum(k in d for d in flat) for k in keys}
+    counts = {k: sum(k in d for d in flat) for k in keys}
+    rates = {k: sum(d[k] for d in flat if k in d) / counts[k] for k in keys}
     return {
         "gold_score": sum(scores) / len(scores),
         "gold_pass_rates": rates,
+        "gold_pass_counts": counts,  # answers each rate is over: a rate on 4 answers is not one on 40
         "gold_scores": scores,
         "responses": [g[0] for g in groups],
         "samples": [

@@ -137,6 +137,8 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if ppo.get("gold_pass_rates") and ppo.get("parent_gold_pass_rates"):
             # Per constraint (kind), greedy answers: where PPO gained and where it lost.
             out["gold_pass_rates"] = {vs: ppo["parent_gold_pass_rates"], "ppo": ppo["gold_pass_rates"]}
+            if ppo.get("gold_pass_counts"):  # the same held-out prompts for both: one count per constraint
+                out["gold_pass_counts"] = ppo["gold_pass_counts"]
     if ppo:
         out["ppo_reward"] = ppo["metrics"].get("reward")
         out["ppo_kl"] = ppo["metrics"].get("kl")
@@ -520,7 +522,10 @@ def _pass_rates(top: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     models = list(rates)
     kinds = sorted({k for r in rates.values() for k in r})
     rows = [[k, *(f"{rates[m][k]:.1%}" if k in rates[m] else "n/a" for m in models)] for k in kinds]
-    return [LABELS[m] for m in models], rows
+    counts = top.get("gold_pass_counts") or {}
+    if counts:
+        rows = [[*row, str(counts.get(row[0], "n/a"))] for row in rows]
+    return [LABELS[m] for m in models] + (["answers"] if counts else []), rows
 
 
 def _markdown(root: Path, stages, top, table, examples, figures) -> str:

@@ -90,6 +90,7 @@ def test_function_labeler_scores_and_pass_rates_per_constraint_kind(tmp_path, mo
     assert out["gold_scores"] == pytest.approx([0.75, 0.125])
     # nonempty: 3 of 4 answers; short (1-2 words): "a b" and "a"
     assert out["gold_pass_rates"] == {"nonempty": 0.75, "short": 0.5}
+    assert out["gold_pass_counts"] == {"nonempty": 4, "short": 4}  # 2 prompts x 2 answers, both kinds on each
     assert out["samples"][0] == {"prompt": "p0", "response": "a b", "gold_score": 0.5}
 
 

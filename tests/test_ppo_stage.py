@@ -196,7 +196,8 @@ def test_any_checker_scores_parent_and_policy_and_the_report_shows_them(tmp_path
     assert top["gold_pass_rates"] == {"parent": info["parent_gold_pass_rates"], "ppo": info["gold_pass_rates"]}
     text = report_md.read_text()
     assert "PPO beats its parent (sft) on" in text and "checker length.py:score, ties count half" in text
-    assert "| constraint | parent | PPO |" in text and "| long |" in text
+    assert info["gold_pass_counts"] == {"nonempty": 8, "long": 8}  # each kind over the 8 held-out answers
+    assert "| constraint | parent | PPO | answers |" in text and "| long |" in text and " | 8 |" in text
     assert "| prompt | parent | PPO |" in text  # the parent answers beside PPO, each with its checker score
 
 

@@ -356,7 +356,8 @@ def run(cfg) -> Path:
         metrics["gold_score"] = this["gold_score"]
         metrics["gold_win_rate"] = win_rate(this["gold_scores"], parent_scores)
         # gold_responses (and parent_gold_responses): the greedy answers the per-prompt scores are of, to audit them.
-        extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"],
+        extra.update(gold_pass_rates=this["gold_pass_rates"], gold_pass_counts=this["gold_pass_counts"],
+                     gold_scores=this["gold_scores"],
                      gold_responses=this["responses"], gold_samples=this["samples"])  # fmt: skip
         if cfg.gold_eval_samples:
             sampled = _gold(cfg, trainer.policy, tokenizer, prompts, cfg.gold_eval_samples, labeler)
