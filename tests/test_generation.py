@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from align.generation.attention import decode_attention
 from align.generation.decode import DecodeStats, common_prefix_length, decode, length_batches
-from align.generation.sampler_copy import SamplerCopy
 from align.generation.sampling import filter_logits, sample_next
+from align.trainers.ppo_sampler import SamplerCopy
 
 
 def tiny_llama(seed: int = 0, vocab: int = 40):
@@ -210,3 +210,15 @@ def test_generate_backends_agree_when_greedy(model_type, sizes):
     assert len(ours) == 3 and all(len(g) == 1 and g[0] for g in ours)
     # K greedy answers per prompt (generate refuses them; align's loop returns K copies of the one answer)
     assert generate(model, tok, prompts, backend="align", num_return_sequences=2, **kw) == [g * 2 for g in ours]
+
+
+def test_sampler_copy_of_a_full_policy_is_the_policy():
+    # no adapter (full fine-tuning): the copy holds the policy's own weights, tied embeddings included
+    model = tiny_llama(seed=2)
+    copy = SamplerCopy(model, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.5)
+    copy.sync()
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy.model(x).logits, model(x).logits)

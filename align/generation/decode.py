@@ -9,7 +9,7 @@ What it does that `model.generate` does not, each lever measured alone by `scrip
 - a row that ends (EOS) leaves the batch and its KV cache once enough rows have ended, so it stops costing;
 - no logits processors, stopping criteria or per-step output bookkeeping: one forward, one draw.
 
-The model runs as given: a bf16 copy for speed is the caller's choice (`align.generation.SamplerCopy`).
+The model runs as given: a bf16 copy for speed is the caller's choice (PPO: `align.trainers.ppo_sampler.SamplerCopy`).
 Attention masks with padding between the shared prefix and a prompt's own tokens are ordinary 2-D masks; position
 ids count real tokens only, so each row sees the positions it would see alone.
 """

@@ -294,7 +294,7 @@ class PPOTrainer:
         self.vllm = None  # generation_backend vllm: TRL's colocated engine, weights pushed before each rollout
         self.sampler = None  # generation_backend align: the policy's merged copy, synced before each rollout
         if args.generation_backend == "align":
-            from align.generation.sampler_copy import SamplerCopy
+            from align.trainers.ppo_sampler import SamplerCopy
 
             if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
                 raise AlignError(

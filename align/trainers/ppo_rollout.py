@@ -18,11 +18,11 @@ from torch import nn
 
 from align.errors import AlignError
 from align.generation.decode import decode
-from align.generation.sampler_copy import SamplerCopy
 from align.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import adapters_disabled, policy_logits, value_head_forward
+from align.trainers.ppo_sampler import SamplerCopy
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
