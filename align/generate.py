@@ -57,6 +57,18 @@ def use_chat(model: str, tokenizer, mode: str) -> bool:
     return bool(tokenizer.chat_template)
 
 
+def prompt_texts(tokenizer, prompts: list[str], chat: bool) -> tuple[list[str], bool]:
+    """(texts to tokenize, whether the tokenizer adds its special tokens): user turns in the chat template, whose
+    text writes BOS itself, or the prompts as they are."""
+    if not chat:
+        return prompts, True
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    return texts, False
+
+
 def generate(
     model,
     tokenizer,
@@ -82,14 +94,7 @@ def generate(
                                temperature=temperature, top_p=top_p, top_k=top_k,
                                num_return_sequences=num_return_sequences, batch_size=batch_size)  # fmt: skip
 
-    if chat:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        add_special = False  # the template writes BOS itself
-    else:
-        texts, add_special = prompts, True
+    texts, add_special = prompt_texts(tokenizer, prompts, chat)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the last real token
     out: list[list[str]] = []
@@ -119,14 +124,8 @@ def _generate_align(model, tokenizer, prompts, *, chat, max_new_tokens, temperat
                     num_return_sequences, batch_size) -> list[list[str]]:  # fmt: skip
     from align.generation.decode import decode
 
-    if chat:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # the template writes BOS itself
-    else:
-        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    texts, add_special = prompt_texts(tokenizer, prompts, chat)
+    ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else (
         tokenizer.eos_token_id)  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
