@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.evaluation.stage_metrics import summary_line
 from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, output_lock, read_stage_info
-from align.stage_metrics import summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def load_chain(
     report = data.get("report") or {}
     if not isinstance(report, dict):
         raise AlignError(f"{path}: 'report' is a {type(report).__name__}, expected a mapping like {{examples: 6}}.")
-    from align.report import check_options
+    from align.evaluation.report import check_options
 
     check_options(report, str(path))
     shared_keys = {k: v for k, v in data.items() if k not in CHAIN_KEYS}
@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("Chain %s finished in %s:\n%s", _rel(chain.path), _clock(time.perf_counter() - t0),
                         summary_table(rows))  # fmt: skip
         if not args.no_report:
-            from align.report import write_report
+            from align.evaluation.report import write_report
 
             files = write_report(chain.output_root, chain.report)
             logger.info("Report: %s", ", ".join(str(f) for f in files))

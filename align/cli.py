@@ -23,10 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("align.stages.ppo", "optimize the policy against the reward model with PPO (InstructGPT step 3)"),
     "classify": ("align.stages.classify", "GPT-1 discriminative fine-tuning: a causal LM becomes a text classifier"),
     "run": ("align.chain", "run a whole chain recipe: pretrain -> sft -> rank -> reward -> ppo"),
-    "generate": ("align.generate", "sample text or chat replies from a model dir or Hub id"),
-    "score": ("align.score", "score prompt/response pairs with a reward model or the tiny-world gold labeler"),
+    "generate": ("align.generation.generate", "sample text or chat replies from a model dir or Hub id"),
+    "score": ("align.evaluation.score", "score prompt/response pairs with a reward model or a gold labeler"),
     "push": ("align.hub.push", "push a stage (or a whole run) to the Hugging Face Hub with a model card"),
-    "inspect": ("align.inspect", "look inside a model: attention heatmaps per layer/head vs gradient attribution"),
+    "inspect": ("align.inspect.cli", "look inside a model: attention heatmaps per layer/head vs gradient attribution"),
 }
 
 

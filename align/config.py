@@ -163,7 +163,7 @@ def resolve_auto_bf16(cfg) -> None:
         return
     import torch
 
-    from align.modeling import cpu_has_native_bf16
+    from align.models.modeling import cpu_has_native_bf16
 
     if torch.cuda.is_available() and not cfg.use_cpu:
         cfg.bf16 = bool(torch.cuda.is_bf16_supported())
@@ -179,7 +179,7 @@ def resolve_auto_bf16(cfg) -> None:
 def resolve_model_keys(cfg) -> None:
     """Resolve `package:` references in the model and tokenizer keys to absolute paths and check `model_hub_id`,
     once, at validation: every later reader (load_pretrained, parent_of, the chain) then sees an ordinary path."""
-    from align.modeling import MODEL_KEYS, resolve_package_ref
+    from align.models.modeling import MODEL_KEYS, resolve_package_ref
 
     for key in MODEL_KEYS:
         value = getattr(cfg, key, None)

@@ -78,7 +78,7 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     from align.generation.decode import DecodeStats, decode
-    from align.modeling import load_causal_lm, load_tokenizer, resolve_package_ref
+    from align.models.modeling import load_causal_lm, load_tokenizer, resolve_package_ref
 
     hf_logging.set_verbosity_error()
     path = resolve_package_ref(opts.model)

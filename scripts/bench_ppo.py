@@ -51,7 +51,7 @@ import torch  # noqa: E402
 UPDATES, PROMPTS, MINI, EPOCHS, NEW_TOKENS, VOCAB = 16, 32, 16, 2, 32, 512
 # --model: the real-model workload
 MODEL_UPDATES, MODEL_PROMPTS, MODEL_EPOCHS, MODEL_NEW_TOKENS = 4, 16, 4, 64
-LEAN_MALLOC_THRESHOLD = 4 * 2**20  # below the 4.9 MB hidden states of 16 x 134 tokens (align.memory_plan)
+LEAN_MALLOC_THRESHOLD = 4 * 2**20  # below the 4.9 MB hidden states of 16 x 134 tokens (align.models.memory_plan)
 # Training 8 of the 16 rollout rows at a time: the whole rollout at once peaked at 3.07 GiB (fp32, AVX2 EPYC), 8 at
 # 2.73 GiB (bf16, avx512_bf16 EPYC), each with the rest unchanged; the update is the same (gradient accumulation 2)
 LEAN_MICRO_BATCH = 8
@@ -79,7 +79,7 @@ def bench_args(output_dir: str, bf16: bool, use_cpu: bool = True, **workload):
 def build(threads: int, output_dir: str, bf16: bool = False):
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from align.modeling import wordlevel_tokenizer
+    from align.models.modeling import wordlevel_tokenizer
     from align.trainers.ppo import PPOTrainer
 
     torch.set_num_threads(threads)
@@ -194,7 +194,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
     from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
 
-    from align.modeling import (
+    from align.models.modeling import (
         ensure_chat_template,
         load_causal_lm,
         load_tokenizer,
@@ -301,7 +301,7 @@ def main() -> int:
         help="--model: what samples the rollouts (PPOConfig.generation_backend); the baseline uses transformers.",
     )
     opts = parser.parse_args()
-    from align.modeling import cpu_has_native_bf16
+    from align.models.modeling import cpu_has_native_bf16
 
     if opts.precision is None:
         opts.precision = "auto" if opts.model else "fp32"

@@ -32,7 +32,7 @@ def one_run(args) -> dict:
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from align.modeling import new_causal_lm, wordlevel_tokenizer
+    from align.models.modeling import new_causal_lm, wordlevel_tokenizer
 
     tokenizer = wordlevel_tokenizer([f"w{i}" for i in range(args.vocab - 7)])  # 7 special/chat tokens
     assert len(tokenizer) == args.vocab, len(tokenizer)
@@ -85,7 +85,7 @@ def one_run(args) -> dict:
 def plain_loop_run(args) -> dict:
     """The same model and data in a nanoGPT-style loop (forward, backward, clip, fused AdamW step): what this machine
     does with no framework around it, so the Trainer path's overhead is measured here rather than assumed."""
-    from align.modeling import new_causal_lm, wordlevel_tokenizer
+    from align.models.modeling import new_causal_lm, wordlevel_tokenizer
 
     tokenizer = wordlevel_tokenizer([f"w{i}" for i in range(args.vocab - 7)])
     sizes = {
@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--optim", default="adamw_torch_fused")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     args = p.parse_args()
-    from align.modeling import cpu_has_native_bf16
+    from align.models.modeling import cpu_has_native_bf16
 
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_native_bf16())
     torch.set_num_threads(args.threads)

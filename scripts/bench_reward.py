@@ -197,7 +197,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
 
-    from align.modeling import wordlevel_tokenizer
+    from align.models.modeling import wordlevel_tokenizer
 
     words = ["good"] + [f"w{i}" for i in range(args.vocab - 8)]  # + 7 special/chat tokens
     tokenizer = wordlevel_tokenizer(words)

@@ -14,7 +14,7 @@ import yaml
 
 from align.chain import load_chain
 from align.errors import AlignError
-from align.evaluation import win_rate
+from align.evaluation.gold import win_rate
 from align.io import read_stage_info
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -166,8 +166,8 @@ def pretrained(tmp_path_factory) -> Path:
     """An untrained tiny llama causal LM saved as a finished pretrain stage, with align's word-level tokenizer."""
     from tiny_stages import save_stage, tiny_policy
 
-    from align import modeling
     from align.data.tinyworld_grammar import vocabulary
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(vocabulary())
     return save_stage(tmp_path_factory.mktemp("pretrain") / "out", tiny_policy(tok, SIZES), tok, "pretrain")
@@ -288,8 +288,8 @@ def test_stage_multiple_choice_with_lora_is_saved_merged(pretrained, tmp_path):
 def test_random_init_and_an_untied_lm_head(tmp_path):
     from tiny_stages import save_stage
 
-    from align import modeling
     from align.data.tinyworld_grammar import vocabulary
+    from align.models import modeling
     from align.stages.classify import load_classifier
 
     tok = modeling.wordlevel_tokenizer(vocabulary())
@@ -320,9 +320,9 @@ def test_chain_wires_classify_to_pretrain(tmp_path):
 
 
 def test_report_table_and_chain_summary_show_classify(tmp_path):
+    from align.evaluation.report import load_stages, metrics_table
+    from align.evaluation.stage_metrics import summary_line
     from align.io import write_stage_info
-    from align.report import load_stages, metrics_table
-    from align.stage_metrics import summary_line
 
     metrics = {"accuracy": 0.9, "f1": 0.88, "matthews_correlation": 0.8, "majority_accuracy": 0.5}
     write_stage_info(tmp_path / "classify", "classify", parent=None, recipe={}, data=None, metrics=metrics)
@@ -332,8 +332,8 @@ def test_report_table_and_chain_summary_show_classify(tmp_path):
 
 
 def test_report_sets_the_classifier_variants_side_by_side(tmp_path):
+    from align.evaluation.report import headline, headline_lines, load_stages, metrics_table
     from align.io import write_stage_info
-    from align.report import headline, headline_lines, load_stages, metrics_table
 
     base = {"dataset_name": "tinyworld", "tinyworld_task": "where", "max_steps": 150, "seed": 42, "lm_aux_coef": 0.5}
     for name, recipe, acc in (("classify", {}, 0.9), ("classify_random", {"random_init": True}, 0.4),

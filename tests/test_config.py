@@ -33,7 +33,7 @@ def _ship_packaged_files(path: Path, tmp_path: Path, monkeypatch) -> None:
     """
     import importlib
 
-    from align.modeling import PACKAGE_PREFIX
+    from align.models.modeling import PACKAGE_PREFIX
 
     for value in yaml.safe_load(path.read_text()).values():
         if isinstance(value, str) and value.startswith(PACKAGE_PREFIX):

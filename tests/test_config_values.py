@@ -267,9 +267,9 @@ def test_align_run_from_another_directory(tmp_path):
     """`align run proj/chain.yaml` from a project folder: the rank stage finds its policy, prompts and labeler."""
     import torch
 
-    from align import modeling
     from align.data import tinyworld
     from align.io import read_stage_info, write_stage_info
+    from align.models import modeling
 
     path = _project(tmp_path)
     policy = tmp_path / "proj" / "model"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from align.cli import main as align_main
-from align.inspect_embeddings import EmbeddingSpace, load_space, tinyworld_classes
-from align.inspect_embeddings_math import (
+from align.inspect.embeddings import EmbeddingSpace, load_space, tinyworld_classes
+from align.inspect.embeddings_math import (
     analogy,
     chance_nn_agreement,
     class_grouping,
@@ -46,7 +46,7 @@ def _one_line_error(capsys, args) -> str:
 
 @pytest.fixture(scope="module")
 def w2v_dir(tmp_path_factory):
-    from align import word2vec
+    from align.models import word2vec
 
     path = tmp_path_factory.mktemp("emb") / "w2v"
     word2vec.save(path, WORDS, VECTORS, {"corpus": {"name": "by hand"}, "settings": {}})
@@ -59,8 +59,8 @@ def tiny_dir(tmp_path_factory):
     word's embedding is its class's axis plus 1% noise, every other row random."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align import modeling
     from align.data import tinyworld
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(tinyworld.vocabulary(), model_max_length=128)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -207,7 +207,7 @@ def test_word2vec_trains_on_the_stage_corpus_once(tiny_dir, tmp_path, capsys):
 def test_a_subword_word_is_the_mean_of_its_pieces(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align import modeling
+    from align.models import modeling
 
     texts = ["the cat sat in the kitchen", "a dog ran to the garden", "the kitten and the king"] * 20
     tok = modeling.bpe_tokenizer(iter(texts), vocab_size=300, model_max_length=32)
@@ -228,7 +228,7 @@ def test_a_subword_word_is_the_mean_of_its_pieces(tmp_path):
 def test_a_reward_model_is_read_through_its_classifier_class(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from align import modeling
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(WORDS, model_max_length=16)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -267,7 +267,7 @@ def test_errors_are_one_line(tiny_dir, w2v_dir, tmp_path, capsys, monkeypatch):
 def test_word2vec_needs_a_tiny_world_stage(w2v_dir, tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align import modeling
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(WORDS, model_max_length=16)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -326,7 +326,7 @@ def _color_place_rows(path, n=40):
 
 
 def test_classify_averaged_embeddings_end_to_end_and_in_the_report(tiny_dir, tmp_path):
-    from align.report import write_report
+    from align.evaluation.report import write_report
 
     data = tmp_path / "rows.jsonl"
     _color_place_rows(data)

@@ -1,11 +1,11 @@
-"""Gold evaluation (`align.evaluation.gold_eval`): sampled answers are scored per prompt by their mean, sampling is
+"""Gold evaluation (`gold.gold_eval`): sampled answers are scored per prompt by their mean, sampling is
 seeded without moving the caller's random state, and greedy decoding cannot be asked for several answers."""
 
 import pytest
 import torch
 
-from align import evaluation
 from align.data import tinyworld
+from align.evaluation import gold
 
 
 class _Model(torch.nn.Module):
@@ -21,15 +21,15 @@ def _fake_generate(answers: dict[str, list[str]], calls: list[dict]):
 
 
 def test_sampled_gold_eval_scores_each_prompt_by_the_mean_of_its_answers(monkeypatch):
-    prompts = evaluation.heldout_prompts(20)
+    prompts = gold.heldout_prompts(20)
     p0 = next(p for p in prompts if p.startswith("read :"))  # a question: its gold answer is known
     p1 = next(p for p in prompts if p != p0)
     good0 = tinyworld.gold_answer(tinyworld.parse_prompt(p0))
     answers = {p0: ["", good0], p1: ["", ""]}  # an empty answer scores 0 (the labeler's contract)
     calls: list[dict] = []
-    monkeypatch.setattr("align.generate.generate", _fake_generate(answers, calls))
+    monkeypatch.setattr("align.generation.generate.generate", _fake_generate(answers, calls))
 
-    out = evaluation.gold_eval(_Model(), None, [p0, p1], temperature=1.0, samples_per_prompt=2)
+    out = gold.gold_eval(_Model(), None, [p0, p1], temperature=1.0, samples_per_prompt=2)
 
     s = tinyworld.score(p0, good0)
     assert s > 0.9
@@ -43,20 +43,20 @@ def test_sampled_gold_eval_scores_each_prompt_by_the_mean_of_its_answers(monkeyp
 
 
 def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone(monkeypatch):
-    (p,) = evaluation.heldout_prompts(1)
+    (p,) = gold.heldout_prompts(1)
     calls: list[dict] = []
-    monkeypatch.setattr("align.generate.generate", _fake_generate({p: ["a .", "b ."]}, calls))
+    monkeypatch.setattr("align.generation.generate.generate", _fake_generate({p: ["a .", "b ."]}, calls))
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     for seed in (5, 5, 6):
-        evaluation.gold_eval(_Model(), None, [p], temperature=1.0, samples_per_prompt=2, seed=seed)
+        gold.gold_eval(_Model(), None, [p], temperature=1.0, samples_per_prompt=2, seed=seed)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert calls[0]["draw"] == calls[1]["draw"] != calls[2]["draw"]
 
 
 def test_several_greedy_answers_are_refused():
     with pytest.raises(ValueError, match="samples_per_prompt=2 at temperature=0"):
-        evaluation.gold_eval(_Model(), None, ["x"], temperature=0.0, samples_per_prompt=2)
+        gold.gold_eval(_Model(), None, ["x"], temperature=0.0, samples_per_prompt=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -80,11 +80,11 @@ def broken(prompt, response):
 def test_function_labeler_scores_and_pass_rates_per_constraint_kind(tmp_path, monkeypatch):
     (tmp_path / "length.py").write_text(LENGTH_LABELER)
     monkeypatch.chdir(tmp_path)
-    labeler = evaluation.load_gold_labeler("length.py:score")
+    labeler = gold.load_gold_labeler("length.py:score")
     answers = {"p0": ["a b", "a b c d e"], "p1": ["", "a"]}
-    monkeypatch.setattr("align.generate.generate", _fake_generate(answers, []))
+    monkeypatch.setattr("align.generation.generate.generate", _fake_generate(answers, []))
 
-    out = evaluation.gold_eval(_Model(), None, ["p0", "p1"], temperature=1.0, samples_per_prompt=2, labeler=labeler)
+    out = gold.gold_eval(_Model(), None, ["p0", "p1"], temperature=1.0, samples_per_prompt=2, labeler=labeler)
 
     # p0: (2/4 + 1) / 2 = .75; p1: (0 + 1/4) / 2 = .125
     assert out["gold_scores"] == pytest.approx([0.75, 0.125])
@@ -97,7 +97,7 @@ def test_function_labeler_scores_and_pass_rates_per_constraint_kind(tmp_path, mo
 def test_verifiable_checker_reports_the_constraint_kinds_of_its_prompt():
     from align.data import verifiable
 
-    labeler = evaluation.load_gold_labeler("align.data.verifiable:score")
+    labeler = gold.load_gold_labeler("align.data.verifiable:score")
     prompts = [r["prompt"] for r in verifiable.make_prompts(6, split="test", seed=1)]
     score, kinds = labeler.check(prompts[0], "Rain falls.")
     assert score == verifiable.score(prompts[0], "Rain falls.")
@@ -119,7 +119,7 @@ def test_bad_gold_labeler_is_one_align_error(tmp_path, monkeypatch, spec, messag
     (tmp_path / "length.py").write_text(LENGTH_LABELER)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AlignError, match=message):
-        evaluation.load_gold_labeler(spec)
+        gold.load_gold_labeler(spec)
 
 
 def test_a_labeler_returning_no_number_names_it(tmp_path, monkeypatch):
@@ -128,7 +128,7 @@ def test_a_labeler_returning_no_number_names_it(tmp_path, monkeypatch):
     (tmp_path / "length.py").write_text(LENGTH_LABELER)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AlignError, match=r"gold_labeler length.py:broken: returned 'high'"):
-        evaluation.load_gold_labeler("length.py:broken").score("p", "r")
+        gold.load_gold_labeler("length.py:broken").score("p", "r")
 
 
 def test_labeler_and_prompts_come_together_off_the_tiny_world():
@@ -140,10 +140,10 @@ def test_labeler_and_prompts_come_together_off_the_tiny_world():
         base = {"gold_labeler": None, "gold_eval_dataset": None, "dataset_name": "data.jsonl"}
         return SimpleNamespace(**{**base, **kw})
 
-    assert evaluation.resolved_gold_labeler(cfg(dataset_name="tinyworld")) == "gold"
-    assert evaluation.resolved_gold_labeler(cfg()) is None  # own data, no checker: no gold eval
-    assert evaluation.resolved_gold_labeler(cfg(gold_labeler="m:f", gold_eval_dataset="t.jsonl")) == "m:f"
+    assert gold.resolved_gold_labeler(cfg(dataset_name="tinyworld")) == "gold"
+    assert gold.resolved_gold_labeler(cfg()) is None  # own data, no checker: no gold eval
+    assert gold.resolved_gold_labeler(cfg(gold_labeler="m:f", gold_eval_dataset="t.jsonl")) == "m:f"
     with pytest.raises(AlignError, match="no held-out prompts"):
-        evaluation.resolved_gold_labeler(cfg(gold_labeler="m:f"))
+        gold.resolved_gold_labeler(cfg(gold_labeler="m:f"))
     with pytest.raises(AlignError, match="no gold_labeler"):
-        evaluation.resolved_gold_labeler(cfg(gold_eval_dataset="t.jsonl"))
+        gold.resolved_gold_labeler(cfg(gold_eval_dataset="t.jsonl"))

@@ -246,8 +246,8 @@ def dead_pid() -> int:
 def tiny(tmp_path_factory) -> dict[str, Path]:
     from datasets import Dataset
 
-    from align import modeling
     from align.data import tinyworld
+    from align.models import modeling
 
     root = tmp_path_factory.mktemp("tiny")
     words = tinyworld.vocabulary()

@@ -195,9 +195,9 @@ def test_sampler_copy_merged_adapter_gives_the_policys_greedy_tokens():
      ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 2})],
 )  # fmt: skip
 def test_generate_backends_agree_when_greedy(model_type, sizes):
-    # align.generate.generate, the path of rank, gold evaluation and best-of-n: both backends, the same answers
-    from align import modeling
-    from align.generate import generate
+    # align.generation.generate, the path of rank, gold evaluation and best-of-n: both backends, the same answers
+    from align.generation.generate import generate
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(["good", "bad", "a", "b", "c", "d"])
     torch.manual_seed(0)

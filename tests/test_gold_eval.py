@@ -12,7 +12,7 @@ import yaml
 from tiny_stages import save_stage, tiny_policy, tiny_reward_model  # tests/ is on sys.path
 
 from align.errors import AlignError
-from align.evaluation import win_rate
+from align.evaluation.gold import win_rate
 from align.io import read_stage_info
 
 WORDS = "tom amy is in the park shop kitchen where ? . has a new red lamp write one sentence about read : question"
@@ -35,7 +35,7 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     """As tests/test_ppo_stage.py: an untrained tiny llama policy saved as an "sft" stage (no gold scores stored, so
     the parent is scored here) and a tiny llama reward model as a "reward" stage, one word-level tokenizer."""
 
-    from align import modeling
+    from align.models import modeling
 
     root = tmp_path_factory.mktemp("stages")
     tok = modeling.wordlevel_tokenizer(WORDS.split() + [str(i) for i in range(10)])
@@ -93,7 +93,7 @@ def recipe(stages, out: Path, **over) -> dict:
 
 def test_checker_scores_parent_and_policy_per_prompt_and_the_report_shows_the_win_rate(data, stages):
     from align.config import parse_config
-    from align.report import write_report
+    from align.evaluation.report import write_report
     from align.stages.ppo import run
 
     root = data / "run"
@@ -126,11 +126,11 @@ def test_checker_scores_parent_and_policy_per_prompt_and_the_report_shows_the_wi
 
 
 def test_best_of_n_keeps_the_reward_models_favourite_and_the_checker_scores_it(data, stages):
-    from align.best_of_n import pick_best
-    from align.best_of_n import run as best_of_n
     from align.config import parse_config
-    from align.report import write_report
-    from align.score import load_scorer
+    from align.evaluation.best_of_n import pick_best
+    from align.evaluation.best_of_n import run as best_of_n
+    from align.evaluation.report import write_report
+    from align.evaluation.score import load_scorer
     from align.stages.ppo import run
 
     assert pick_best([[0.1, 0.3, 0.3], [-1.0, -2.0], [5.0]]) == [1, 0, 0]  # the first of tied maxima

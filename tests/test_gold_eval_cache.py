@@ -3,7 +3,7 @@
 import json
 import os
 
-from align import evaluation
+from align.evaluation import gold
 
 
 def test_computed_once_then_read_back(tmp_path):
@@ -15,26 +15,26 @@ def test_computed_once_then_read_back(tmp_path):
         calls.append(1)
         return {"gold_scores": [0.5, 1.0], "responses": ["a", "b"]}
 
-    key = {"model": evaluation.model_fingerprint(str(weights)), "prompts": ["p", "q"], "seed": 0}
-    first, source1 = evaluation.cached_gold_eval(key, compute)
-    second, source2 = evaluation.cached_gold_eval(dict(key), compute)
+    key = {"model": gold.model_fingerprint(str(weights)), "prompts": ["p", "q"], "seed": 0}
+    first, source1 = gold.cached_gold_eval(key, compute)
+    second, source2 = gold.cached_gold_eval(dict(key), compute)
     assert calls == [1] and first == second == {"gold_scores": [0.5, 1.0], "responses": ["a", "b"]}
     assert source1 == "computed" and source2.startswith(os.environ["ALIGN_CACHE_DIR"])
     # other prompts, or the model file rewritten (its size or mtime changes), are another entry
-    evaluation.cached_gold_eval({**key, "prompts": ["p"]}, compute)
+    gold.cached_gold_eval({**key, "prompts": ["p"]}, compute)
     assert calls == [1, 1]
     weights.write_bytes(b"GGUF v2")
-    evaluation.cached_gold_eval({**key, "model": evaluation.model_fingerprint(str(weights))}, compute)
+    gold.cached_gold_eval({**key, "model": gold.model_fingerprint(str(weights))}, compute)
     assert calls == [1, 1, 1]
 
 
 def test_damaged_entry_is_recomputed_and_rewritten():
     calls = []
     key = {"model": {"path": "/m", "files": [["m.gguf", 4, 1]]}, "prompts": ["p"]}
-    evaluation.cached_gold_eval(key, lambda: calls.append(1) or {"s": 1})
-    (entry,) = list(evaluation.gold_eval_cache_dir().glob("*.json"))
+    gold.cached_gold_eval(key, lambda: calls.append(1) or {"s": 1})
+    (entry,) = list(gold.gold_eval_cache_dir().glob("*.json"))
     entry.write_text("{not json")
-    result, source = evaluation.cached_gold_eval(key, lambda: calls.append(1) or {"s": 2})
+    result, source = gold.cached_gold_eval(key, lambda: calls.append(1) or {"s": 2})
     assert (result, source, calls) == ({"s": 2}, "computed", [1, 1])
     assert json.loads(entry.read_text())["result"] == {"s": 2}
 
@@ -42,21 +42,21 @@ def test_damaged_entry_is_recomputed_and_rewritten():
 def test_no_cache_without_a_fingerprint_or_when_turned_off(monkeypatch, tmp_path):
     calls = []
     for _ in range(2):
-        evaluation.cached_gold_eval(None, lambda: calls.append(1) or {})
+        gold.cached_gold_eval(None, lambda: calls.append(1) or {})
     assert calls == [1, 1]
     monkeypatch.setenv("ALIGN_GOLD_EVAL_CACHE", "0")
     key = {"model": {"path": "/m", "files": []}}
     for _ in range(2):
-        evaluation.cached_gold_eval(key, lambda: calls.append(1) or {})
-    assert calls == [1, 1, 1, 1] and not evaluation.gold_eval_cache_dir().exists()
+        gold.cached_gold_eval(key, lambda: calls.append(1) or {})
+    assert calls == [1, 1, 1, 1] and not gold.gold_eval_cache_dir().exists()
 
 
 def test_model_fingerprint(tmp_path):
-    assert evaluation.model_fingerprint("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a Hub id: not cached
+    assert gold.model_fingerprint("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a Hub id: not cached
     (tmp_path / "model.safetensors").write_bytes(b"x" * 3)
     (tmp_path / "config.json").write_text("{}")
-    fp = evaluation.model_fingerprint(str(tmp_path))
+    fp = gold.model_fingerprint(str(tmp_path))
     assert fp["path"] == str(tmp_path.resolve()) and [f[:2] for f in fp["files"]] == [["model.safetensors", 3]]
-    assert evaluation.model_fingerprint(str(tmp_path / "empty")) is None
-    assert evaluation.source_digest("align.data.verifiable:score") == evaluation.source_digest("align.data.verifiable")
-    assert evaluation.source_digest("no_such_module_xyz:f") is None
+    assert gold.model_fingerprint(str(tmp_path / "empty")) is None
+    assert gold.source_digest("align.data.verifiable:score") == gold.source_digest("align.data.verifiable")
+    assert gold.source_digest("no_such_module_xyz:f") is None

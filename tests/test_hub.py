@@ -36,7 +36,7 @@ def model_template(tmp_path_factory) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from align.modeling import wordlevel_tokenizer
+    from align.models.modeling import wordlevel_tokenizer
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("template")
@@ -121,7 +121,7 @@ def expected_files(stage_dir: Path) -> dict[str, bytes]:
 
 
 def test_curve_panels_pair_train_with_eval():
-    from align.plots import curve_keys, curve_panels, training_curves_png
+    from align.evaluation.plots import curve_keys, curve_panels, training_curves_png
 
     # epoch/step/total_flos, *_runtime, *_per_second and the one-off train_loss are not curves.
     keys = curve_keys(LOG_HISTORY)

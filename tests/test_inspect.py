@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from align.cli import main as align_main
 from align.errors import AlignError
-from align.inspect_attention import (
+from align.inspect.attention import (
     attention_and_attribution,
     attention_entropy,
     default_output_dir,
@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 
 
 def _tokenizer():
-    from align import modeling
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(WORDS, model_max_length=MAX_POSITIONS)
     modeling.ensure_chat_template(tok)
@@ -227,7 +227,7 @@ def test_skip_special_tokens_leaves_them_out_of_the_ranks(lm_dir, tmp_path, caps
 
 
 def test_reward_model_attributes_its_score(reward_dir, tmp_path, capsys):
-    from align.score import load_scorer
+    from align.evaluation.score import load_scorer
 
     out = tmp_path / "out"
     args = [
@@ -254,8 +254,8 @@ def test_reward_model_attributes_its_score(reward_dir, tmp_path, capsys):
 def test_likelihood_reward_model_uses_its_base_models_weights(lm_dir, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    from align.modeling import generation_marker
-    from align.modeling_reward import LikelihoodRewardModel
+    from align.models.modeling import generation_marker
+    from align.models.modeling_reward import LikelihoodRewardModel
 
     tok = _tokenizer()
     lm = LlamaForCausalLM.from_pretrained(lm_dir)

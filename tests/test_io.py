@@ -73,7 +73,7 @@ def test_corrupt_stage_file_names_the_file_and_the_fix(tmp_path):
 
 
 def test_win_rate_counts_ties_as_half():
-    from align.evaluation import win_rate
+    from align.evaluation.gold import win_rate
 
     # prompt 1: win, 2: tie (0.5), 3: loss, 4: tie (0.5) -> 2 / 4
     assert win_rate([0.9, 0.5, 0.1, 1.0], [0.2, 0.5, 0.3, 1.0]) == 0.5
@@ -83,7 +83,7 @@ def test_win_rate_counts_ties_as_half():
 
 
 def test_paired_interval_by_hand():
-    from align.evaluation import paired_interval
+    from align.evaluation.gold import paired_interval
 
     # differences 0.2, 0.4, 0.0, 0.2: mean 0.2, sample sd sqrt(0.08 / 3), half-width 1.96 * sd / 2
     out = paired_interval([0.7, 0.9, 0.5, 0.6], [0.5, 0.5, 0.5, 0.4])

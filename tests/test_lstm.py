@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from align.copy_probe import copy_loss_by_distance, copy_positions
 from align.errors import AlignError
-from align.modeling import wordlevel_tokenizer
-from align.modeling_lstm import LSTMForCausalLM, LSTMLMConfig, lstm_parameters, lstm_sizes_for
+from align.inspect.copy_probe import copy_loss_by_distance, copy_positions
+from align.models.modeling import wordlevel_tokenizer
+from align.models.modeling_lstm import LSTMForCausalLM, LSTMLMConfig, lstm_parameters, lstm_sizes_for
 
 torch.set_num_threads(1)
 PAD, BOS, EOS = 0, 1, 2
@@ -164,7 +164,7 @@ def test_sizes_for_a_parameter_budget():
 
 
 def test_new_causal_lm_refuses_a_transformer_key():
-    from align.modeling import new_causal_lm
+    from align.models.modeling import new_causal_lm
 
     tok = wordlevel_tokenizer(["a", "b"])
     model = new_causal_lm("lstm", {"hidden_size": 16, "num_hidden_layers": 1}, tok, 32)
@@ -250,7 +250,7 @@ def test_pretrain_stage_trains_an_lstm_that_loads_in_a_pipeline_and_resumes(tmp_
     m = first["metrics"]
     assert 0 < m["entropy_floor"] < m["eval_loss"] and m["copy_tokens_near"] > 0 and m["copy_loss_near"] > 0
     assert (out / "model.safetensors").is_file() and (out / "modeling_lstm.py").is_file()
-    gen = pipeline("text-generation", model=str(out))  # align.modeling_lstm is imported: the type is registered
+    gen = pipeline("text-generation", model=str(out))  # align.models.modeling_lstm is imported: the type is registered
     assert gen("tom", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("tom")
 
     with caplog.at_level(logging.INFO, logger="align.io"):
@@ -264,7 +264,7 @@ def test_pretrain_stage_trains_an_lstm_that_loads_in_a_pipeline_and_resumes(tmp_
 
 
 def test_report_shows_the_lstm_beside_the_transformer(tmp_path):
-    from align.report import headline, headline_lines, load_stages, metrics_table
+    from align.evaluation.report import headline, headline_lines, load_stages, metrics_table
 
     for stage, loss, far in (("pretrain", 0.95, 0.63), ("pretrain_lstm", 0.96, 1.50)):
         (tmp_path / stage).mkdir()

@@ -1,4 +1,4 @@
-"""`align.memory_plan`: the terms on hand-computed numbers, the plan's lines and the GPU refusal, and the whole
+"""`align.models.memory_plan`: the terms on hand-computed numbers, the plan's lines and the GPU refusal, and the whole
 estimate against the measured peak of one PPO update of three tiny configurations (each in a fresh process)."""
 
 import json
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import memory_plan as mp
 from align.errors import AlignError
+from align.models import memory_plan as mp
 
 # 2 layers, hidden 4, gated MLP of 8, 2 heads of 2 (head_dim 2), 1 KV head, vocabulary 10
 SHAPE = mp.ModelShape(layers=2, hidden=4, intermediate=8, heads=2, kv_heads=1, vocab=10, gated_mlp=True)
@@ -93,12 +93,12 @@ def test_ppo_trainer_logs_one_line_per_model(tmp_path, caplog):
     from test_ppo_shared_base import make_args, make_trainer
     from test_ppo_shared_base import tok as _  # noqa: F401 - the fixture's module
 
-    from align.modeling import wordlevel_tokenizer
+    from align.models.modeling import wordlevel_tokenizer
 
     tok = wordlevel_tokenizer(["good", "bad", "a", "b", "c", "d", "e", "f"])
-    with caplog.at_level(logging.INFO, logger="align.memory_plan"):
+    with caplog.at_level(logging.INFO, logger="align.models.memory_plan"):
         trainer = make_trainer(tok, make_args(tmp_path))
-    lines = [r.getMessage() for r in caplog.records if r.name == "align.memory_plan"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "align.models.memory_plan"]
     assert [line.split()[2] for line in lines[:3]] == ["policy", "reference", "value"]
     assert "adapter off" in lines[1] and "critic adapter + head" in lines[2]
     assert lines[-1].startswith("ppo memory: estimated peak") and "micro-batch 8" in lines[-1]
@@ -119,7 +119,7 @@ def test_reward_trainer_plans_its_largest_micro_batch(caplog):
     args = types.SimpleNamespace(length_column_name="length", per_device_train_batch_size=2, bf16=False,
                                  fp16=False, gradient_checkpointing=False, process_index=0,
                                  device=torch.device("cpu"))  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="align.memory_plan"):
+    with caplog.at_level(logging.INFO, logger="align.models.memory_plan"):
         lines, peak = plan_memory(model, args, ds)
     # 2 groups x 3 responses of up to 9 tokens: 54 tokens x 1 layer x (8 * 8 + 4 * 16) x 4 bytes
     assert lines[0].peak_bytes == 54 * 128 * 4
@@ -137,7 +137,7 @@ torch.set_num_threads(1)
 from peft import LoraConfig
 from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           LlamaForSequenceClassification)
-from align.modeling import wordlevel_tokenizer
+from align.models.modeling import wordlevel_tokenizer
 from align.trainers.ppo import PPOTrainer
 from align.trainers.ppo_config import PPOConfig
 
@@ -220,7 +220,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path, name):
 
 MMAP = """
 import json, os, sys
-from align.memory_plan import set_malloc_mmap_threshold
+from align.models.memory_plan import set_malloc_mmap_threshold
 
 def rss():
     with open("/proc/self/statm") as f:

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from align import modeling
 from align.cli import main as align_main
 from align.errors import AlignError
+from align.models import modeling
 
 WORDS = ["red", "blue", "cat", "dog"]
 SIZES = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
@@ -116,7 +116,7 @@ def test_a_file_is_not_a_model_dir(model_dir):
 
 def _sites(path: str):
     """Each align function that loads a model from a path, called on `path`."""
-    from align.score import load_scorer
+    from align.evaluation.score import load_scorer
     from align.stages import ppo, reward
 
     reward_cfg = SimpleNamespace(model_name_or_path=path, tokenizer_name_or_path=None, model_revision=None,

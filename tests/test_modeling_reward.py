@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from align.errors import AlignError
-from align.modeling import generation_marker
-from align.modeling_reward import LikelihoodRewardModel
+from align.models.modeling import generation_marker
+from align.models.modeling_reward import LikelihoodRewardModel
 
 torch.set_num_threads(1)
 PAD, MARK = 0, 3
@@ -151,7 +151,7 @@ def test_bad_features_are_refused():
 
 
 def test_generation_marker_from_the_chat_template():
-    from align import modeling
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(["a", "b"])
     modeling.ensure_chat_template(tok)  # align's template: the generation prompt is `<|assistant|> `
@@ -168,5 +168,5 @@ def test_hub_card_usage_imports_the_registering_module(tmp_path):
     assert is_likelihood_reward(tmp_path) and not is_likelihood_reward(tmp_path / "missing")
     usage = usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True, likelihood=True)
     load = usage.index("AutoModelForSequenceClassification.from_pretrained")
-    assert usage.index("import align.modeling_reward") < load
+    assert usage.index("import align.models.modeling_reward") < load
     assert "import align" not in usage_markdown("reward", "me/tiny-reward", adapter=False, has_chat_template=True)

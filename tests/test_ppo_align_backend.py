@@ -7,7 +7,7 @@ from peft import LoraConfig
 from tiny_stages import tiny_policy  # tests/ is on sys.path
 
 import align.trainers.ppo_rollout as rollout_mod
-from align.modeling import wordlevel_tokenizer
+from align.models.modeling import wordlevel_tokenizer
 from align.trainers.ppo import PPOTrainer
 from align.trainers.ppo_config import PPOConfig
 

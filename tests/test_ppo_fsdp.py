@@ -37,7 +37,7 @@ if layout == "separate":
     from test_ppo_trainer import make_trainer, make_args, history, WORDS
 else:
     from test_ppo_shared_base import make_trainer, make_args, history, WORDS
-from align.modeling import wordlevel_tokenizer
+from align.models.modeling import wordlevel_tokenizer
 tok = wordlevel_tokenizer(WORDS)
 kw = dict(lr_scheduler_type="constant", save_strategy="steps", save_steps=2, per_device_train_batch_size=4,
           max_new_tokens=8)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from tiny_stages import save_stage, tiny_policy, tiny_reward_model  # tests/ is on sys.path
 
-from align.evaluation import win_rate
+from align.evaluation.gold import win_rate
 from align.io import read_stage_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def stages(tmp_path_factory) -> dict[str, Path]:
     """A tiny llama policy saved as an "sft" stage and a tiny llama reward model as a "reward" stage (same tokenizer,
     with align's chat template), both untrained: the stage must run, not learn, here."""
 
-    from align import modeling
+    from align.models import modeling
 
     root = tmp_path_factory.mktemp("stages")
     tok = modeling.wordlevel_tokenizer(WORDS.split() + [str(i) for i in range(10)])
@@ -166,7 +166,7 @@ def score_detail(prompt, response):
 
 
 def test_any_checker_scores_parent_and_policy_and_the_report_shows_them(tmp_path, stages, monkeypatch):
-    from align.report import write_report
+    from align.evaluation.report import write_report
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "length.py").write_text(LENGTH_LABELER)
@@ -291,7 +291,7 @@ def test_stage_with_one_shared_base_saves_plain_models(tmp_path, stages, caplog)
 
     from transformers import AutoModelForSequenceClassification, pipeline
 
-    with caplog.at_level(logging.INFO, logger="align.memory_plan"):
+    with caplog.at_level(logging.INFO, logger="align.models.memory_plan"):
         out = run_stage(stages, tmp_path / "ppo", use_peft=True, lora_r=4, lora_alpha=8,
                         lora_target_modules=["q_proj", "v_proj"], value_model_init="policy_lora",
                         gradient_checkpointing=True, merge_adapter=True, max_steps=2, eval_strategy="no",
@@ -306,9 +306,9 @@ def test_stage_with_one_shared_base_saves_plain_models(tmp_path, stages, caplog)
     assert AutoModelForSequenceClassification.from_pretrained(out / "value_model").config.num_labels == 1
     ckpt = out / "checkpoint-2"
     assert (ckpt / "value_model" / "value_head.safetensors").is_file()
-    plan = [r.getMessage() for r in caplog.records if r.name == "align.memory_plan"]
+    plan = [r.getMessage() for r in caplog.records if r.name == "align.models.memory_plan"]
     assert [line.split()[2] for line in plan[:4]] == ["policy", "reference", "value", "reward"]
     # the frozen reward model in bf16 when the stage runs in bf16 (auto: where the CPU computes bf16 natively)
-    from align.modeling import cpu_has_native_bf16
+    from align.models.modeling import cpu_has_native_bf16
 
     assert ("bfloat16" if cpu_has_native_bf16() else "float32") in plan[3]

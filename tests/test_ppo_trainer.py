@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from align.errors import AlignError
-from align.modeling import cpu_has_native_bf16, wordlevel_tokenizer
+from align.models.modeling import cpu_has_native_bf16, wordlevel_tokenizer
 from align.trainers.ppo import PPOTrainer
 from align.trainers.ppo_config import PPOConfig
 
@@ -303,8 +303,8 @@ def test_likelihood_reward_model_scores_and_gives_a_plain_value_model(tmp_path, 
     """A LikelihoodRewardModel scores rollouts whole (head + likelihood terms); the value model starts from its body
     and head only, as a plain GPT2ForSequenceClassification."""
     from align.data.rankings import encode_for_reward
-    from align.modeling import ensure_chat_template, generation_marker
-    from align.modeling_reward import LikelihoodRewardModel
+    from align.models.modeling import ensure_chat_template, generation_marker
+    from align.models.modeling_reward import LikelihoodRewardModel
 
     policy, _ = models(tok)
     chat_tok = copy.deepcopy(tok)
@@ -465,7 +465,7 @@ def test_config_batch_arithmetic(tmp_path):
 def test_precision_auto_follows_the_cpu(tmp_path, monkeypatch, native):
     import torch
 
-    from align import modeling
+    from align.models import modeling
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: native)

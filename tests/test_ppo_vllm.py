@@ -11,7 +11,7 @@ import torch
 from tiny_stages import tiny_policy  # tests/ is on sys.path
 
 from align.errors import AlignError
-from align.modeling import wordlevel_tokenizer
+from align.models.modeling import wordlevel_tokenizer
 from align.trainers.ppo import PPOTrainer
 from align.trainers.ppo_config import PPOConfig
 from align.trainers.ppo_models import plain_model_state

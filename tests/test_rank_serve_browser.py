@@ -369,8 +369,8 @@ def train_reward(tmp_path: Path, data: Path) -> Path:
     import torch
     from tiny_stages import save_stage, tiny_policy
 
-    from align import modeling
     from align.config import parse_config
+    from align.models import modeling
     from align.stages.reward import run
 
     words = sorted({w for p, rs in GROUPS for t in [p, *rs] for w in t.split()})

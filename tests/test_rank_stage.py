@@ -28,8 +28,8 @@ K = 3
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> Path:
     """A tiny untrained llama over the tiny-world words, saved as an "sft" stage with align's chat template."""
-    from align import modeling
     from align.data import tinyworld
+    from align.models import modeling
 
     sft = tmp_path_factory.mktemp("stages") / "sft"
     tok = modeling.wordlevel_tokenizer(tinyworld.vocabulary())
@@ -228,7 +228,7 @@ def test_unimportable_function_labeler(tmp_path):
 def test_reward_model_labeler_scores_like_load_scorer(policy, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from align.score import load_scorer
+    from align.evaluation.score import load_scorer
 
     tok = AutoTokenizer.from_pretrained(policy)
     torch.manual_seed(1)

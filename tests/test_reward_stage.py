@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 
 
 def _tokenizer(words):
-    from align import modeling
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(words)
     modeling.ensure_chat_template(tok)
@@ -37,7 +37,7 @@ def _tokenizer(words):
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory) -> Path:
     """A tiny untrained llama causal LM saved as an "sft" stage (align's chat template)."""
-    from align import modeling
+    from align.models import modeling
 
     path = tmp_path_factory.mktemp("stages") / "sft"
     tok = _tokenizer(WORDS)
@@ -151,7 +151,7 @@ def test_output_loads_and_scores_are_centered(trained, rank_dir):
     from transformers import AutoModelForSequenceClassification
 
     from align.data.load import load_data, train_test
-    from align.score import load_scorer
+    from align.evaluation.score import load_scorer
     from align.trainers.reward import score
 
     model = AutoModelForSequenceClassification.from_pretrained(trained)
@@ -168,7 +168,7 @@ def test_output_loads_and_scores_are_centered(trained, rank_dir):
     raw = load_scorer(str(trained), device="cpu", raw=True)(prompts, responses)
     assert raw[0] - scores[0] == pytest.approx(offset, abs=1e-5)
     # `load_scorer` is `score` with the saved offset and max_length
-    from align.modeling import load_tokenizer
+    from align.models.modeling import load_tokenizer
 
     direct = score(model, load_tokenizer(str(trained)), prompts[:8], responses[:8], max_length=32)
     torch.testing.assert_close(torch.tensor(scores[:8]), direct, atol=1e-5, rtol=1e-5)
@@ -178,7 +178,7 @@ def test_reward_model_with_its_own_tokenizer_on_pairs(sft, tmp_path):
     """A base model whose tokenizer differs from the policy's (other ids, more words), trained on a pairs file."""
     from transformers import AutoTokenizer
 
-    from align import modeling
+    from align.models import modeling
 
     own_words = list(reversed(WORDS)) + ["extra", "words"]
     tok = _tokenizer(own_words)
@@ -239,8 +239,8 @@ def test_likelihood_features_train_save_and_score(sft, rank_dir, trained, tmp_pa
     through AutoModelForSequenceClassification and `align score`; an existing head-only reward model is refused."""
     from transformers import AutoModelForSequenceClassification
 
-    from align.modeling_reward import LikelihoodRewardModel
-    from align.score import load_scorer
+    from align.evaluation.score import load_scorer
+    from align.models.modeling_reward import LikelihoodRewardModel
 
     out = run_stage(sft, rank_dir, tmp_path / "lk", likelihood_features=["mean", "min"], num_train_epochs=2)
     info = read_stage_info(out)

@@ -479,8 +479,8 @@ def bert_dir(bert_tok, tmp_path_factory):
 def test_is_encoder_rule(bert_tok, tokenizer):
     from transformers import BertConfig, PreTrainedConfig, T5Config
 
-    from align.modeling import is_encoder
-    from align.modeling_reward import LikelihoodRewardConfig
+    from align.models.modeling import is_encoder
+    from align.models.modeling_reward import LikelihoodRewardConfig
 
     assert is_encoder(BertConfig()) and is_encoder(BertConfig(architectures=["BertForSequenceClassification"]))
     # bert is in transformers' causal-LM mapping too: a decoder BERT is caught by is_decoder / its architecture
@@ -524,8 +524,8 @@ def test_encoder_reward_stage_trains_saves_and_scores(bert_dir, bert_tok, tmp_pa
     """Before: jinja2 UndefinedError: 'eos_token' is undefined (align's chat template installed on a BERT)."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
+    from align.evaluation.score import load_scorer
     from align.io import read_stage_info
-    from align.score import load_scorer
 
     rows = goodness_data(48, 3, seed=5).to_list()  # K = 3
     if shape == "pairs":
@@ -574,7 +574,7 @@ def test_ppo_scores_rollouts_with_the_encoder_pair(bert_tok, tmp_path):
     """The PPO trainer scores (prompt, response) with the reward model's own tokenizer: an encoder gets the pair."""
     from transformers import BertForSequenceClassification, GPT2LMHeadModel
 
-    from align.modeling import wordlevel_tokenizer
+    from align.models.modeling import wordlevel_tokenizer
     from align.trainers.ppo import PPOTrainer
     from align.trainers.ppo_config import PPOConfig
 

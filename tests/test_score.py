@@ -13,8 +13,8 @@ import torch
 from align.cli import main as align_main
 from align.data import tinyworld
 from align.errors import AlignError
+from align.evaluation.score import load_scorer
 from align.io import write_stage_info
-from align.score import load_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -29,7 +29,7 @@ def reward_dir(tmp_path_factory) -> Path:
     """An untrained tiny llama reward model saved as a "reward" stage, with an offset and align's chat template."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from align import modeling
+    from align.models import modeling
 
     tok = modeling.wordlevel_tokenizer(WORDS)
     modeling.ensure_chat_template(tok)

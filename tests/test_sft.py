@@ -63,7 +63,7 @@ def _trainer(pretrained: Path, tmp_path: Path, ds, **over):
     """SFTTrainer exactly as the stage builds it, on `ds` (already standardized)."""
     from trl import SFTTrainer
 
-    from align.modeling import load_model_and_tokenizer
+    from align.models.modeling import load_model_and_tokenizer
 
     cfg = _sft_cfg(pretrained, tmp_path / "sft", **over)
     model, tok = load_model_and_tokenizer(cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from align.data import verifiable
-from align.evaluation import win_rate
+from align.evaluation.gold import win_rate
 from align.io import read_stage_info
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from align.io import write_stage_info
 
 def tiny_policy(tok, sizes: dict):
     """A random llama causal LM over `tok`'s vocabulary, with align's generation defaults."""
-    from align import modeling
+    from align.models import modeling
 
     policy = modeling.new_causal_lm("llama", sizes, tok, max_length=128)
     modeling.set_generation_defaults(policy, tok)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from align.errors import AlignError
-from align.modeling import is_encoder
+from align.models.modeling import is_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def encode_for_reward(
     response's end (and EOS) and make responses that differ only there score identically; dropping the start of the
     prompt keeps what the score depends on most.
 
-    `pair` True, for an encoder reward model (`align.modeling.is_encoder`): `tokenizer(prompt, response)`, the
+    `pair` True, for an encoder reward model (`align.models.modeling.is_encoder`): `tokenizer(prompt, response)`, the
     tokenizer's sentence-pair encoding (`[CLS] prompt [SEP] response [SEP]` for BERT), cut as transformers cuts
     pairs (longest first, from the right): an encoder's head reads the first token, [CLS], which must stay.
     None: decided from the tokenizer alone; callers that have the model pass `is_encoder(model.config, tokenizer)`.

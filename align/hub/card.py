@@ -1,7 +1,7 @@
 """Model and dataset cards for align stages: YAML metadata, prose, metrics, curves, samples, lineage.
 
 Everything here is pure: it reads a stage dir (`align_stage.json` and, for adapters, `adapter_config.json`) and returns
-a card. Network and file writes live in `upload.py`, the curves PNG is drawn by `align/plots.py`. The lineage a card
+a card. Network and file writes live in `upload.py`, the curves PNG by `evaluation/plots.py`. The lineage a card
 shows (parents, their Hub repos, the base model) is found by `lineage.py`.
 """
 
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.evaluation.plots import has_curves
+from align.evaluation.stage_metrics import format_value
 from align.hub.lineage import (
     Link,
     adapter_base,
@@ -26,8 +28,6 @@ from align.hub.lineage import (
     resolve_parent_path,
 )
 from align.io import STAGE_FILE, read_stage_info
-from align.plots import has_curves
-from align.stage_metrics import format_value
 
 CURVES_FILE = "training_curves.png"
 
@@ -243,7 +243,7 @@ print(classifier({{"text": "a premise", "text_pair": "a hypothesis"}}))  # pair 
 text = tokenizer.apply_chat_template(messages, tokenize=False)  # the format the reward model was trained on"""
         else:
             text = 'text = "Tell me a story. Once upon a time..."  # prompt followed by response'
-        register = "import align.modeling_reward  # registers LikelihoodRewardModel (pip install align)\n"
+        register = "import align.models.modeling_reward  # registers LikelihoodRewardModel (pip install align)\n"
         register = register if likelihood else ""
         code = f'''import torch
 {register}from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -259,7 +259,7 @@ print(reward)'''
         if likelihood:
             note += (
                 " It is align's LikelihoodRewardModel: a scalar head plus learned weights on its own language model's "
-                "mean/min log-probability of the response's tokens. It loads once `align.modeling_reward` is "
+                "mean/min log-probability of the response's tokens. It loads once `align.models.modeling_reward` is "
                 "imported, or without align from the `modeling_reward.py` in this repo with `trust_remote_code=True`."
             )
     elif adapter:
@@ -288,7 +288,7 @@ print(generator("Once upon a time", max_new_tokens=64)[0]["generated_text"])'''
 
 
 def is_likelihood_reward(stage_dir: Path) -> bool:
-    from align.modeling_reward import MODEL_TYPE
+    from align.models.modeling_reward import MODEL_TYPE
 
     try:
         return json.loads((stage_dir / "config.json").read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
+from align.evaluation.plots import training_curves_png
 from align.hub.card import CURVES_FILE, build_dataset_card, build_model_card
 from align.hub.lineage import HUB_RECORD, adapter_base, is_hub_id
 from align.io import STAGE_FILE, STAGES, atomic_write_json, read_stage_info
-from align.plots import training_curves_png
 
 logger = logging.getLogger(__name__)
 

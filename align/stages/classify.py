@@ -115,8 +115,8 @@ def load_classifier(cfg, num_labels: int, id2label: dict[int, str], label2id: di
     """(AutoModelForSequenceClassification on model_name_or_path, its tokenizer with GPT-1's tokens, their ids)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from align import modeling
     from align.data.classification import add_special_tokens
+    from align.models import modeling
 
     path = cfg.model_name_or_path
     tokenizer = modeling.load_tokenizer(cfg.tokenizer_name_or_path or path, revision=cfg.model_revision,
@@ -150,7 +150,7 @@ def _keep_lm_head(cfg, model, vocab: int) -> None:
     checkpoints) and dropped before the final save: the classifier itself has no LM head."""
     import torch
 
-    from align import modeling
+    from align.models import modeling
 
     hidden = model.get_input_embeddings().weight.shape[1]
     if cfg.random_init:
@@ -176,8 +176,8 @@ def run(cfg) -> Path:
     from transformers import set_seed
     from trl import get_peft_config
 
-    from align import modeling
     from align.data.classification import ClassifyCollator, tokenize
+    from align.models import modeling
     from align.trainers.classify import ClassifyMetrics, ClassifyTrainer
 
     set_seed(cfg.seed)
@@ -300,7 +300,7 @@ def _samples(rows, pred, id2label: dict[int, str], fmt: str) -> list[dict[str, A
 def _check_saved_format(output_dir: Path, tokenizer, row: dict[str, Any], fmt: str) -> None:
     """Warn when the saved tokenizer, reloaded, does not build GPT-1's sequences itself (some tokenizer classes
     rebuild their post-processor on load): `pipeline()` would then read the model differently from training."""
-    from align import modeling
+    from align.models import modeling
 
     saved = modeling.load_tokenizer(str(output_dir))
     pair = row.get("text_pair") if fmt in ("pair", "similarity") else (row["choices"][0] if fmt == "multiple_choice"

@@ -146,8 +146,8 @@ def predict(fit: dict[str, Any], x, mask=None):
 def embedding_space(cfg):
     """The space whose vectors are averaged: `embeddings_from` or `model_name_or_path`; `random_init`: that
     architecture's fresh embeddings, seeded with `seed`."""
-    from align import word2vec
-    from align.inspect_embeddings import load_model_matrix, load_space, load_tokenizer_space, random_init_space
+    from align.inspect.embeddings import load_model_matrix, load_space, load_tokenizer_space, random_init_space
+    from align.models import word2vec
 
     source = cfg.embeddings_from or cfg.model_name_or_path
     kw = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}

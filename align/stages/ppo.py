@@ -12,7 +12,7 @@ Four roles: the policy (`model_name_or_path`: the SFT stage, or any causal LM; f
 `value_model_init`). Prompts: tiny-world instructions (train split), or your file (`prompt` column, or `messages`
 ending in a user turn). The policy and its parent answer held-out prompts and a gold labeler scores both: on the tiny
 world the prompts `align sft` used and its hidden labeler; on any data `gold_eval_dataset` and `gold_labeler`
-(`align.evaluation`, e.g. align.data.verifiable:score).
+(`align.evaluation.gold`, e.g. align.data.verifiable:score).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align import evaluation
 from align.config import log_config, parse_config
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
+from align.evaluation import gold
 from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle
 from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 
@@ -133,7 +133,7 @@ def load_reward_model(cfg):
     """The frozen reward model and its own tokenizer; a one-line error when the path is not a scalar-head model."""
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.models import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
     path = cfg.reward_model_path
     info = read_stage_info(path)
@@ -161,7 +161,7 @@ def load_value_model(cfg):
         return None
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.models import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
     return modeling.load_pretrained(AutoModelForSequenceClassification, cfg.value_model_path, what="a value model",
                                     key="value_model_path", dtype=cfg.dtype or "auto",
@@ -174,7 +174,7 @@ def load_value_model(cfg):
 
 def _gold(cfg, model, tokenizer, prompts: list[str], samples: int = 0, labeler=None) -> dict[str, Any]:
     """Gold eval at `eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`, as `align sft`)."""
-    from align.evaluation import stage_gold_eval
+    from align.evaluation.gold import stage_gold_eval
 
     return stage_gold_eval(cfg, model, tokenizer, prompts, temperature=cfg.eval_temperature, samples=samples,
                            labeler=labeler)  # fmt: skip
@@ -227,14 +227,14 @@ def parent_gold_score(cfg, model, tokenizer, prompts: list[str], samples: int = 
                 "gold_pass_rates": result["gold_pass_rates"], "responses": result["responses"]}  # fmt: skip
 
     # The same model, prompts and decoding on a rerun (a recipe tuned around a fixed parent): read it back
-    fingerprint = evaluation.model_fingerprint(cfg.model_name_or_path)
+    fingerprint = gold.model_fingerprint(cfg.model_name_or_path)
     name = getattr(labeler, "name", None)
     key = None if fingerprint is None else {
         "model": fingerprint, "prompts": prompts, "settings": ours, "seed": cfg.seed, "dtype": str(model.dtype),
         "batch_size": cfg.per_device_eval_batch_size, "backend": cfg.generation_backend, "labeler": name,
-        "labeler_source": evaluation.source_digest(name),
+        "labeler_source": gold.source_digest(name),
     }  # fmt: skip
-    result, source = evaluation.cached_gold_eval(key, compute)
+    result, source = gold.cached_gold_eval(key, compute)
     return {**result, "source": source}
 
 
@@ -256,8 +256,8 @@ def run(cfg) -> Path:
     from transformers import set_seed
     from trl import get_peft_config
 
-    from align import modeling
-    from align.evaluation import gold_setup
+    from align.evaluation.gold import gold_setup
+    from align.models import modeling
     from align.trainers.ppo import PPOTrainer
 
     set_seed(cfg.seed)
@@ -280,7 +280,7 @@ def run(cfg) -> Path:
     extra: dict[str, Any] = {}
     eval_fn, eval_metric = None, "gold_score"
     if gold:
-        from align.evaluation import win_rate
+        from align.evaluation.gold import win_rate
 
         labeler, prompts = gold_spec
         extra["gold_labeler"] = labeler.name

@@ -134,7 +134,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
         if self.ptx_dataset_name and self.ptx_coef == 0:
             errors.append(f"ptx_dataset_name {self.ptx_dataset_name!r} is set but ptx_coef is 0; set ptx_coef > 0 "
                           "(InstructGPT: 27.8) or drop ptx_dataset_name")  # fmt: skip
-        # The tiny world has its own held-out prompts; any other data needs a file of them (align.evaluation).
+        # The tiny world has its own held-out prompts; any other data needs a file of them (align.evaluation.gold).
         if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != TINYWORLD:
             errors.append(f"gold_labeler {self.gold_labeler!r} needs held-out prompts off the tiny world; set "
                           "gold_eval_dataset: FILE (a 'prompt' column) or drop gold_labeler")  # fmt: skip

@@ -67,7 +67,7 @@ def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
 
 def build_tokenizer(cfg, train):
     """The model's tokenizer, an existing one, or a new one trained on the training text."""
-    from align import modeling
+    from align.models import modeling
 
     name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     if name:
@@ -126,7 +126,7 @@ def pack(ds, tokenizer, column: str, block: int, desc: str):
 def run(cfg) -> Path:
     from transformers import Trainer, default_data_collator, set_seed
 
-    from align import modeling
+    from align.models import modeling
 
     set_seed(cfg.seed)
     log_config(cfg)
@@ -243,8 +243,9 @@ def run(cfg) -> Path:
 
 def copy_metrics(model, tokenizer, eval_text, cfg) -> dict[str, float]:
     """`copy_loss_near/far` (nats) and their token counts on the held-out tiny-world texts: the long-range probe
-    that compares a Transformer with the LSTM baseline (`align.copy_probe`). A bucket with no token is left out."""
-    from align.copy_probe import FAR, NEAR, copy_loss_by_distance
+    that compares a Transformer with the LSTM baseline (`align.inspect.copy_probe`).
+    A bucket with no token is left out."""
+    from align.inspect.copy_probe import FAR, NEAR, copy_loss_by_distance
 
     texts = eval_text.select(range(min(len(eval_text), COPY_PROBE_TEXTS)))["text"]
     probe = copy_loss_by_distance(

@@ -38,7 +38,7 @@ class PretrainConfig(TrainingArguments, ModelConfig, ScriptArguments):
         default="llama",
         metadata={
             "help": "Architecture when training from scratch (no model_name_or_path): 'llama', 'gpt2', or "
-            "'lstm' (the recurrent baseline, align.modeling_lstm).",
+            "'lstm' (the recurrent baseline, align.models.modeling_lstm).",
             "choices": ["llama", "gpt2", "lstm"],
         },
     )

@@ -168,9 +168,9 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from align import modeling
-    from align.generate import generate
-    from align.modeling import load_model_and_tokenizer
+    from align.generation.generate import generate
+    from align.models import modeling
+    from align.models.modeling import load_model_and_tokenizer
 
     if not cfg.model_name_or_path:
         raise AlignError("align rank: no model_name_or_path. Point it at the policy, usually the SFT stage dir.")
@@ -226,12 +226,12 @@ def load_labeler(cfg) -> tuple[str, Labeler]:
     """(kind, labeler) for `cfg.labeler`: kind is "gold", "function" or "reward_model"."""
     spec = cfg.labeler
     if spec == GOLD:
-        from align.score import load_scorer
+        from align.evaluation.score import load_scorer
 
         return GOLD, _flat(load_scorer(GOLD), GOLD)
     if ":" in spec and not Path(spec).exists():
         return "function", function_labeler(spec)
-    from align.score import load_scorer
+    from align.evaluation.score import load_scorer
 
     device = "cpu" if cfg.use_cpu else None
     scorer = load_scorer(spec, batch_size=cfg.labeler_batch_size, device=device,
@@ -259,7 +259,7 @@ def _flat(scorer: Callable[[Sequence[str], Sequence[str]], list[float]], name: s
 def function_labeler(spec: str) -> Labeler:
     """`package.module:function` or `path/to/file.py:function`, called as function(prompt, responses) -> K scores;
     each result is checked."""
-    from align.score import load_function
+    from align.evaluation.score import load_function
 
     _, fn = load_function(spec, key="labeler")
 

@@ -7,9 +7,10 @@
 The model is `AutoModelForSequenceClassification(num_labels=1)` from `model_name_or_path`: by default the SFT GPT
 with a new scalar head (GPT-1's discriminative fine-tuning), or any model with its own tokenizer, which is saved
 with it; scoring always formats text with the reward model's own tokenizer and chat template (`format_for_reward`).
-An encoder (BERT-like, `align.modeling.is_encoder`) keeps its tokenizer as is and reads the tokenizer's sentence
+An encoder (BERT-like, `align.models.modeling.is_encoder`) keeps its tokenizer as is and reads the tokenizer's sentence
 pair instead, `[CLS] prompt [SEP] response [SEP]` (`encode_for_reward`); the stage logs which format it uses.
-With `likelihood_features` the model is a `LikelihoodRewardModel` (align.modeling_reward): the same head plus learned
+With `likelihood_features` the model is a `LikelihoodRewardModel` (align.models.modeling_reward): the same head
+plus learned
 weights on its own LM's mean/min log-probability of the response's tokens.
 
 Data: an `align rank` output dir (its `dataset/`, else `rankings.jsonl`; recorded as the data's parent stage), a
@@ -155,8 +156,8 @@ def load_model_and_tokenizer(cfg):
     tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
     from align.data.rankings import reward_format
+    from align.models import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 
     tokenizer = modeling.load_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
@@ -191,8 +192,8 @@ def _likelihood_model(cfg, tokenizer):
     """`LikelihoodRewardModel` on the causal LM at `model_name_or_path` (or that model itself, trained further)."""
     from transformers import AutoConfig
 
-    from align import modeling
-    from align.modeling_reward import MODEL_TYPE, LikelihoodRewardModel
+    from align.models import modeling
+    from align.models.modeling_reward import MODEL_TYPE, LikelihoodRewardModel
 
     kwargs = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
     path = cfg.model_name_or_path
@@ -308,7 +309,7 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
 def run(cfg) -> Path:
     from transformers import set_seed
 
-    from align import modeling
+    from align.models import modeling
     from align.trainers.reward import RankingRewardTrainer
 
     set_seed(cfg.seed)

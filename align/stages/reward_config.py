@@ -56,7 +56,8 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
             "sum of learned weights x features, the features being the 'mean' and/or 'min' log-probability of the "
             "response's tokens under the model's LM head (kept, and trained with the rest). Needs a causal LM to "
             "start from (the SFT stage) and a chat template with a generation prompt. Empty: InstructGPT's scalar "
-            "head only. Saved as LikelihoodRewardModel (align.modeling_reward), which `import align.modeling_reward` "
+            "head only. Saved as LikelihoodRewardModel (align.models.modeling_reward), which "
+            "`import align.models.modeling_reward` "
             "registers with AutoModelForSequenceClassification.",
         },
     )
@@ -107,7 +108,7 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
                 "score head too); remove the key"
             )
         if self.likelihood_features:
-            from align.modeling_reward import feature_error
+            from align.models.modeling_reward import feature_error
 
             if error := feature_error(self.likelihood_features):
                 errors.append(error)

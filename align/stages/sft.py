@@ -8,7 +8,7 @@ conversational prompt/completion form, so the loss is on the response only under
 (`completion_only_loss: false` trains on the whole sequence; `assistant_only_loss: true` trains every assistant turn
 of multi-turn data, which needs `{% generation %}` markers in the template). LoRA/QLoRA through peft (`use_peft`).
 The model and its parent answer the same held-out prompts and a gold labeler scores both: the tiny world's hidden
-labeler, or on any data `gold_labeler` on `gold_eval_dataset` (`align.evaluation`).
+labeler, or on any data `gold_labeler` on `gold_eval_dataset` (`align.evaluation.gold`).
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def run(cfg) -> Path:
     from transformers import set_seed
     from trl import SFTTrainer, get_peft_config
 
-    from align import modeling
-    from align.evaluation import gold_setup
+    from align.evaluation.gold import gold_setup
+    from align.models import modeling
 
     set_seed(cfg.seed)
     gold_spec = gold_setup(cfg)  # first: a bad gold_labeler or gold_eval_dataset is one line, before any work
@@ -116,7 +116,7 @@ def run(cfg) -> Path:
     metrics: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     if gold:
-        from align.evaluation import SAMPLED_TEMPERATURE, win_rate
+        from align.evaluation.gold import SAMPLED_TEMPERATURE, win_rate
 
         labeler, prompts = gold_spec
         extra["gold_labeler"] = labeler.name
@@ -198,7 +198,7 @@ def run(cfg) -> Path:
 
 def _gold(cfg, model, tokenizer, prompts, samples: int = 0, labeler=None):
     """Gold eval at `gold_eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`)."""
-    from align.evaluation import stage_gold_eval
+    from align.evaluation.gold import stage_gold_eval
 
     return stage_gold_eval(
         cfg, model, tokenizer, prompts, temperature=cfg.gold_eval_temperature, samples=samples, labeler=labeler

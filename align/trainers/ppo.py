@@ -35,8 +35,8 @@ import torch
 
 from align.errors import AlignError
 from align.io import last_checkpoint
-from align.memory_plan import set_malloc_mmap_threshold
-from align.modeling import max_positions
+from align.models.memory_plan import set_malloc_mmap_threshold
+from align.models.modeling import max_positions
 from align.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -358,9 +358,9 @@ class PPOTrainer:
         return value
 
     def _plan_memory(self, policy, value_model, reward_model):
-        """Log one line per model and the estimated peak (`align.memory_plan`); on CUDA, AlignError when it does not
+        """Log one line per model and the estimated peak (`memory_plan.py`); on CUDA, AlignError when it does not
         fit the free memory. Returns (lines, peak bytes)."""
-        from align import memory_plan as mp
+        from align.models import memory_plan as mp
 
         args, acc = self.args, self.accelerator
         shared = isinstance(value_model, SharedBaseCritic)
@@ -953,7 +953,7 @@ class PPOTrainer:
                 )
 
     def _log_summary(self) -> None:
-        from align.modeling import count_parameters, precision_summary
+        from align.models.modeling import count_parameters, precision_summary
 
         args = self.args
         total, trainable = count_parameters(self.model)

@@ -18,7 +18,7 @@ from torch import nn
 
 from align.errors import AlignError
 from align.generation.decode import decode
-from align.modeling import max_positions
+from align.models.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
 from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import adapters_disabled, policy_logits, value_head_forward
@@ -359,7 +359,7 @@ def reward_model_scores(
         ]
     else:
         from align.data.rankings import encode_for_reward
-        from align.modeling import is_encoder
+        from align.models.modeling import is_encoder
 
         pair = is_encoder(reward_model.config, tokenizer)  # an encoder reads the tokenizer's pair, as in training
         seqs = [encode_for_reward(tokenizer, p, r, limit, pair=pair) for p, r in zip(prompts, responses, strict=True)]

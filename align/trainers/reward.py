@@ -20,7 +20,7 @@ from transformers import EvalPrediction, Trainer
 
 from align.data.rankings import encode_for_reward, tokenize_rankings
 from align.errors import AlignError
-from align.modeling import is_encoder
+from align.models.modeling import is_encoder
 from align.rl.ranking import (
     has_pairs,
     kendall_tau,
@@ -124,8 +124,8 @@ def _with_adapter(model, peft_config, args):
 
 def plan_memory(model, args, train_dataset) -> tuple[list, int]:
     """Log the reward model's memory plan for its largest micro-batch (`per_device_train_batch_size` groups of the
-    most responses, all padded to the longest) and, on CUDA, refuse when it does not fit (`align.memory_plan`)."""
-    from align import memory_plan as mp
+    most responses, all padded to the longest) and, on CUDA, refuse when it does not fit (models/memory_plan.py)."""
+    from align.models import memory_plan as mp
 
     length = getattr(args, "length_column_name", None) or "length"
     k_max = max(len(r) for r in train_dataset["ranks"])

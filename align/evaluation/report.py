@@ -7,7 +7,7 @@ Everything comes from the stages' `align_stage.json` files, so the report agrees
 - a metrics table per stage (pretraining loss vs the entropy floor, SFT and PPO gold scores, reward-model accuracy);
 - training curves (pretraining and SFT loss, reward-model held-out accuracy, PPO reward / KL / gold score per update);
 - headline numbers: the gold labeler's win-rate of SFT over the pretrained model and of PPO over SFT, per held-out
-  prompt (ties count half; `align.evaluation.win_rate`), from the per-prompt scores each stage recorded on the same
+  prompt (ties count half; `gold.win_rate`), from the per-prompt scores each stage recorded on the same
   prompts with the same greedy decoding, next to PPO's KL;
 - the lecture's comparison made concrete: the first `examples` held-out prompts answered by the pretrained, SFT and
   PPO models side by side, each answer with its gold score and reward-model score (generated here, greedily).
@@ -29,9 +29,9 @@ from typing import Any
 
 from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
+from align.evaluation.stage_metrics import TABLE, format_value
 from align.hub import is_hub_id
 from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
-from align.stage_metrics import TABLE, format_value
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Gold scores per model, win-rates (from the per-prompt scores the stages recorded) and PPO's KL."""
-    from align.evaluation import paired_interval, win_rate
+    from align.evaluation.gold import paired_interval, win_rate
 
     out: dict[str, Any] = {"gold_score": {}}
     sft, ppo = stages.get("sft"), stages.get("ppo")
@@ -161,7 +161,8 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def best_of_n_reference(root: Path, ppo: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The newest `best_of_<n>.json` beside the stages (`python -m align.best_of_n`), if it is of this PPO stage's
+    """The newest `best_of_<n>.json` beside the stages (`python -m
+    align.evaluation.best_of_n`), if it is of this PPO stage's
     parent and prompts: `{n, gold_score, win_rate_vs_parent_greedy, ppo_win_rate_vs_best_of_n}`."""
     if not ppo or "parent_gold_scores" not in ppo:
         return None
@@ -222,7 +223,7 @@ def embeddings_inspection(root: Path, stages: dict[str, dict[str, Any]]) -> dict
     """The figures of `align inspect embeddings` on one of the run's models (`root/embeddings/`, else the command's
     default dir for a stage, `runs/inspect/<root--stage>/`), each space's class scores and first neighbours; None
     when it was not run."""
-    from align.inspect_attention import default_output_dir
+    from align.inspect.attention import default_output_dir
 
     dirs = [root / "embeddings"] + [default_output_dir(str(root / name)) for name in stages]
     for folder in dirs:
@@ -286,7 +287,7 @@ def example_prompts(stages: dict[str, dict[str, Any]], options: dict[str, Any]) 
         return [str(p) for p in ds["prompt"][:n]]
     for stage in ("ppo", "sft"):
         if _tinyworld(stages, stage):
-            from align.evaluation import heldout_prompts
+            from align.evaluation.gold import heldout_prompts
 
             return heldout_prompts(n, seed=int(stages[stage]["data"].get("seed") or 0))
     return []
@@ -316,9 +317,9 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
     if not prompts:
         return []
     from align.data import tinyworld
-    from align.evaluation import load_gold_labeler
-    from align.generate import generate
-    from align.modeling import load_causal_lm, load_tokenizer
+    from align.evaluation.gold import load_gold_labeler
+    from align.generation.generate import generate
+    from align.models.modeling import load_causal_lm, load_tokenizer
 
     gold = all(_tinyworld(stages, s) for s in ("sft", "ppo") if s in stages)
     spec = (stages.get("ppo") or {}).get("gold_labeler")
@@ -343,7 +344,7 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
         del model
     rm_scores: dict[str, list[float]] = {}
     if "reward" in stages:
-        from align.score import load_scorer
+        from align.evaluation.score import load_scorer
 
         scorer = load_scorer(str(root / "reward"), device="cpu")
         for stage, responses in answers.items():
@@ -372,7 +373,7 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
 
 def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
     """`{name: (caption, png)}` for each plot that has data."""
-    from align.plots import bar_panel, figure, line_panel, png
+    from align.evaluation.plots import bar_panel, figure, line_panel, png
 
     out: dict[str, tuple[str, bytes]] = {}
     for stage, keys, caption in (

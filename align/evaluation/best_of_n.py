@@ -7,7 +7,7 @@ the two at equal KL). Run on a finished PPO stage; it reuses that stage's recipe
 model, the gold labeler and held-out prompts, the answer length and seed, and compares with the greedy answers the
 stage scored (`parent_gold_scores`, `gold_scores` in its align_stage.json):
 
-    python -m align.best_of_n runs/smollm2-135m/ppo --n 4      # writes runs/smollm2-135m/best_of_4.json
+    python -m align.evaluation.best_of_n runs/smollm2-135m/ppo --n 4      # writes runs/smollm2-135m/best_of_4.json
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def pick_best(rewards: list[list[float]]) -> list[int]:
 def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = None) -> dict[str, Any]:
     import torch
 
-    from align.evaluation import SAMPLED_TEMPERATURE, gold_setup, win_rate
-    from align.generate import generate
+    from align.evaluation.gold import SAMPLED_TEMPERATURE, gold_setup, win_rate
+    from align.evaluation.score import load_scorer
+    from align.generation.generate import generate
     from align.io import atomic_write_text, read_stage_info
-    from align.modeling import load_causal_lm, load_tokenizer
-    from align.score import load_scorer
+    from align.models.modeling import load_causal_lm, load_tokenizer
 
     info = read_stage_info(ppo_dir)
     if info is None or info.get("stage") != "ppo":
@@ -111,7 +111,8 @@ def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.best_of_n", description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m align.evaluation.best_of_n",
+                                description=__doc__.strip().split("\n\n")[0])
     p.add_argument("ppo_dir", help="A finished `align ppo` stage dir (with a gold evaluation).")
     p.add_argument("--n", type=int, default=4, help="Samples per prompt (default 4).")
     p.add_argument("--batch_size", type=int, default=64, help="Sequences per generate / reward-model call.")

@@ -55,9 +55,9 @@ def load_scorer(
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
     from align.io import read_stage_info
-    from align.modeling import load_pretrained, load_tokenizer
+    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.models.modeling import load_pretrained, load_tokenizer
     from align.trainers.reward import score
 
     info = read_stage_info(name_or_path)

@@ -63,7 +63,7 @@ def load_gold_labeler(spec: str) -> GoldLabeler:
             f"gold_labeler {spec!r}: expected 'gold' (tiny world), 'package.module:function' or "
             "'path/to/file.py:function'."
         )
-    from align.score import load_function
+    from align.evaluation.score import load_function
 
     module, fn = load_function(spec, key="gold_labeler")
     detail = getattr(module, "score_detail", None)
@@ -167,7 +167,7 @@ def gold_eval(
     """
     import torch
 
-    from align.generate import generate
+    from align.generation.generate import generate
 
     labeler = labeler or load_gold_labeler(GOLD)
 
@@ -217,7 +217,7 @@ def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: f
                     labeler: GoldLabeler | None = None):  # fmt: skip
     """`gold_eval` with a stage config's settings (`gold_eval_max_new_tokens`, `per_device_eval_batch_size`, `seed`):
     answers decoded at `temperature`, or, with `samples` > 0, that many answers per prompt at SAMPLED_TEMPERATURE.
-    A config whose `generation_backend` is "align" decodes with align's loop (`align.generate.generate`)."""
+    A config whose `generation_backend` is "align" decodes with align's loop (`align.generation.generate.generate`)."""
     return gold_eval(
         model,
         tokenizer,

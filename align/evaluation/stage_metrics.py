@@ -1,4 +1,4 @@
-"""What each stage's headline metrics are called, in one place: the run report's metrics table (`align/report.py`),
+"""What each stage's headline metrics are called, in one place: the run report's metrics table (`report.py`),
 the chain's one-line summary after each stage (`align/chain.py`) and the numbers on the Hub cards (`align/hub/card.py`)
 read it. The metrics themselves are the `metrics` of each stage's `align_stage.json`.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.copy_probe import FAR, NEAR
+from align.inspect.copy_probe import FAR, NEAR
 
 # Stage -> (metric, label) rows of the report's metrics table, in this order, when present.
 TABLE: dict[str, list[tuple[str, str]]] = {

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.inspect_embeddings_math import analogy, class_grouping, cosine_matrix, nearest, pca_2d
+from align.inspect.embeddings_math import analogy, class_grouping, cosine_matrix, nearest, pca_2d
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def load_tokenizer_space(path: str, *, revision: str | None = None, trust_remote
     import torch
     from transformers import AutoConfig
 
-    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.modeling import load_pretrained, load_tokenizer, resolve_package_ref
+    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.models.modeling import load_pretrained, load_tokenizer, resolve_package_ref
 
     path = resolve_package_ref(path, key="MODEL")
     config = load_pretrained(AutoConfig, path, what="a model config", revision=revision,
@@ -212,9 +212,9 @@ def load_model_matrix(space: EmbeddingSpace, config, *, revision: str | None = N
     """Fill `space.matrix` from the model's weights (a causal LM, or a reward model's sequence classifier)."""
     from transformers import AutoModelForSequenceClassification
 
-    from align.inspect_attention import model_kind
+    from align.inspect.attention import model_kind
     from align.io import read_stage_info
-    from align.modeling import load_causal_lm, load_pretrained
+    from align.models.modeling import load_causal_lm, load_pretrained
 
     info = read_stage_info(space.source) if Path(space.source).is_dir() else None
     kind = model_kind(config, info.get("stage") if info else None)
@@ -236,7 +236,7 @@ def random_init_space(space: EmbeddingSpace, config, seed: int, *, trust_remote_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from align import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM
+    from align.models import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -247,7 +247,7 @@ def random_init_space(space: EmbeddingSpace, config, seed: int, *, trust_remote_
 
 
 def word2vec_space(path: str) -> EmbeddingSpace:
-    from align import word2vec
+    from align.models import word2vec
 
     words, vectors, info = word2vec.load(path)
     settings = info.get("settings", {})
@@ -257,7 +257,7 @@ def word2vec_space(path: str) -> EmbeddingSpace:
 
 def load_space(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> EmbeddingSpace:
     """Any space by path: a word2vec dir, else a model (weights loaded)."""
-    from align import word2vec
+    from align.models import word2vec
 
     if word2vec.is_word2vec_dir(path):
         return word2vec_space(path)
@@ -393,9 +393,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align import word2vec
-    from align.inspect_attention import default_output_dir
-    from align.inspect_embeddings_files import summary_text, write_outputs
+    from align.inspect.attention import default_output_dir
+    from align.inspect.embeddings_files import summary_text, write_outputs
+    from align.models import word2vec
 
     args = _parser().parse_args(argv)
     if args.top_k < 1:

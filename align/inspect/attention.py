@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.inspect_attention_files import CAVEAT, describe_target, write_outputs
-from align.modeling import max_positions
+from align.inspect.attention_files import CAVEAT, describe_target, write_outputs
+from align.models.modeling import max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class AttentionResult:
 
 def model_kind(config, stage: str | None) -> str:
     """ "classifier" (a reward model: `*ForSequenceClassification` or align's LikelihoodRewardModel) or "causal_lm"."""
-    from align.modeling_reward import MODEL_TYPE
+    from align.models.modeling_reward import MODEL_TYPE
 
     archs = getattr(config, "architectures", None) or []
     if stage == "reward" or getattr(config, "model_type", None) == MODEL_TYPE:
@@ -145,7 +145,7 @@ def attention_and_attribution(
     """
     import torch
 
-    from align.modeling import is_encoder
+    from align.models.modeling import is_encoder
 
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
@@ -246,7 +246,7 @@ def attention_and_attribution(
 def _score_position(config, tokenizer, input_ids: list[int]) -> int:
     """Where a sequence classifier reads its score: [CLS] (0) for an encoder, else the last non-pad token, the rule
     of transformers' `*ForSequenceClassification`."""
-    from align.modeling import is_encoder
+    from align.models.modeling import is_encoder
 
     if is_encoder(config, tokenizer):
         return 0
@@ -314,7 +314,7 @@ def encode_input(
     (prompt, response) to a reward model: `encode_for_reward`, the reward stage's format; to a causal LM with `chat`:
     the chat template's user turn and generation prompt, then the response (what PPO's policy reads)."""
     from align.data.rankings import REWARD_SEPARATOR, encode_for_reward
-    from align.modeling import is_encoder
+    from align.models.modeling import is_encoder
 
     if text is not None:
         return tokenizer(text, verbose=False)["input_ids"], text
@@ -393,9 +393,9 @@ def load_config_and_tokenizer(model: str, *, revision: str | None = None, trust_
     """(config, tokenizer, kind) of a stage dir, model dir or Hub id: all the checks need, before the weights load."""
     from transformers import AutoConfig
 
-    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
     from align.io import read_stage_info
-    from align.modeling import load_pretrained, load_tokenizer
+    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.models.modeling import load_pretrained, load_tokenizer
 
     info = read_stage_info(model)
     config = load_pretrained(
@@ -419,8 +419,8 @@ def load_model(
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from align import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.modeling import load_causal_lm, load_pretrained
+    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    from align.models.modeling import load_causal_lm, load_pretrained
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "attn_implementation": "eager"}
@@ -448,7 +448,7 @@ def load(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.generate import use_chat
+    from align.generation.generate import use_chat
 
     args = _parser().parse_args(argv)
     _check_args(args)

@@ -14,11 +14,11 @@ from align.errors import AlignError
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attention": (
-        "align.inspect_attention",
+        "align.inspect.attention",
         "attention heatmaps per layer/head, entropy, and how well attention ranks tokens as gradients do",
     ),
     "embeddings": (
-        "align.inspect_embeddings",
+        "align.inspect.embeddings",
         "input embeddings: neighbours, analogies, a 2-D map, class grouping; beside word2vec and random weights",
     ),
 }

@@ -6,7 +6,7 @@ An LSTM reads a text one token at a time and keeps everything it knows about the
 `c` (written through input gates, kept through forget gates) and its output `h`. Two costs follow, the ones the
 lecture holds against RNNs: the steps of a sequence run one after another (a Transformer computes all positions at
 once), and a fact read 40 tokens ago must survive 40 gated updates of the cell to be used (attention looks it up
-directly). `align.copy_probe.copy_loss_by_distance` measures the second on tiny-world copies.
+directly). `align.inspect.copy_probe.copy_loss_by_distance` measures the second on tiny-world copies.
 
 Generation carries the state `(h, c)` as the cache, as Mamba and RWKV carry theirs: after the prompt each step feeds
 only the new token. A padded prompt is read as if it were alone: its real tokens are packed

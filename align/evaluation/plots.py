@@ -1,4 +1,4 @@
-"""Plots of training curves and scores, for the run report (`align/report.py`) and the Hub cards (`align/hub/card.py`).
+"""Plots of training curves and scores, for the run report (`report.py`) and the Hub cards (`align/hub/card.py`).
 
 One look for both: panels of 4.4 x 3.2 inches at 100 dpi, markers on short series, a legend when a panel holds more
 than one line. matplotlib's Agg canvas is used directly (no pyplot), so no GUI backend and no global state is

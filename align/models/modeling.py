@@ -407,7 +407,7 @@ def _new_lstm(sizes: dict[str, Any], vocab_size: int, ids: dict[str, Any]):
     """A randomly initialized `LSTMForCausalLM` (tied embeddings); AlignError on a key it does not take."""
     import difflib
 
-    from align.modeling_lstm import LSTMForCausalLM, LSTMLMConfig
+    from align.models.modeling_lstm import LSTMForCausalLM, LSTMLMConfig
 
     for key in sizes:
         if key not in LSTM_KEYS:
@@ -430,7 +430,7 @@ def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str
     remote code by default."""
     from transformers import AutoModelForCausalLM
 
-    from align import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM, so pretrained LSTM dirs load too
+    from align.models import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM, so pretrained LSTM dirs load too
 
     return load_pretrained(
         AutoModelForCausalLM, name_or_path, what="a causal LM", revision=revision, dtype=dtype or "auto", **kwargs

@@ -146,7 +146,7 @@ def _generate_align(model, tokenizer, prompts, *, chat, max_new_tokens, temperat
 def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
-    from align.modeling import load_causal_lm, load_tokenizer
+    from align.models.modeling import load_causal_lm, load_tokenizer
 
     args = _parser().parse_args(argv)
     if not args.prompt:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from align.inspect_attention import AttentionResult
+    from align.inspect.attention import AttentionResult
 
 CAVEAT = (
     "Attention is one view of the computation, not the explanation (Jain & Wallace 2019, "

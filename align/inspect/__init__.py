@@ -1,0 +1,1 @@
+"""Looking inside a model: attention, embeddings, copy probes (`align inspect`)."""
