@@ -26,6 +26,12 @@ Held-out split: `test` prompts use topics that never appear in `train` (`TEST_TO
 constraints, at least one held-out kind pair (`HELD_OUT_PAIRS`: crc32 of the sorted pair "a+b" is 0 mod 5), which
 `train` prompts never hold; so no test combination of 2+ kinds is a train combination or part of one. Single
 constraints appear in both splits (every kind must be learnable).
+
+Two tasks (`TASKS`). `full`: all 19 kinds, 1-3 per prompt, answers up to ~128 tokens (the GPU recipe). `short`: the 9
+kinds a response settles within its first ~48 tokens (`SHORT_KINDS`: no commas, lowercase, a <<title>>, a given
+first word, a keyword included or avoided, placeholders, quotation marks, JSON), 1-2 per prompt, requests that ask for
+a brief answer, and the kinds drawn so each is used about equally often (the least used kind first) in both splits,
+so test and train share one mix; its test split holds out topics only. It is what 2 CPU cores can teach.
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ END_PHRASES = ("Is there anything else I can help with?", "Have a great day!", "
                "Let me know what you think.", "That is all for now.", "I hope this helps.", "Take care.",
                "See you soon.")
 REQUEST_FORMS = ("{T}.", "Please {t}.", "Could you {t}?", "I need your help: {t}.")
+# The short task's requests ask for a brief answer, so that one fits in 64 new tokens and a closing quote or brace is
+# reached; they hold no comma (a "no commas" prompt must not contain one).
+SHORT_REQUEST_FORMS = ("Briefly {t}.", "{T} in two sentences.", "Could you briefly {t}?", "In a few words: {t}.")
 
 TRAIN_TOPICS = (
     "write a short email to your landlord about a broken heater", "describe your favourite park",
@@ -656,6 +665,28 @@ def _request(rng: random.Random, topic: str) -> str:
     return rng.choice(REQUEST_FORMS).format(T=topic[0].upper() + topic[1:], t=topic)
 
 
+SHORT_KINDS = ("avoid_word", "json", "keywords", "lowercase", "no_commas", "placeholders", "quotation", "start_word",
+               "title")
+TASKS = ("full", "short")
+
+
+def _sample_short(rng: random.Random, request: str, used: dict[str, int]) -> list[Constraint]:
+    """1-2 compatible constraints of `SHORT_KINDS`: the least used kind so far (ties drawn), then half the time one
+    more drawn among the kinds compatible with it; `used` counts kinds across the prompts made so far."""
+    least = min(used.values())
+    first = rng.choice([k for k in SHORT_KINDS if used[k] == least])
+    kinds = [first]
+    if rng.random() < 0.5:
+        kinds.append(rng.choice([k for k in SHORT_KINDS if k != first and frozenset((k, first)) not in CONFLICTS]))
+    for _ in range(1000):
+        constraints = [KINDS[kind].sample(rng, request) for kind in kinds]
+        if compatible(constraints):
+            for kind in kinds:
+                used[kind] += 1
+            return constraints
+    raise RuntimeError(f"no compatible parameters for {kinds} and {request!r} in 1000 draws")  # our bug, not yours
+
+
 def _sample_constraints(rng: random.Random, request: str, split: str) -> list[Constraint]:
     k = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
     kinds = sorted(KINDS)
@@ -669,28 +700,34 @@ def _sample_constraints(rng: random.Random, request: str, split: str) -> list[Co
     raise RuntimeError(f"no compatible set of {k} constraints for {request!r} in 10000 draws")  # our bug, not yours
 
 
-def make_prompts(n: int, *, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+def make_prompts(n: int, *, split: str = "train", seed: int = 0, task: str = "full") -> list[dict[str, Any]]:
     """`n` rows `{"prompt", "constraints": [{"kind", **params}], "topic"}` of `split`, the same for the same seed.
 
     Topics cycle through the split's list in a seeded order (each epoch reshuffled), so every topic is used before
-    any repeats; each prompt holds 1-3 compatible constraints, test combinations of 2+ kinds held out (module
-    docstring).
+    any repeats. `task="full"`: each prompt holds 1-3 compatible constraints, test combinations of 2+ kinds held out;
+    `task="short"`: 1-2 of `SHORT_KINDS`, balanced, a brief request (module docstring).
     """
     if split not in SPLITS:
         raise AlignError(f"make_prompts: unknown split {split!r}. Use one of {', '.join(SPLITS)}.")
+    if task not in TASKS:
+        raise AlignError(f"make_prompts: unknown task {task!r}. Use one of {', '.join(TASKS)}.")
     if n < 0:
         raise AlignError(f"make_prompts: n = {n}. Ask for 0 or more prompts.")
     # A string seed is hashed with SHA-512 by `random`, so it is stable across runs and Python versions.
-    rng = random.Random(f"align.verifiable:{split}:{seed}")
+    rng = random.Random(f"align.verifiable:{split}:{seed}" + ("" if task == "full" else f":{task}"))
     topics = TRAIN_TOPICS if split == "train" else TEST_TOPICS
-    rows, order = [], []
+    rows, order, used = [], [], dict.fromkeys(SHORT_KINDS, 0)
     for _ in range(n):
         if not order:
             order = list(topics)
             rng.shuffle(order)
         topic = order.pop()
-        request = _request(rng, topic)
-        constraints = _sample_constraints(rng, request, split)
+        if task == "short":
+            request = rng.choice(SHORT_REQUEST_FORMS).format(T=topic[0].upper() + topic[1:], t=topic)
+            constraints = _sample_short(rng, request, used)
+        else:
+            request = _request(rng, topic)
+            constraints = _sample_constraints(rng, request, split)
         rows.append({
             "prompt": render(request, constraints),
             "constraints": [c.to_dict() for c in constraints],
@@ -757,11 +794,12 @@ def strict_labeler(prompt: str, responses: list[str]) -> list[float]:
 # Files
 
 
-def write_dataset(path: str, n: int, *, split: str = "train", seed: int = 0) -> int:
-    """Write `make_prompts(n, split=split, seed=seed)` as JSON Lines to `path` (atomically); returns the row count."""
+def write_dataset(path: str, n: int, *, split: str = "train", seed: int = 0, task: str = "full") -> int:
+    """Write `make_prompts(n, split=split, seed=seed, task=task)` as JSON Lines to `path` (atomically); returns the
+    row count."""
     from align.io import atomic_write_text
 
-    rows = make_prompts(n, split=split, seed=seed)
+    rows = make_prompts(n, split=split, seed=seed, task=task)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
@@ -776,12 +814,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLITS, default="train", help="train, or test (held-out topics and pairs)")
     parser.add_argument("--n", type=int, default=1000, help="number of prompts (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of topics, forms and constraints (default 0)")
+    parser.add_argument("--task", choices=TASKS, default="full",
+                        help="full: all 19 kinds; short: the 9 settled within ~48 tokens, balanced (default full)")
     parser.add_argument("--out", required=True, help="output .jsonl file")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n {args.n}: ask for at least 1 prompt")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    rows = write_dataset(args.out, args.n, split=args.split, seed=args.seed)
+    rows = write_dataset(args.out, args.n, split=args.split, seed=args.seed, task=args.task)
     logger.info("wrote %d %s prompts to %s", rows, args.split, args.out)
     return 0
 
