@@ -317,7 +317,7 @@ def set_malloc_mmap_threshold(nbytes: int) -> bool:
     a small model comes from the heap, and a forward/backward's mix of kept and freed blocks of many sizes leaves
     holes that later blocks do not fit: the heap grows far past what is live. Mapped blocks are faulted in and
     zeroed afresh, which costs time; PyTorch's huge pages (THP_MEM_ALLOC_ENABLE=1, set before torch loads) make that
-    cheap. The measurements on SmolLM2-135M PPO are in the README ("CPU peak memory")."""
+    cheap. The measurements on SmolLM2-135M PPO are in docs/memory.md and docs/measurements.md."""
     fn = _mallopt()
     if fn is None:
         return False

@@ -64,7 +64,7 @@ class PPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "bf16 autocast. None (default, auto): on for a CUDA GPU with bf16 and for CPUs with AMX or "
-            "avx512_bf16, off elsewhere (emulated bf16 was measured ~15x slower than float32)."
+            "avx512_bf16, off elsewhere (emulated bf16 is far slower than float32; docs/memory.md)."
         },
     )
 
@@ -196,11 +196,10 @@ class PPOConfig(TrainingArguments):
     critic_warmup_steps: int = field(
         default=0,
         metadata={
-            "help": "The first PPO updates train the value model alone: the policy's gradients are dropped before "
+            "help": "The first N PPO updates train the value model alone: the policy's gradients are dropped before "
             "each optimizer step, so it samples every warm-up rollout unchanged (OpenRLHF's freezing_actor_steps). "
-            "For a critic that starts from nothing (value_model_init 'policy' or 'policy_lora', a fresh head): in "
-            "the SmolLM2-135M chain its explained variance stayed below 0 for 21 of 30 updates, while the policy "
-            "trained on those advantages. 0 = none."
+            "For a critic that starts from nothing (value_model_init 'policy' or 'policy_lora': a fresh head), whose "
+            "first estimates make the policy's advantages noise. 0 = none."
         },
     )
     gamma: float = field(
@@ -243,9 +242,7 @@ class PPOConfig(TrainingArguments):
         metadata={
             "help": "Compute GPT-2's gelu_new with PyTorch's fused tanh-GELU kernel (nn.GELU(approximate='tanh'): "
             "the same function, equal up to float rounding) in all four models: one kernel instead of eight in "
-            "forward and backward: about a tenth less PPO training time on the CPU bench (more when cores are "
-            "contended). "
-            "Saved models are unchanged."
+            "forward and backward, so training is faster. Saved models are unchanged."
         },
     )
 
@@ -253,13 +250,11 @@ class PPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "CPU memory: bytes from which glibc's malloc maps each block on its own pages, returned to the "
-            "OS when freed (mallopt M_MMAP_THRESHOLD, at most 32 MiB; Linux only). None keeps glibc's default, "
-            "whose threshold rises to 32 MiB, so a small model's activations come from a heap that fragments far "
-            "past what is live. Measured on SmolLM2-135M PPO with the shared base and gradient checkpointing (2-core "
-            "AMD EPYC): 4194304 (4 MiB) cut one epoch's peak RSS from 6.1 to 2.8 GiB and made it 1.34x slower "
-            "(fresh pages are faulted in and zeroed); with THP_MEM_ALLOC_ENABLE=1 in the environment (PyTorch's "
-            "huge pages) it was 0.9x the default's time at 2.9 GiB. Set it below the size of one hidden-state "
-            "tensor, micro-batch x sequence length x hidden size x 4 bytes."
+            "OS when freed (mallopt M_MMAP_THRESHOLD, at most 32 MiB; Linux only), e.g. 4194304. None keeps glibc's "
+            "default, whose rising threshold lets a small model's activations fragment the heap far past what is "
+            "live. Set it below one hidden-state tensor (micro-batch x sequence length x hidden size x 4 bytes); "
+            "`align ppo` then turns on PyTorch's huge pages (THP_MEM_ALLOC_ENABLE=1) unless the environment sets "
+            "them. Figures: docs/memory.md."
         },
     )
 
@@ -268,12 +263,10 @@ class PPOConfig(TrainingArguments):
         default="transformers",
         metadata={
             "help": "What samples the rollouts: 'transformers' (the policy's generate); 'align' (align's decode "
-            "loop on a copy of the policy with LoRA merged, in bf16 when training in bf16, synced before each "
-            "rollout: docs/generation.md); or 'vllm' (GPUs: a vLLM "
-            "engine colocated on each training GPU, TRL's VLLMGeneration, as TRL's GRPO with vllm_mode colocate; "
-            "the policy's weights, LoRA merged, are pushed to it before each rollout; old logprobs still come from "
-            "the policy). Needs `pip install vllm` in a version TRL supports (0.22 to 0.31 for TRL 1.16). "
-            "Evaluation during training samples as the rollouts do, except with vllm (transformers).",
+            "loop on a copy of the policy with LoRA merged, in bf16 when training in bf16: docs/generation.md); "
+            "or 'vllm' (GPUs: a vLLM engine colocated on each training GPU through TRL's VLLMGeneration; needs "
+            "`pip install vllm`, 0.22 to 0.31 for TRL 1.16: docs/distributed.md). Evaluation during training "
+            "samples as the rollouts do, except with vllm (transformers).",
             "choices": list(GENERATION_BACKENDS),
         },
     )
