@@ -28,16 +28,20 @@ def rows(name: str) -> list[dict]:
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.mark.parametrize(("name", "split", "n", "seed"), [("rank_prompts", "train", 224, 1),
-                                                          ("ppo_prompts", "train", 1000, 2),
-                                                          ("test_prompts", "test", 200, 0)])  # fmt: skip
-def test_the_shipped_prompt_files_are_the_generators_output(name, split, n, seed):
-    assert rows(name) == verifiable.make_prompts(n, split=split, seed=seed)
+@pytest.mark.parametrize(("name", "split", "n", "seed", "task"), [
+    ("short_rank_prompts", "train", 1024, 1, "short"), ("short_ppo_prompts", "train", 1000, 2, "short"),
+    ("short_test_prompts", "test", 200, 0, "short"),  # the CPU recipes
+    ("rank_prompts", "train", 224, 1, "full"), ("ppo_prompts", "train", 1000, 2, "full"),
+    ("test_prompts", "test", 200, 0, "full"),  # the GPU recipes (gpu/)
+])  # fmt: skip
+def test_the_shipped_prompt_files_are_the_generators_output(name, split, n, seed, task):
+    assert rows(name) == verifiable.make_prompts(n, split=split, seed=seed, task=task)
 
 
-def test_held_out_prompts_share_no_topic_with_the_training_files():
+@pytest.mark.parametrize("prefix", ["short_", ""])
+def test_held_out_prompts_share_no_topic_with_the_training_files(prefix):
     def topics(name):
-        return {row["topic"] for row in rows(name)}
+        return {row["topic"] for row in rows(prefix + name)}
 
     assert not topics("test_prompts") & (topics("rank_prompts") | topics("ppo_prompts"))
 
@@ -70,7 +74,7 @@ def test_the_smollm2_chain_end_to_end(tmp_path_factory):
     # Values are YAML, so the string "no" is quoted (a bare no is false).
     overrides = ["--model_name_or_path", str(gguf_file),  # the recipes' package: ref, where the package is absent
                  "--rank.num_prompts", "8", "--rank.max_new_tokens", "24",
-                 "--reward.num_train_epochs", "1",
+                 "--reward.num_train_epochs", "1", "--reward.dataset_test_size", "2",
                  "--ppo.max_steps", "1", "--ppo.per_device_train_batch_size", "4", "--ppo.num_mini_batches", "1",
                  "--ppo.num_ppo_epochs", "1", "--ppo.max_new_tokens", "24", "--ppo.dataset_test_size", "4",
                  "--ppo.gold_eval_prompts", "8", "--ppo.gold_eval_max_new_tokens", "24",
@@ -101,7 +105,7 @@ def test_the_smollm2_chain_end_to_end(tmp_path_factory):
     assert head["reward_pair_accuracy"] == pytest.approx(info["reward"]["metrics"]["pair_accuracy"])
     assert head["ppo_kl"] == pytest.approx(ppo["metrics"]["kl"])
     # the per-constraint pass rates are the checker's on the stored answers
-    prompts = [row["prompt"] for row in rows("test_prompts")][:8]
+    prompts = [row["prompt"] for row in rows("short_test_prompts")][:8]
     rescored = [verifiable.score(p, r) for p, r in zip(prompts, ppo["gold_responses"], strict=True)]
     assert rescored == pytest.approx(ppo["gold_scores"])
     assert set(head["gold_pass_rates"]["ppo"]) == {c.kind for p in prompts for c in verifiable.parse_constraints(p)}
@@ -131,7 +135,7 @@ def test_the_smollm2_chain_end_to_end(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_quick_chain_as_shipped(tmp_path_factory):
-    """recipes/smollm2-135m/chain_quick.yaml at its own size (about 11 min on 2 cores): the loop to iterate on runs
+    """recipes/smollm2-135m/chain_quick.yaml at its own size (about 12 min on 2 cores): the loop to iterate on runs
     end to end from the GGUF file, and logs what its figures are read from."""
     pytest.importorskip("gguf")
     gguf_file = smollm2_gguf(tmp_path_factory.mktemp("gguf"))
@@ -142,7 +146,7 @@ def test_the_quick_chain_as_shipped(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
 
     rank, ppo = read_stage_info(run / "rank"), read_stage_info(run / "ppo")
-    assert rank["metrics"]["num_prompts"] == 64 and rank["recipe"]["generation_backend"] == "align"
+    assert rank["metrics"]["num_prompts"] == 128 and rank["recipe"]["generation_backend"] == "align"
     assert len(ppo["gold_scores"]) == len(ppo["parent_gold_scores"]) == 64
     updates = [h for h in ppo["log_history"] if "ppo/rm_score" in h]
     assert len(updates) == 4
