@@ -24,11 +24,13 @@ An entry named other than its stage is a variant run beside the chain (a baselin
 command runs, its output goes to `<output_root>/<name>`, its parents are wired as its stage's, and no later stage reads
 it. `optional: true` runs an entry only when asked: `align run CHAIN --with pretrain_lstm`.
 
-The runner sets each stage's `output_dir` to `<output_root>/<name>` and wires parents: sft <- pretrain; rank policy
-<- sft; reward model <- sft, data <- rank; ppo policy <- sft, reward_model_path <- reward. The resolved recipe of each
-stage is written to `<output_root>/recipes/<stage>.yaml` (rerun one stage alone with `align <stage> --config` it).
+The runner sets each stage's `output_dir` to `<output_root>/<name>` and wires parents, as each stage record's
+`parents` says (`align/stages/registry.py`): sft <- pretrain; rank policy <- sft; reward model <- sft, data <- rank;
+ppo policy <- sft, reward_model_path <- reward. The resolved recipe of each stage is written to
+`<output_root>/recipes/<stage>.yaml` (rerun one stage alone with `align <stage> --config` it).
 
-Each stage runs as its own `python -m align <stage>` process: its memory (models, optimizer, CUDA context) is returned
+Each stage runs as its own `python -m align <stage>` process (handed the stages registered in this one, a plugin's or
+a test's: `registry.child_env`): its memory (models, optimizer, CUDA context) is returned
 to the OS before the next stage, its logs and progress bar stream unchanged, and a kill leaves exactly what a killed
 `align <stage>` leaves (checkpoints, no `align_stage.json`), which the next run resumes from. The price is one
 interpreter start per stage (seconds).
@@ -55,23 +57,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from align.config import PATH_RULE, config_class, did_you_mean, load_recipe, parse_config, recipe_dict
 from align.errors import AlignError
+from align.evaluation.report import check_options, write_report
 from align.evaluation.stage_metrics import summary_line
-from align.io import STAGE_FILE, STAGES, atomic_write_json, atomic_write_text, output_lock, read_stage_info
+from align.io import STAGE_FILE, atomic_write_json, atomic_write_text, output_lock, read_stage_info, recipe_sha256
+from align.stages import registry
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "chain_state.json"
 CHAIN_KEYS = ("output_root", "stages", "report", "accelerate_config")
-# stage -> {key: parent stage whose output dir the key points at}, when that parent is in the chain.
-WIRING: dict[str, dict[str, str]] = {
-    "pretrain": {},
-    "sft": {"model_name_or_path": "pretrain"},
-    "rank": {"model_name_or_path": "sft"},
-    "reward": {"model_name_or_path": "sft", "dataset_name": "rank"},
-    "ppo": {"model_name_or_path": "sft", "reward_model_path": "reward"},
-    "classify": {"model_name_or_path": "pretrain"},  # GPT-1: discriminative fine-tuning of the pretrained model
-}
 # Keys that say where a stage writes, not what it computes: left out of its fingerprint.
 LOCATION_KEYS = ("output_dir", "logging_dir")
 
@@ -114,8 +112,6 @@ class Chain:
 
 def _config_fields(stage: str) -> set[str]:
     """The keys a stage's config accepts."""
-    from align.config import config_class
-
     return {f.name for f in dataclasses.fields(config_class(stage)) if f.init}
 
 
@@ -131,53 +127,16 @@ def load_chain(
 ) -> Chain:
     """Read a chain recipe and resolve every stage's recipe, the `optional` entries only when named in
     `with_optional`. Errors name the chain file and the key."""
-    from align.config import did_you_mean, load_recipe
-
     path = Path(path)
     data = load_recipe(path)
-    stages_raw = data.get("stages")
-    if not isinstance(stages_raw, dict) or not stages_raw:
-        raise AlignError(
-            f"{path}: 'stages' is missing or empty. List stages as a mapping, e.g. `stages: {{pretrain: "
-            "pretrain.yaml, sft: sft.yaml}}`."
-        )
-    entries = {name: _entry(path, name, raw) for name, raw in stages_raw.items()}
-    kind = {name: str(entry.pop("stage", name)) for name, entry in entries.items()}
-    for name, stage in kind.items():
-        if stage not in STAGES:
-            what = f"'stage: {stage}' of entry '{name}'" if stage != name else f"stage '{name}'"
-            hint = did_you_mean(stage, list(STAGES))
-            if "did you mean" not in hint:
-                hint = f"; the stages are {', '.join(STAGES)}, and a variant's entry says its `stage:`."
-            raise AlignError(f"{path}: unknown {what}{hint}")
-    order = [s for s in STAGES if s in kind]
-    listed = [s for s in kind if kind[s] == s]
-    if listed != order:
-        raise AlignError(f"{path}: stages are listed as {listed}; the chain runs in order {order}. Reorder them.")
-    for name in with_optional:
-        if name not in entries:
-            raise AlignError(f"--with {name}: not an entry of {path} (entries: {', '.join(entries)}).")
-    optional = [n for n, e in entries.items() if e.pop("optional", False)]
-    names = [n for n in entries if n not in optional or n in with_optional]
-    for name in names:
-        for parent in WIRING[kind[name]].values():
-            if parent in names and names.index(parent) > names.index(name):
-                raise AlignError(f"{path}: '{name}' is listed before its parent '{parent}'. List it after.")
-    for name in per_stage or {}:
-        if name not in names:
-            skipped = f" It is optional: add --with {name}." if name in optional else ""
-            raise AlignError(
-                f"command line: stage '{name}' is not in {path} (stages: {', '.join(names)}).{skipped}"
-                f"{'' if skipped else did_you_mean(name, names)}"
-            )
+    entries, kind = _entries(path, data.get("stages"))
+    names = _selected(path, entries, kind, with_optional, per_stage or {})
     root = Path(output_root or data.get("output_root") or "")
     if not str(root) or str(root) == ".":
         raise AlignError(f"{path}: 'output_root' is not set; add `output_root: runs/<name>` or pass --output_root.")
     report = data.get("report") or {}
     if not isinstance(report, dict):
         raise AlignError(f"{path}: 'report' is a {type(report).__name__}, expected a mapping like {{examples: 6}}.")
-    from align.evaluation.report import check_options
-
     check_options(report, str(path))
     shared_keys = {k: v for k, v in data.items() if k not in CHAIN_KEYS}
     shared_keys.update(shared or {})
@@ -186,49 +145,11 @@ def load_chain(
     used: set[str] = set()
     plans = []
     for name in names:
-        stage, entry = kind[name], entries[name]
-        recipe: dict[str, Any] = {}
-        source = f"{path} (stages.{name})"
-        if entry.get("recipe"):
-            file = Path(str(entry.pop("recipe")))
-            if not file.is_file():
-                raise AlignError(f"{path}: stages.{name}: recipe {file} not found{_path_fix(path, file)}")
-            recipe = load_recipe(file)
-            source = str(file)
-        entry.pop("recipe", None)
-        valid = fields[stage]
-        for key, value in shared_keys.items():
-            if key in valid:
-                recipe[key] = value
-                used.add(key)
-        recipe.update(entry)
+        recipe, source = _stage_recipe(path, name, entries[name], shared_keys, fields[kind[name]], used)
         recipe.update((per_stage or {}).get(name, {}))
-        for key in LOCATION_KEYS[:1]:
-            if key in entry:
-                raise AlignError(
-                    f"{path}: stages.{name} sets '{key}', but the chain puts each stage in <output_root>/<name>. "
-                    "Remove it, or change output_root."
-                )
-        recipe["output_dir"] = str(root / name)
-        parents = []
-        for key, parent in WIRING[stage].items():
-            if parent in names and kind[parent] == parent:
-                recipe[key] = str(root / parent)
-                if parent not in parents:
-                    parents.append(parent)
-        if check_keys:
-            for key in recipe:
-                if key not in valid:
-                    hint = did_you_mean(key, sorted(valid))
-                    raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{hint}")
-        plans.append(StagePlan(name, stage, recipe, source, parents))
+        plans.append(_wire(path, name, kind, names, recipe, source, root, fields[kind[name]] if check_keys else None))
     if check_keys:
-        unused = set(shared_keys) - used
-        known = all(f is not None for f in fields.values())
-        if unused and known:
-            key = sorted(unused)[0]
-            every = sorted(set().union(*[f for f in fields.values() if f]))
-            raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{did_you_mean(key, every)}")
+        _check_shared(path, shared_keys, used, fields)
     launch = accelerate_config or data.get("accelerate_config")
     if launch is not None:
         launch = Path(str(launch))
@@ -236,6 +157,124 @@ def load_chain(
             where = "command line" if accelerate_config else str(path)
             raise AlignError(f"{where}: accelerate_config {launch} does not exist{_path_fix(path, launch)}")
     return Chain(path=path, output_root=root, stages=plans, report=report, accelerate_config=launch)
+
+
+def _entries(path: Path, stages_raw: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The `stages:` entries as mappings, and the stage each runs (its name, or a variant's `stage:`), checked against
+    the registered stages and their order."""
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise AlignError(
+            f"{path}: 'stages' is missing or empty. List stages as a mapping, e.g. `stages: {{pretrain: "
+            "pretrain.yaml, sft: sft.yaml}}`."
+        )
+    entries = {name: _entry(path, name, raw) for name, raw in stages_raw.items()}
+    kind = {name: str(entry.pop("stage", name)) for name, entry in entries.items()}
+    stages = registry.names()
+    for name, stage in kind.items():
+        if stage not in stages:
+            what = f"'stage: {stage}' of entry '{name}'" if stage != name else f"stage '{name}'"
+            hint = did_you_mean(stage, list(stages))
+            if "did you mean" not in hint:
+                hint = f"; the stages are {', '.join(stages)}, and a variant's entry says its `stage:`."
+            raise AlignError(f"{path}: unknown {what}{hint}")
+    order = [s for s in stages if s in kind]
+    listed = [s for s in kind if kind[s] == s]
+    if listed != order:
+        raise AlignError(f"{path}: stages are listed as {listed}; the chain runs in order {order}. Reorder them.")
+    return entries, kind
+
+
+def _selected(
+    path: Path,
+    entries: dict[str, dict[str, Any]],
+    kind: dict[str, str],
+    with_optional: tuple[str, ...],
+    per_stage: dict[str, dict[str, Any]],
+) -> list[str]:
+    """The entries that run: all but the `optional` ones not named by `--with`; each after its parents."""
+    for name in with_optional:
+        if name not in entries:
+            raise AlignError(f"--with {name}: not an entry of {path} (entries: {', '.join(entries)}).")
+    optional = [n for n, e in entries.items() if e.pop("optional", False)]
+    names = [n for n in entries if n not in optional or n in with_optional]
+    for name in names:
+        for parent in registry.get(kind[name]).parents.values():
+            if parent in names and names.index(parent) > names.index(name):
+                raise AlignError(f"{path}: '{name}' is listed before its parent '{parent}'. List it after.")
+    for name in per_stage:
+        if name not in names:
+            skipped = f" It is optional: add --with {name}." if name in optional else ""
+            raise AlignError(
+                f"command line: stage '{name}' is not in {path} (stages: {', '.join(names)}).{skipped}"
+                f"{'' if skipped else did_you_mean(name, names)}"
+            )
+    return names
+
+
+def _stage_recipe(
+    path: Path, name: str, entry: dict[str, Any], shared_keys: dict[str, Any], valid: set[str], used: set[str]
+) -> tuple[dict[str, Any], str]:
+    """An entry's recipe before command-line keys and wiring: its recipe file < the shared keys its stage has <
+    its inline keys (never `output_dir`); and where the keys came from. Adds the shared keys it took to `used`."""
+    recipe: dict[str, Any] = {}
+    source = f"{path} (stages.{name})"
+    if entry.get("recipe"):
+        file = Path(str(entry.pop("recipe")))
+        if not file.is_file():
+            raise AlignError(f"{path}: stages.{name}: recipe {file} not found{_path_fix(path, file)}")
+        recipe = load_recipe(file)
+        source = str(file)
+    entry.pop("recipe", None)
+    for key, value in shared_keys.items():
+        if key in valid:
+            recipe[key] = value
+            used.add(key)
+    recipe.update(entry)
+    for key in LOCATION_KEYS[:1]:
+        if key in entry:
+            raise AlignError(
+                f"{path}: stages.{name} sets '{key}', but the chain puts each stage in <output_root>/<name>. "
+                "Remove it, or change output_root."
+            )
+    return recipe, source
+
+
+def _wire(
+    path: Path,
+    name: str,
+    kind: dict[str, str],
+    names: list[str],
+    recipe: dict[str, Any],
+    source: str,
+    root: Path,
+    valid: set[str] | None,
+) -> StagePlan:
+    """The entry's plan: output_dir `<root>/<name>`, parent keys wired to the chain's stages (the stage record's
+    `parents`), and, when `valid` is given, every key checked against them."""
+    stage = kind[name]
+    recipe["output_dir"] = str(root / name)
+    parents = []
+    for key, parent in registry.get(stage).parents.items():
+        if parent in names and kind[parent] == parent:
+            recipe[key] = str(root / parent)
+            if parent not in parents:
+                parents.append(parent)
+    if valid is not None:
+        for key in recipe:
+            if key not in valid:
+                hint = did_you_mean(key, sorted(valid))
+                raise AlignError(f"{source}: unknown key '{key}' for stage {stage}{hint}")
+    return StagePlan(name, stage, recipe, source, parents)
+
+
+def _check_shared(path: Path, shared_keys: dict[str, Any], used: set[str], fields: dict[str, set[str]]) -> None:
+    """A shared key (top level or `--key`) that no stage of the chain has is an error naming the closest key."""
+    unused = set(shared_keys) - used
+    known = all(f is not None for f in fields.values())
+    if unused and known:
+        key = sorted(unused)[0]
+        every = sorted(set().union(*[f for f in fields.values() if f]))
+        raise AlignError(f"{path}: shared key '{key}' is not a key of any stage{did_you_mean(key, every)}")
 
 
 def _entry(path: Path, name: str, raw: Any) -> dict[str, Any]:
@@ -270,14 +309,12 @@ def _rel(path: Path) -> Path:
 
 def _what(plan: StagePlan, recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe without the keys that only say where things are (output_dir, paths wired to parent stages)."""
-    drop = set(LOCATION_KEYS) | {k for k, parent in WIRING[plan.stage].items() if parent in plan.parents}
+    drop = set(LOCATION_KEYS) | {k for k, parent in registry.get(plan.stage).parents.items() if parent in plan.parents}
     return {k: v for k, v in recipe.items() if k not in drop}
 
 
 def resolved_recipe(plan: StagePlan) -> dict[str, Any]:
     """The recipe as the stage will record it (`recipe_dict` after parsing: types and enums normalized)."""
-    from align.config import parse_config, recipe_dict
-
     if _config_fields(plan.stage) is None:
         return json.loads(json.dumps(plan.recipe, default=str))
     cfg = parse_config(plan.stage, [], overrides=plan.recipe, source=f"{plan.source} (stage {plan.stage})")
@@ -286,8 +323,6 @@ def resolved_recipe(plan: StagePlan) -> dict[str, Any]:
 
 def fingerprint(plan: StagePlan, recipe: dict[str, Any]) -> str:
     """What a stage computes, independent of where its dirs are (so a copied or moved run still skips)."""
-    from align.io import recipe_sha256
-
     return recipe_sha256(_what(plan, recipe))
 
 
@@ -342,8 +377,6 @@ def done_reason(chain: Chain, plan: StagePlan, fp: str, state: dict[str, Any]) -
 
 
 def _write_stage_recipe(chain: Chain, plan: StagePlan) -> Path:
-    import yaml
-
     file = chain.output_root / "recipes" / f"{plan.name}.yaml"
     head = (
         f"# Resolved by `align run {_rel(chain.path)}` from {plan.source}.\n"
@@ -358,7 +391,7 @@ def _run_stage(chain: Chain, plan: StagePlan) -> None:
     """`python -m align <stage> --config <resolved recipe>`: output streams through, the last error line is kept."""
     recipe_file = _write_stage_recipe(chain, plan)
     cmd = stage_command(chain, plan, recipe_file)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=registry.child_env())  # with the stages registered here
     tail = b""
     try:
         assert proc.stderr is not None
@@ -496,8 +529,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from align.config import PATH_RULE
-
     p = _Parser(
         prog="align run",
         description="Run a chain recipe (pretrain -> sft -> rank -> reward -> ppo), resumably, then write the report.",
@@ -518,8 +549,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(rest: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    import yaml
-
     shared: dict[str, Any] = {}
     per_stage: dict[str, dict[str, Any]] = {}
     i = 0
@@ -562,8 +591,6 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("Chain %s finished in %s:\n%s", _rel(chain.path), _clock(time.perf_counter() - t0),
                         summary_table(rows))  # fmt: skip
         if not args.no_report:
-            from align.evaluation.report import write_report
-
             files = write_report(chain.output_root, chain.report)
             logger.info("Report: %s", ", ".join(str(f) for f in files))
     return 0

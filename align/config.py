@@ -1,7 +1,7 @@
 """What every stage config shares, and the recipe loader: YAML recipe < CLI overrides, validated before any work.
 
-The configs live beside their stages (`align/stages/<stage>_config.py`, found through `STAGE_CONFIGS`); this module
-holds the fields they declare alike, the value rules and the parser.
+The configs live beside their stages (`align/stages/<stage>_config.py`, named by each stage's record in
+`align/stages/registry.py`); this module holds the fields they declare alike, the value rules and the parser.
 
 Each stage config subclasses the transformers/TRL config its trainer takes and mixes in TRL's own `ScriptArguments`
 (dataset keys) and `ModelConfig` (model and LoRA keys), so every key a TRL / alignment-handbook user knows means the
@@ -31,7 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+from transformers.integrations import integration_utils
+from trl import ModelConfig
+
 from align.errors import AlignError
+from align.hub.lineage import hub_id_problem
+from align.models.modeling import MODEL_KEYS, cpu_has_native_bf16, resolve_package_ref
+from align.stages import registry
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +141,6 @@ def post_init_common(cfg, trainer_config: type | None = None) -> None:
     `trainer_config` is the transformers/TRL config the stage subclasses (default TrainingArguments); its
     `__post_init__` runs last (e.g. SFTConfig resolves `pad_to_multiple_of: auto` there).
     """
-    from transformers import TrainingArguments
-    from trl import ModelConfig
-
     check_values(cfg)
     resolve_model_keys(cfg)
     cfg.dataset_column_mapping = json_dict(cfg.dataset_column_mapping, "dataset_column_mapping")
@@ -161,10 +168,6 @@ def resolve_auto_bf16(cfg) -> None:
     if cfg.bf16 is not None:
         cfg.precision_reason = f"bf16: {str(cfg.bf16).lower()} in the recipe"
         return
-    import torch
-
-    from align.models.modeling import cpu_has_native_bf16
-
     if torch.cuda.is_available() and not cfg.use_cpu:
         cfg.bf16 = bool(torch.cuda.is_bf16_supported())
         cfg.precision_reason = "auto: " + ("the GPU supports bf16" if cfg.bf16 else "the GPU lacks bf16")
@@ -179,8 +182,6 @@ def resolve_auto_bf16(cfg) -> None:
 def resolve_model_keys(cfg) -> None:
     """Resolve `package:` references in the model and tokenizer keys to absolute paths and check `model_hub_id`,
     once, at validation: every later reader (load_pretrained, parent_of, the chain) then sees an ordinary path."""
-    from align.models.modeling import MODEL_KEYS, resolve_package_ref
-
     for key in MODEL_KEYS:
         value = getattr(cfg, key, None)
         if value is not None:
@@ -190,8 +191,6 @@ def resolve_model_keys(cfg) -> None:
                 raise ValueError(str(e)) from None  # parse_config puts the recipe file in front
     hub_id = getattr(cfg, "model_hub_id", None)
     if hub_id is not None:
-        from align.hub.lineage import hub_id_problem
-
         if problem := hub_id_problem(hub_id):
             raise ValueError(
                 f"model_hub_id {hub_id!r} {problem}. Give the Hub id model_name_or_path is a copy of, e.g. "
@@ -252,7 +251,8 @@ class Rule:
 _BATCH = "[1, inf)"
 # key -> rule. Keyed by name, not declared in each field's metadata: HfArgumentParser hands every metadata key to
 # argparse.add_argument (an unknown one breaks any plain HfArgumentParser / TrlParser on these classes), and the
-# transformers/TRL/peft keys are inherited, not redeclared here. A key means the same in every stage (STYLE.md 3).
+# transformers/TRL/peft keys are inherited, not redeclared here. A key means the same in every stage, so one rule
+# serves them all (and TRL/transformers keys are reused, never a synonym: docs/architecture.md, "Adding a stage").
 VALUE_RULES: dict[str, Rule] = {
     # Batches
     "per_device_train_batch_size": Rule(_BATCH, "sequences per device per step, e.g. 8"),
@@ -397,8 +397,6 @@ _INTEGRATIONS = {
 
 def integration_available(name: str) -> bool:
     """Whether the package behind `report_to: name` is importable (transformers' `is_<name>_available`)."""
-    from transformers.integrations import integration_utils
-
     helper = _INTEGRATIONS.get(name, (None, name))[0]
     return getattr(integration_utils, helper)() if helper else importlib.util.find_spec(name) is not None
 
@@ -413,8 +411,6 @@ def report_to_errors(report_to: None | str | list[str], choices: typing.Sequence
 
     `choices`: the names the trainer accepts (default: transformers' integrations).
     """
-    from transformers.integrations import integration_utils
-
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     if names in (["none"], ["all"]):
         return []
@@ -436,24 +432,12 @@ def report_to_errors(report_to: None | str | list[str], choices: typing.Sequence
     return errors
 
 
-# Each stage's config, as "module:Class": beside its stage in align/stages/, imported on first use so that
-# `align --help` does not import transformers and TRL.
-STAGE_CONFIGS: dict[str, str] = {
-    "pretrain": "align.stages.pretrain_config:PretrainConfig",
-    "sft": "align.stages.sft_config:SFTStageConfig",
-    "rank": "align.stages.rank_config:RankConfig",
-    "reward": "align.stages.reward_config:RewardStageConfig",
-    "ppo": "align.stages.ppo_config:PPOStageConfig",
-    "classify": "align.stages.classify_config:ClassifyStageConfig",
-}
-
-
 def config_class(stage: str):
-    """The config dataclass of `stage`."""
-    if stage not in STAGE_CONFIGS:
-        raise KeyError(f"no config for stage {stage!r}")
-    module, name = STAGE_CONFIGS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
+    """The config dataclass of `stage` (its record's `config`, imported now: `align --help` imports none)."""
+    try:
+        return registry.get(stage).config_class()
+    except KeyError:
+        raise KeyError(f"no config for stage {stage!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,7 +447,6 @@ def config_class(stage: str):
 def stage_parser(cls, prog: str):
     """The command-line parser of config class `cls` (`--config` plus every field, value rules in the help); its
     errors are one-line AlignErrors."""
-    from transformers import HfArgumentParser
 
     class _Parser(HfArgumentParser):
         """HfArgumentParser whose errors are AlignErrors (one line, no usage dump, no SystemExit)."""
@@ -498,8 +481,6 @@ def did_you_mean(key: str, valid: list[str]) -> str:
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML recipe as a dict, with a one-line error for a missing file or bad YAML."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise AlignError(f"{path}: recipe not found. Pass an existing YAML file to --config (see recipes/).")
@@ -535,8 +516,6 @@ def _check_value(parser, key: str, value: Any, where: str, ftype: Any) -> Any:
 
 
 def _check_value_scalar(key, value, kind, choices, where, expected):
-    from transformers.hf_argparser import string_to_bool
-
     if kind is string_to_bool:
         if not isinstance(value, bool):
             raise AlignError(f"{where}: '{key}' must be true or false, got {value!r}.")

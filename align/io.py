@@ -29,11 +29,16 @@ from typing import Any
 
 from align.errors import AlignError
 
+try:  # Unix only: the output lock (fcntl) and peak memory (resource); io still imports on Windows
+    import fcntl
+    import resource
+except ImportError:
+    fcntl = resource = None
+
 logger = logging.getLogger(__name__)
 
 STAGE_FILE = "align_stage.json"
 LOCK_FILE = ".align.lock"  # hidden: `align push` skips dotfiles, and it is no part of the model
-STAGES = ("pretrain", "sft", "rank", "reward", "ppo", "classify")
 _VERSIONED = ("align", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "tokenizers")
 
 
@@ -99,9 +104,7 @@ def recipe_sha256(recipe: dict[str, Any]) -> str:
 def peak_rss_mib() -> float | None:
     """This process's peak resident memory so far in MiB (`getrusage`), or None where there is no such call. A stage
     run under accelerate records its main process's."""
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
@@ -133,8 +136,11 @@ def write_stage_info(
     resolved recipe is in this file), so what is pushed or shared loads without unpickling. Checkpoints keep theirs
     for resuming.
     """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    # Layering: io sits below the stages (docs/architecture.md), so their registry is imported here, not above.
+    from align.stages import registry
+
+    if registry.find(stage) is None:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {registry.names()}")
     info = {
         "stage": stage,
         "parent": parent,
@@ -220,35 +226,6 @@ def save_trained(trainer, output_dir: str | os.PathLike, *, merge_adapter: bool)
     if trainer.is_world_process_zero():
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         merged.save_pretrained(output_dir, safe_serialization=True)
-
-
-def train_or_load(trainer, resume: str | None):
-    """`trainer.train(resume_from_checkpoint=resume)`, except when `resume` already holds step `max_steps` (a run
-    killed after its last checkpoint, while it evaluated or saved): then its weights and state are loaded and no step
-    is trained. transformers 5 checks max_steps only after a step, so it would train one past it, and the rerun
-    would differ from the uninterrupted run. There, `training_loss` is the mean of the logged losses."""
-    import math
-
-    from transformers import TrainerState
-    from transformers.trainer_utils import TrainOutput
-
-    args = trainer.args
-    plain = not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)  # those load only inside train()
-    if resume is not None and args.max_steps > 0 and plain:
-        state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-        if state.global_step >= args.max_steps:
-            logger.info("%s holds step %d of max_steps %d: loaded, nothing left to train.", resume,
-                        state.global_step, args.max_steps)  # fmt: skip
-            trainer._load_from_checkpoint(resume)
-            trainer.state = state
-            losses = [h["loss"] for h in state.log_history if "loss" in h]
-            loss = sum(losses) / len(losses) if losses else math.nan
-            # the summary entry train() ends log_history with, as in the uninterrupted run
-            summary = {"train_runtime": 0.0, "train_samples_per_second": 0.0, "train_steps_per_second": 0.0,
-                       "total_flos": state.total_flos, "train_loss": loss}  # fmt: skip
-            trainer.log(summary)
-            return TrainOutput(state.global_step, loss, summary)
-    return trainer.train(resume_from_checkpoint=resume)
 
 
 def resume_checkpoint(args) -> str | None:
@@ -340,8 +317,6 @@ def _busy(shown: Path, lock: Path, holder: dict[str, Any]) -> AlignError:
 
 def _acquire(lock: Path, shown: Path) -> int:
     """Open and flock `lock`, or raise AlignError naming its holder; take over a stale one; write our own body."""
-    import fcntl
-
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

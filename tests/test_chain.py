@@ -85,7 +85,7 @@ def _line(log: str, needle: str) -> str:
 
 @pytest.mark.parametrize("path", CHAIN_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_chain_recipes_resolve(path, monkeypatch):
-    from align.chain import WIRING
+    from align.stages import registry
 
     monkeypatch.chdir(ROOT)  # shipped recipes name their files from the repo root, as their commands are run
 
@@ -98,7 +98,7 @@ def test_shipped_chain_recipes_resolve(path, monkeypatch):
         assert [p.name for p in chain.stages if not p.variant][-3:] == ["rank", "reward", "ppo"]
     for plan in chain.stages:
         assert plan.recipe["output_dir"] == str(chain.output_root / plan.name)
-        for key, parent in WIRING[plan.stage].items():
+        for key, parent in registry.get(plan.stage).parents.items():
             if parent in names:
                 assert plan.recipe[key] == str(chain.output_root / parent), (plan.name, key)
 

@@ -6,21 +6,23 @@ import sys
 
 import pytest
 
-from align.cli import COMMANDS, main
+from align.cli import commands, main
+from align.stages import registry
+from align.stages.huge_pages import huge_pages_for_mapped_heap
 
 
 def _run(*args, **kw):
     return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, timeout=300, **kw)
 
 
-def test_top_level_help_lists_stages(capsys):
+def test_top_level_help_lists_every_registered_stage_and_tool(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("pretrain", "generate"):
-        assert name in out
+    listed = [line.split()[0] for line in out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == [*registry.names(), "run", "generate", "score", "push", "inspect"]
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", list(commands()))
 def test_every_command_has_help(command):
     result = _run(command, "--help")
     assert result.returncode == 0, result.stderr
@@ -56,19 +58,15 @@ def test_bad_recipe_key_is_one_line_exit_2(tmp_path):
 def test_ppo_with_mapped_heap_turns_on_huge_pages(tmp_path, monkeypatch, argv, recipe, expected):
     """A PPO run with `malloc_mmap_threshold` gets THP_MEM_ALLOC_ENABLE=1 before torch loads (from the command line or
     its recipe); without the key, nothing is set."""
-    from align.cli import _huge_pages_for_mapped_heap
-
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     if recipe is not None:
         (tmp_path / "ppo.yaml").write_text(recipe)
         argv = ["--config", str(tmp_path / "ppo.yaml"), *argv]
-    _huge_pages_for_mapped_heap(argv)
+    huge_pages_for_mapped_heap(argv)
     assert os.environ.get("THP_MEM_ALLOC_ENABLE") == expected
 
 
 def test_huge_pages_left_to_the_user_who_sets_them(monkeypatch):
-    from align.cli import _huge_pages_for_mapped_heap
-
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    _huge_pages_for_mapped_heap(["--malloc_mmap_threshold", "4194304"])
+    huge_pages_for_mapped_heap(["--malloc_mmap_threshold", "4194304"])
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

@@ -64,6 +64,7 @@ def curve_panels(keys: list[str]) -> list[list[str]]:
 
 def figure(ncols: int, nrows: int = 1, title: str | None = None):
     """(figure, axes in row-major order) of `nrows` x `ncols` panels, `title` over them all."""
+    # start-up time: matplotlib loads only when something is drawn (the cards and `align push` import this module)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

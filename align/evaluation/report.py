@@ -19,6 +19,7 @@ and `prompts_file` (own data: a file with a `prompt` column to take them from; t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import logging
@@ -27,11 +28,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from align.config import config_class, did_you_mean
+from align.data import tinyworld
+from align.data.load import load_data, require_columns
 from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
-from align.evaluation.stage_metrics import TABLE, format_value
+from align.evaluation.gold import heldout_prompts, load_gold_labeler, paired_interval, win_rate
+from align.evaluation.plots import bar_panel, figure, line_panel
+from align.evaluation.plots import png as to_png
+from align.evaluation.score import load_scorer
+from align.evaluation.stage_metrics import format_value, table_rows
+from align.generation.generate import generate
 from align.hub import is_hub_id
-from align.io import STAGES, atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
+from align.inspect.attention import default_output_dir
+from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
+from align.models.modeling import load_causal_lm, load_tokenizer
+from align.stages import registry
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +54,16 @@ LSTM_DIR = "pretrain_lstm"
 MODELS = ("pretrain", "sft", "ppo")  # the stages that answer prompts
 # PPO's parent when it is not the chain's SFT stage (e.g. an instruct model off the Hub or a GGUF file).
 PARENT = "parent"
-LABELS = {"pretrain": "pretrained", "sft": "SFT", "ppo": "PPO", "rank": "rankings", "reward": "reward model",
-          LSTM_DIR: "LSTM baseline", PARENT: "parent", "classify": "classifier"}  # fmt: skip
+_LABELS = {LSTM_DIR: "LSTM baseline", PARENT: "parent"}  # the names the report shows that are no stage
+
+
+def label(name: str) -> str:
+    """How the report names a model: its stage record's `label` ("SFT"), or the LSTM baseline's, or PPO's parent's."""
+    return _LABELS.get(name) or registry.get(name).display
 
 
 def check_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated report options (see the module docstring); errors name `where` and the key."""
-    from align.config import did_you_mean
-
     out = {"examples": 6, "prompts_file": None}
     for key, value in options.items():
         if key not in OPTIONS:
@@ -71,22 +85,23 @@ def load_stages(root: Path) -> dict[str, dict[str, Any]]:
     """`{dir name: align_stage.json}` of the finished stages in `root/<name>`: the chain's stages in chain order, the
     LSTM baseline's (`root/pretrain_lstm`) after pretrain, then any other stage dir (a chain's variant entry, e.g.
     `classify_random`) by name."""
+    stages = registry.names()
     found = {}
-    for stage in (STAGES[0], LSTM_DIR, *STAGES[1:]):
+    for stage in (stages[0], LSTM_DIR, *stages[1:]):
         info = read_stage_info(root / stage)
         if info is not None:
             found[stage] = info
-    known = set(found) | {LSTM_DIR, *STAGES}
+    known = set(found) | {LSTM_DIR, *stages}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in known) if root.is_dir() else []:
         info = read_stage_info(sub)
-        if info is not None and info.get("stage") in STAGES:
+        if info is not None and info.get("stage") in stages:
             found[sub.name] = info
     return found
 
 
 def stage_of(name: str, info: dict[str, Any]) -> str:
     """The stage a dir holds: its name for the chain's own, else what its align_stage.json says (a variant)."""
-    return name if name in STAGES else str(info.get("stage"))
+    return name if registry.find(name) is not None else str(info.get("stage"))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -95,8 +110,6 @@ def _same(a: Any, b: Any) -> bool:
 
 def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Gold scores per model, win-rates (from the per-prompt scores the stages recorded) and PPO's KL."""
-    from align.evaluation.gold import paired_interval, win_rate
-
     out: dict[str, Any] = {"gold_score": {}}
     sft, ppo = stages.get("sft"), stages.get("ppo")
     if sft and "gold_scores" in sft:
@@ -223,8 +236,6 @@ def embeddings_inspection(root: Path, stages: dict[str, dict[str, Any]]) -> dict
     """The figures of `align inspect embeddings` on one of the run's models (`root/embeddings/`, else the command's
     default dir for a stage, `runs/inspect/<root--stage>/`), each space's class scores and first neighbours; None
     when it was not run."""
-    from align.inspect.attention import default_output_dir
-
     dirs = [root / "embeddings"] + [default_output_dir(str(root / name)) for name in stages]
     for folder in dirs:
         try:
@@ -261,10 +272,10 @@ def metrics_table(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for stage, info in stages.items():
         metrics = info.get("metrics") or {}
-        for key, label in TABLE.get(stage_of(stage, info), []):
+        for key, row_label in table_rows(stage_of(stage, info)):
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                rows.append({"stage": stage, "metric": key, "label": label, "value": float(value)})
+                rows.append({"stage": stage, "metric": key, "label": row_label, "value": float(value)})
         runtime = metrics.get("train_runtime") or metrics.get("runtime")
         if isinstance(runtime, (int, float)):
             rows.append({"stage": stage, "metric": "train_runtime", "label": "training time (s)", "value": runtime})
@@ -280,25 +291,17 @@ def example_prompts(stages: dict[str, dict[str, Any]], options: dict[str, Any]) 
     if n == 0:
         return []
     if options["prompts_file"]:
-        from align.data.load import load_data, require_columns
-
         ds = load_data(options["prompts_file"], split="train")
         require_columns(ds, ["prompt"], options["prompts_file"])
         return [str(p) for p in ds["prompt"][:n]]
     for stage in ("ppo", "sft"):
         if _tinyworld(stages, stage):
-            from align.evaluation.gold import heldout_prompts
-
             return heldout_prompts(n, seed=int(stages[stage]["data"].get("seed") or 0))
     return []
 
 
 def _resolved(stages: dict[str, dict[str, Any]], stage: str, key: str) -> Any:
     """A stage's value of `key`: its recorded recipe (the keys the user set), else its config's default."""
-    import dataclasses
-
-    from align.config import config_class
-
     recipe = (stages.get(stage) or {}).get("recipe") or {}
     if key in recipe:
         return recipe[key]
@@ -316,11 +319,6 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
     gold score (tiny world, or PPO's `gold_labeler`) and reward-model score."""
     if not prompts:
         return []
-    from align.data import tinyworld
-    from align.evaluation.gold import load_gold_labeler
-    from align.generation.generate import generate
-    from align.models.modeling import load_causal_lm, load_tokenizer
-
     gold = all(_tinyworld(stages, s) for s in ("sft", "ppo") if s in stages)
     spec = (stages.get("ppo") or {}).get("gold_labeler")
     labeler = load_gold_labeler(spec) if spec and not gold else None
@@ -344,8 +342,6 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
         del model
     rm_scores: dict[str, list[float]] = {}
     if "reward" in stages:
-        from align.evaluation.score import load_scorer
-
         scorer = load_scorer(str(root / "reward"), device="cpu")
         for stage, responses in answers.items():
             rm_scores[stage] = scorer(prompts, responses)
@@ -373,8 +369,6 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
 
 def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
     """`{name: (caption, png)}` for each plot that has data."""
-    from align.evaluation.plots import bar_panel, figure, line_panel, png
-
     out: dict[str, tuple[str, bytes]] = {}
     for stage, keys, caption in (
         ("pretrain", [("loss", "train"), ("eval_loss", "held-out")], "Pretraining loss (nats/token)"),
@@ -384,7 +378,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             fig, (ax,) = figure(1)  # one panel carries its own title
             floor = (stages[stage]["metrics"].get("entropy_floor"), "entropy floor") if stage == "pretrain" else None
             if line_panel(ax, stages[stage].get("log_history"), keys, caption, floor):
-                out[f"{stage}_loss"] = (caption, png(fig))
+                out[f"{stage}_loss"] = (caption, to_png(fig))
     if "reward" in stages:
         history = stages["reward"].get("log_history")
         fig, (ax1, ax2) = figure(2, title="Reward model")
@@ -400,7 +394,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             "held-out accuracy",
         )
         if a or b:
-            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", png(fig))
+            out["reward_curves"] = ("Reward model: training loss and held-out accuracy", to_png(fig))
     if "ppo" in stages:
         history = stages["ppo"].get("log_history")
         sft_gold = (top.get("gold_score") or {}).get("sft", (top.get("gold_score") or {}).get(PARENT))
@@ -418,7 +412,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             ),
         ]
         if any(drawn):
-            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", png(fig))
+            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", to_png(fig))
     gold = top.get("gold_score") or {}
     if gold:
         fig, (ax,) = figure(1)
@@ -426,7 +420,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
         sampled = top.get("gold_score_sampled") or {}
         bar_panel(
             ax,
-            [LABELS[s] for s in gold] + [f"{LABELS[s]}\nsampled" for s in sampled],
+            [label(s) for s in gold] + [f"{label(s)}\nsampled" for s in sampled],
             list(gold.values()) + list(sampled.values()),
             [colors[s] for s in gold] + [colors[s] for s in sampled],
             title="Gold labeler, held-out prompts",
@@ -436,7 +430,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
         caption = "Mean gold score of each model on the same held-out prompts"
         if sampled:
             caption += " (greedy; `sampled`: the mean over answers sampled at temperature 1)"
-        out["gold_scores"] = (caption, png(fig))
+        out["gold_scores"] = (caption, to_png(fig))
     return out
 
 
@@ -446,7 +440,7 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
 
 def _diff_line(diff: dict[str, float], view: str, vs: str) -> str:
     return (
-        f"PPO minus {LABELS[vs]}, per prompt, {view}: {diff['mean']:+.3f} (paired 95% interval {diff['low']:+.3f} "
+        f"PPO minus {label(vs)}, per prompt, {view}: {diff['mean']:+.3f} (paired 95% interval {diff['low']:+.3f} "
         f"to {diff['high']:+.3f})."
     )
 
@@ -471,7 +465,7 @@ def headline_lines(top: dict[str, Any]) -> list[str]:
         rate, k, gold = top[f"gold_win_rate_ppo_vs_{vs}_sampled"], top["gold_eval_samples"], top["gold_score_sampled"]
         lines.append(
             f"Sampled at temperature 1 ({k} answers per prompt, each prompt scored by their mean), PPO beats {name} "
-            f"on {rate:.1%} of the prompts; mean gold score {LABELS[vs]} {gold[vs]:.3f}, PPO {gold['ppo']:.3f}."
+            f"on {rate:.1%} of the prompts; mean gold score {label(vs)} {gold[vs]:.3f}, PPO {gold['ppo']:.3f}."
         )
         if f"gold_diff_ppo_vs_{vs}_sampled" in top:
             lines.append(_diff_line(top[f"gold_diff_ppo_vs_{vs}_sampled"], "sampled", vs))
@@ -511,7 +505,7 @@ def headline_lines(top: dict[str, Any]) -> list[str]:
         lines += _embedding_lines(top["embeddings"])
     gold = top.get("gold_score") or {}
     if gold:
-        lines.append("Mean gold score: " + ", ".join(f"{LABELS[s]} {v:.3f}" for s, v in gold.items()) + ".")
+        lines.append("Mean gold score: " + ", ".join(f"{label(s)} {v:.3f}" for s, v in gold.items()) + ".")
     return lines
 
 
@@ -526,7 +520,7 @@ def _pass_rates(top: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     counts = top.get("gold_pass_counts") or {}
     if counts:
         rows = [[*row, str(counts.get(row[0], "n/a"))] for row in rows]
-    return [LABELS[m] for m in models] + (["answers"] if counts else []), rows
+    return [label(m) for m in models] + (["answers"] if counts else []), rows
 
 
 def _markdown(root: Path, stages, top, table, examples, figures) -> str:
@@ -545,7 +539,7 @@ def _markdown(root: Path, stages, top, table, examples, figures) -> str:
     if examples:
         models = [s for s in (PARENT, *MODELS) if s in examples[0]["answers"]]
         out += ["## The same prompts, answered by each model", ""]
-        out += ["| prompt | " + " | ".join(LABELS[s] for s in models) + " |", "|---" * (len(models) + 1) + "|"]
+        out += ["| prompt | " + " | ".join(label(s) for s in models) + " |", "|---" * (len(models) + 1) + "|"]
         for row in examples:
             cells = [_cell_md(row["answers"][s]) for s in models]
             out.append(f"| {_md_escape(row['prompt'])} | " + " | ".join(cells) + " |")
@@ -649,7 +643,7 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
     if examples:
         models = [s for s in (PARENT, *MODELS) if s in examples[0]["answers"]]
         out += ["<h2>The same prompts, answered by each model</h2><table><tr><th>prompt</th>"]
-        out += [f"<th>{e(LABELS[s])}</th>" for s in models] + ["</tr>"]
+        out += [f"<th>{e(label(s))}</th>" for s in models] + ["</tr>"]
         for row in examples:
             cells = "".join(
                 f"<td>{e(row['answers'][s]['response']) or '<i>(empty)</i>'}<br>"

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData, constants
+
 from align.errors import AlignError
 from align.evaluation.plots import has_curves
 from align.evaluation.stage_metrics import format_value
@@ -28,52 +31,9 @@ from align.hub.lineage import (
     resolve_parent_path,
 )
 from align.io import STAGE_FILE, read_stage_info
+from align.stages import registry
 
 CURVES_FILE = "training_curves.png"
-
-PIPELINE_TAG = {
-    "pretrain": "text-generation",
-    "sft": "text-generation",
-    "ppo": "text-generation",
-    "reward": "text-classification",
-    "classify": "text-classification",
-}
-
-# One paragraph per stage kind, in the terms of Ouyang et al. 2022 (InstructGPT, https://arxiv.org/abs/2203.02155).
-ABOUT = {
-    "pretrain": (
-        "**Generative pretraining.** A GPT-style decoder is trained with next-token prediction (causal language "
-        "modeling) on unlabeled text. InstructGPT starts from a pretrained GPT-3; this stage produces that starting "
-        "point, from scratch or by continuing the training of an existing model."
-    ),
-    "sft": (
-        "**Supervised fine-tuning (InstructGPT step 1).** The pretrained model is fine-tuned on demonstrations of the "
-        "desired behaviour: prompts paired with the responses a labeler wrote for them, with the loss on the response "
-        "tokens. The result is the SFT policy, the initial policy for PPO and the sampler for comparison data."
-    ),
-    "rank": (
-        "**Comparison data (InstructGPT step 2, data).** For each prompt the SFT policy sampled K responses, which "
-        "were then ranked from best to worst (by human labelers in InstructGPT; by align's gold labeler in its tiny "
-        "world). One ranking of K responses yields K-choose-2 pairwise comparisons for reward-model training."
-    ),
-    "reward": (
-        "**Reward modeling (InstructGPT step 2).** A transformer with a scalar head, initialized from the SFT model, "
-        "is trained on the K-way rankings with the pairwise loss -log sigmoid(r(x, y_w) - r(x, y_l)), averaged over "
-        "all K-choose-2 pairs of a prompt, which form one batch element so that the pairs of a prompt do not overfit. "
-        "Its output is a scalar reward for a (prompt, response) pair; only differences between rewards are meaningful."
-    ),
-    "ppo": (
-        "**Reinforcement learning from feedback (InstructGPT step 3).** The SFT policy is optimized with PPO to "
-        "maximize the reward model's score of its responses, with a per-token KL penalty against the SFT model that "
-        "keeps the policy close to it and limits over-optimization of the reward model."
-    ),
-    "classify": (
-        "**Discriminative fine-tuning (GPT-1, Radford et al. 2018).** The pretrained decoder gets a linear head read "
-        "at a new extract token; inputs are built with GPT-1's transformations (start, delimiter and extract tokens, "
-        "stored in the tokenizer), and the language-modeling loss on the inputs is kept as an auxiliary objective "
-        "(L3 = L2 + lambda * L1)."
-    ),
-}
 
 # What the metrics align writes mean; anything else is listed by name alone.
 METRIC_HELP = {
@@ -187,8 +147,6 @@ def _samples_markdown(samples: list[Any] | None, limit: int = 5) -> str:
 
 
 def _recipe_markdown(info: Mapping[str, Any]) -> str:
-    import yaml
-
     recipe = info.get("recipe")
     if not recipe:
         return ""
@@ -288,7 +246,7 @@ print(generator("Once upon a time", max_new_tokens=64)[0]["generated_text"])'''
 
 
 def is_likelihood_reward(stage_dir: Path) -> bool:
-    from align.models.modeling_reward import MODEL_TYPE
+    from align.models.modeling_reward import MODEL_TYPE  # start-up time: it loads torch, which `align push` needs not
 
     try:
         return json.loads((stage_dir / "config.json").read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
@@ -317,8 +275,6 @@ def _require_info(stage_dir: Path) -> dict[str, Any]:
 
 
 def _hub_endpoint(endpoint: str | None) -> str:
-    from huggingface_hub import constants
-
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
@@ -356,13 +312,12 @@ def build_model_card(
     Returns:
         `huggingface_hub.ModelCard`.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     stage_dir = Path(stage_dir)
     info = _require_info(stage_dir)
     stage = str(info.get("stage"))
-    if stage == "rank":
-        raise AlignError(f"{stage_dir}: a rank stage is a dataset, not a model. Use build_dataset_card.")
+    record = registry.find(stage)
+    if record is not None and record.repo_type == "dataset":
+        raise AlignError(f"{stage_dir}: a {stage} stage is a dataset, not a model. Use build_dataset_card.")
     pushed = pushed or {}
     endpoint = _hub_endpoint(endpoint)
     adapter = (stage_dir / "adapter_config.json").is_file() and not _has_full_weights(stage_dir)
@@ -371,13 +326,10 @@ def build_model_card(
     if adapter and base is None:
         declared = adapter_base(stage_dir)
         base = declared if is_hub_id(declared) else None
-    pipeline_tag = PIPELINE_TAG.get(stage, "text-generation")
+    pipeline_tag = record.pipeline_tag if record is not None else "text-generation"
     dataset = _data_hub_id(info, stage_dir, pushed, endpoint)
     data_name = (info.get("data") or {}).get("name") if isinstance(info.get("data"), Mapping) else None
-    kind = {"reward": "reward-model", "classify": "text-classification"}.get(stage, "text-generation")
-    tags = ["align", stage, kind, "gpt-1" if stage == "classify" else "rlhf", "instructgpt"]
-    if stage == "ppo":
-        tags.append("ppo")
+    tags = ["align", stage, *(record.card_tags if record is not None else ())]
     if adapter:
         tags += ["peft", "lora"]
     evals = [
@@ -411,7 +363,7 @@ def build_model_card(
     parts = [
         f"# {name}",
         intro,
-        "## What this stage did\n\n" + ABOUT.get(stage, f"The `{stage}` stage."),
+        "## What this stage did\n\n" + _about(record, stage),
         lineage_markdown(chain, info, endpoint, pushed),
         _metrics_markdown(info.get("metrics")),
         f"## Training curves\n\n![training curves]({CURVES_FILE})" if curves else "",
@@ -434,11 +386,10 @@ def build_dataset_card(
     endpoint: str | None = None,
 ):
     """The `README.md` of a pushed rank stage (comparison data): a `huggingface_hub.DatasetCard`."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
     stage_dir = Path(stage_dir)
     info = _require_info(stage_dir)
     stage = str(info.get("stage"))
+    record = registry.find(stage)
     pushed = pushed or {}
     endpoint = _hub_endpoint(endpoint)
     chain = lineage(stage_dir, pushed, endpoint, parent_repo_id=parent_repo_id)
@@ -456,7 +407,7 @@ ds = load_from_disk(snapshot_download("{repo_id}", repo_type="dataset"))  # a `s
 ds = load_dataset("{repo_id}")'''
     card_data = DatasetCardData(
         pretty_name=repo_id.split("/")[-1],
-        tags=["align", stage, "rlhf", "instructgpt", "preference", "rankings"],
+        tags=["align", stage, *(record.card_tags if record is not None else ())],
         task_categories=["text-generation"],
     )
     if sampler:
@@ -466,7 +417,7 @@ ds = load_dataset("{repo_id}")'''
     parts = [
         f"# {repo_id.split('/')[-1]}",
         intro,
-        "## What this stage did\n\n" + ABOUT.get(stage, f"The `{stage}` stage."),
+        "## What this stage did\n\n" + _about(record, stage),
         lineage_markdown(chain, info, endpoint, pushed),
         _metrics_markdown(info.get("metrics")),
         _samples_markdown(info.get("samples")),
@@ -476,6 +427,11 @@ ds = load_dataset("{repo_id}")'''
     ]
     body = "\n\n".join(p for p in parts if p) + "\n"
     return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def _about(record: registry.Stage | None, stage: str) -> str:
+    """The card's "What this stage did" paragraph: the stage record's `about`."""
+    return (record.about if record is not None else "") or f"The `{stage}` stage."
 
 
 def _has_full_weights(stage_dir: Path) -> bool:

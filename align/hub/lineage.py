@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from align.errors import AlignError
 from align.io import STAGE_FILE, read_stage_info
 
@@ -38,8 +40,6 @@ class Link:
 def hub_id_problem(name: Any, *, bare: bool = True) -> str | None:
     """Why `name` is not a Hub repo id, or None. `bare`: a name without `org/` is one, as `gpt2` or datasets'
     canonical ids (`imdb`) are; a card's base model or parent needs the `org/` to be linked."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(name, str):
         return "is not a string"
     if os.path.isabs(name) or Path(name).exists():

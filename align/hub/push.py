@@ -23,7 +23,8 @@ from align.hub.upload import (
     push_stage,
     resolve_token,
 )
-from align.io import STAGE_FILE, STAGES, read_stage_info
+from align.io import STAGE_FILE, read_stage_info
+from align.stages import registry
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def find_stages(run_dir: str | os.PathLike) -> list[Path]:
             visit(parent, (*stack, path))
         order.append(path)
 
-    rank = {s: i for i, s in enumerate(STAGES)}
+    rank = {s: i for i, s in enumerate(registry.names())}
     for path in sorted(found, key=lambda p: (rank.get((found[p] or {}).get("stage"), 99), p.name)):
         visit(path, ())
     return order
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = hub_endpoint()
     for repo_id, out in results.items():
         if args.dry_run is not None:
-            prefix = "datasets/" if (read_stage_info(out) or {}).get("stage") == "rank" else ""
+            stage = registry.find((read_stage_info(out) or {}).get("stage"))
+            prefix = "datasets/" if stage is not None and stage.repo_type == "dataset" else ""
             print(
                 f"would push to {endpoint}/{prefix}{repo_id} ({'private' if args.private else 'public'}, "
                 f"{args.revision or 'main'}); the folder is {out}:"

@@ -14,6 +14,7 @@ The token comes from huggingface_hub (`HF_TOKEN`, then the `hf auth login` cache
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,11 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from align import __version__
 from align.errors import AlignError
 from align.evaluation.plots import training_curves_png
 from align.hub.card import CURVES_FILE, build_dataset_card, build_model_card
 from align.hub.lineage import HUB_RECORD, adapter_base, is_hub_id
-from align.io import STAGE_FILE, STAGES, atomic_write_json, read_stage_info
+from align.io import STAGE_FILE, atomic_write_json, read_stage_info
+from align.stages import registry
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +71,10 @@ class Plan:
 
 
 def stage_kind(stage_dir: Path, info: Mapping[str, Any]) -> str:
-    """`dataset` for rank dirs, `adapter` for PEFT adapter dirs (no full weights), else `model`."""
-    if info.get("stage") == "rank":
+    """`dataset` for data stages (rank: the record's `repo_type`), `adapter` for PEFT adapter dirs (no full weights),
+    else `model`."""
+    stage = registry.find(info.get("stage"))
+    if stage is not None and stage.repo_type == "dataset":
         return "dataset"
     full = (stage_dir / "model.safetensors").is_file() or (stage_dir / "model.safetensors.index.json").is_file()
     return "adapter" if (stage_dir / "adapter_config.json").is_file() and not full else "model"
@@ -86,8 +95,6 @@ def _missing_files(stage_dir: Path, kind: str) -> list[str]:
             missing.append("config.json")
         index = stage_dir / "model.safetensors.index.json"
         if index.is_file():
-            import json
-
             try:
                 shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError):
@@ -113,8 +120,10 @@ def check_stage(stage_dir: str | os.PathLike) -> tuple[dict[str, Any], str]:
             f"{stage_dir}: not a finished align stage: no {STAGE_FILE} (a stage writes it last, when it is done). "
             "Let the stage finish, or point at a stage output dir."
         )
-    if info.get("stage") not in STAGES:
-        raise AlignError(f"{stage_dir / STAGE_FILE}: unknown stage {info.get('stage')!r}; expected one of {STAGES}.")
+    if registry.find(info.get("stage")) is None:
+        raise AlignError(
+            f"{stage_dir / STAGE_FILE}: unknown stage {info.get('stage')!r}; expected one of {registry.names()}."
+        )
     kind = stage_kind(stage_dir, info)
     missing = _missing_files(stage_dir, kind)
     if missing:
@@ -129,8 +138,6 @@ def check_stage(stage_dir: str | os.PathLike) -> tuple[dict[str, Any], str]:
 
 
 def check_repo_id(repo_id: str, flag: str = "repo_id") -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -152,15 +159,11 @@ def check_revision(revision: str | None) -> None:
 
 def hub_endpoint() -> str:
     """The Hub URL, read now: `HF_ENDPOINT` if set, else huggingface_hub's default (which it reads at import)."""
-    from huggingface_hub import constants
-
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
 def resolve_token(token: str | None = None) -> str:
     """`token`, or the one huggingface_hub finds (`HF_TOKEN`, then the login cache). Never logged."""
-    from huggingface_hub import get_token
-
     found = token or get_token()
     if not found:
         raise AlignError(
@@ -171,8 +174,6 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def check_online(endpoint: str) -> None:
-    from huggingface_hub import constants
-
     if constants.is_offline_mode():
         raise AlignError(
             f"align push: HF_HUB_OFFLINE is set, so huggingface_hub will not contact {endpoint}. Unset it to push, "
@@ -246,8 +247,6 @@ def plan_push(
 
 
 def _point_adapter_at_hub(plan: Plan, base_model: str | None) -> None:
-    import json
-
     declared = adapter_base(plan.stage_dir)
     if declared is None or is_hub_id(declared):
         return
@@ -299,8 +298,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 def _explain(err: BaseException, *, endpoint: str, repo_id: str, state: str) -> str | None:
     """One line for a Hub or network failure anywhere in `err`'s chain; None when it is something else (our bug)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     chain, seen = [], set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
@@ -369,10 +366,6 @@ def _upload(
     pushed: Mapping[str, str] | None,
 ) -> tuple[str, str]:
     """Create the repo (and branch) and commit `plan.files` in one commit. Returns (repo id, commit url)."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from align import __version__
-
     api = HfApi(endpoint=endpoint, token=token, library_name="align", library_version=__version__)
     where = f"align push {plan.stage_dir} -> {plan.repo_id}"
     repo_id, state = plan.repo_id, "nothing was pushed"
