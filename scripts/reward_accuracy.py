@@ -22,7 +22,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
@@ -44,7 +43,8 @@ def heldout_groups(info: dict) -> list[tuple[str, list[str], list[int]]]:
     dd = dl.load_data(source, config=recipe.get("dataset_config"))
     _, test = dl.train_test(dd, train_split=recipe.get("dataset_train_split", "train"),
                             test_split=recipe.get("dataset_test_split", "test"),
-                            test_size=recipe.get("dataset_test_size"), seed=recipe.get("seed", 42), source=source)  # fmt: skip
+                            test_size=recipe.get("dataset_test_size"), seed=recipe.get("seed", 42),
+                            source=source)  # fmt: skip
     if test is None:
         raise SystemExit(f"{recipe['dataset_name']}: the reward stage held out no groups")
     return [parse_ranking_row(row, where=f"held-out row {i + 1}")[:3] for i, row in enumerate(test)]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.data.rankings import ranking_to_ranks
 from align.errors import AlignError
 
 FORMAT = "align-annotations/1"
@@ -119,8 +120,6 @@ class Replay:
 
 def check_record(rec: Any, where: str) -> dict[str, Any]:
     """One log line's object, its fields and types checked (the ranking against its responses)."""
-    from align.data.rankings import ranking_to_ranks
-
     if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
         kind = rec.get("kind") if isinstance(rec, dict) else type(rec).__name__
         raise AlignError(f"{where}: record kind {kind!r}, expected one of {', '.join(KINDS)}. Fix or remove the line.")

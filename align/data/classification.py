@@ -25,6 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from tokenizers.processors import TemplateProcessing
+
+from align.data import load as dl
+from align.data.padding import pad_right
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
@@ -105,8 +110,6 @@ def _show(v: Any) -> str:
 
 def scan_labels(ds, input_format: str, source: str) -> tuple[list[Any], int]:
     """Check every row of `ds` (naming file:line) and return (the labels in row order, the most choices in a row)."""
-    from align.data import load as dl
-
     line = dl.source_rows(ds)
     labels: list[Any] = []
     kind: type | None = None
@@ -156,8 +159,6 @@ def add_special_tokens(tokenizer, model=None) -> SpecialIds:
     """Add `<|delim|>` and `<|extract|>` (and `<|start|>` when there is no BOS), install GPT-1's format as the
     tokenizer's post-processor (so `tokenizer(text)` and `tokenizer(text, text_pair)`, hence `pipeline`, build the
     same sequences as training), and grow the model's embeddings to the new tokens (new rows start at the mean)."""
-    from tokenizers.processors import TemplateProcessing
-
     start = tokenizer.bos_token or START
     new = [t for t in (start, DELIM, EXTRACT) if t not in tokenizer.get_vocab()]
     if new:
@@ -263,10 +264,6 @@ class ClassifyCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]):
-        import torch
-
-        from align.trainers.padding import pad_right
-
         seqs = [s for f in features for s in f["input_ids"]]
         input_ids, attention_mask = pad_right(seqs, self.pad_token_id, self.pad_to_multiple_of)
         return {

@@ -22,6 +22,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import datasets
+import pyarrow.compute as pc
+
 from align.data.load import check_types, require_columns, source_row
 from align.errors import AlignError
 
@@ -74,8 +77,6 @@ def standardize(ds, *, source: str, dataset_format: str | None = None, skip_inva
         `completion` (list holding the final assistant message) and `messages` (the whole conversation); every
         message is exactly `{"role", "content"}` and the user's other columns are dropped. `text` keeps the dataset.
     """
-    import datasets
-
     fmt = dataset_format or detect_format(ds.column_names, source=source)
     if fmt not in FORMATS:
         raise AlignError(f"{source}: unknown dataset_format '{fmt}'. Use one of {', '.join(FORMATS)}.")
@@ -113,8 +114,6 @@ def standardize(ds, *, source: str, dataset_format: str | None = None, skip_inva
 
 def _error_rows(out) -> tuple[int, int]:
     """(number of rows with a non-empty `_error`, position of the first), computed in Arrow without decoding rows."""
-    import pyarrow.compute as pc
-
     failed = pc.not_equal(out.data.column("_error"), "")  # `out` comes fresh from map: no indices mapping
     return pc.sum(failed).as_py() or 0, pc.index(failed, True).as_py()
 

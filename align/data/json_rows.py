@@ -24,6 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow as pa
+from datasets import config as hf_config
+from datasets.arrow_writer import ArrowWriter
+
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
@@ -48,9 +53,6 @@ def load_json_files(files: dict[str, list[Path]], signatures: dict[Path, str]):
         files: split -> data files (all JSON or JSON Lines).
         signatures: file -> content hash (the cache key).
     """
-    import datasets
-    from datasets import config as hf_config
-
     all_files = [f for fs in files.values() for f in fs]
     cache = Path(hf_config.HF_DATASETS_CACHE) / "align_json"
     # The suffix is part of the key: a .json file of one object is refused, the same line in a .jsonl is a row.
@@ -102,9 +104,21 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
             else:
                 yield from _line_rows(path, f)
     except UnicodeDecodeError as e:
-        from align.data.load import first_non_utf8_line
-
         raise AlignError(first_non_utf8_line(path) or f"{path}: not valid UTF-8. Save it as UTF-8.") from e
+
+
+def first_non_utf8_line(path: Path) -> str | None:
+    """The error naming the first line of `path` that is not UTF-8 (line and column), or None if all of it is."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
+                    "Save the file as UTF-8."
+                )
+    return None
 
 
 def _line_rows(path: Path, f) -> Iterator[tuple[int, dict]]:
@@ -238,8 +252,6 @@ def _document_rows(path: Path, f) -> Iterator[tuple[int, dict]]:
 
 def infer_features(files: list[Path]):
     """datasets `Features` holding every row of `files` unchanged: a column whose JSON types disagree is `Json`."""
-    import datasets
-
     shapes: dict[str, Any] = {}
     rows = 0
     for path in files:
@@ -309,8 +321,6 @@ def _merge(a: Any, b: Any) -> Any:
 
 
 def _feature(shape: Any):
-    import datasets
-
     if shape is _MIXED:
         return datasets.Json()
     if shape is None:
@@ -327,8 +337,6 @@ def _feature(shape: Any):
 
 def _write_arrow(path: Path, out: Path, features) -> None:
     """Write the rows of `path` with `features` to `out`, and their lines to `out.lines` unless line = row + 1."""
-    from datasets.arrow_writer import ArrowWriter
-
     schema = features.arrow_schema
     is_json = {name: isinstance(f, _json_type()) for name, f in features.items()}
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
@@ -366,8 +374,6 @@ class _LineWriter:
         if self.writer is None and lineno == self.rows:
             return
         if self.writer is None:
-            import pyarrow as pa
-
             self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             self.sink = pa.OSFile(str(self.tmp), "wb")
             self.writer = pa.ipc.new_stream(self.sink, pa.schema([("line", pa.int64())]))
@@ -379,8 +385,6 @@ class _LineWriter:
             self.pending = []
 
     def _write(self, lines) -> None:
-        import pyarrow as pa
-
         self.writer.write_batch(pa.record_batch([pa.array(lines, pa.int64())], names=["line"]))
 
     def close(self) -> None:
@@ -395,8 +399,6 @@ class _LineWriter:
 
 
 def _table(rows: list[dict], schema, is_json: dict[str, bool]):
-    import pyarrow as pa
-
     arrays = []
     for field in schema:
         values = [row.get(field.name) for row in rows]
@@ -410,14 +412,10 @@ def _table(rows: list[dict], schema, is_json: dict[str, bool]):
 
 
 def _json_type():
-    import datasets
-
     return datasets.Json
 
 
 def _read_lines(path: Path):
-    import pyarrow as pa
-
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().column(0)
 
 

@@ -21,8 +21,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets.arrow_reader import ReadInstruction
+from datasets.data_files import DataFilesDict, DataFilesList, EmptyDatasetError, get_data_patterns
+
+from align.data import json_rows
+from align.data.hub_id import is_hub_id
+from align.data.json_rows import first_non_utf8_line, line_of
 from align.errors import AlignError
-from align.hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +72,6 @@ def load_data(name: str, *, config: str | None = None, split: str | None = None,
     Returns:
         `DatasetDict` when `split` is None, else `Dataset` (the `Iterable*` kinds when streaming).
     """
-    import datasets
-
     path = Path(name).expanduser()
     if path.is_dir():
         if _is_saved_dataset(path):
@@ -94,8 +101,6 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _load_saved(path: Path, name: str, *, split: str | None, streaming: bool):
-    import datasets
-
     try:
         obj = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -113,8 +118,6 @@ def _load_saved(path: Path, name: str, *, split: str | None, streaming: bool):
 
 def _folder_data_files(path: Path, name: str) -> dict[str, list[Path]]:
     """Split -> data files of a folder, named as on the Hub (`train*.jsonl`, `test*.jsonl`, else all `train`)."""
-    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
-
     try:
         patterns = get_data_patterns(str(path))
         files = DataFilesDict.from_patterns(patterns, base_path=str(path), allowed_extensions=list(BUILDERS))
@@ -128,9 +131,6 @@ def _folder_data_files(path: Path, name: str) -> dict[str, list[Path]]:
 
 def _load_files(files: dict[str, list[Path]], name: str, *, split: str | None, streaming: bool):
     """Load local data files with the `datasets` builder their extension names, turning failures into AlignError."""
-    import datasets
-    from datasets.data_files import DataFilesDict, DataFilesList
-
     all_files = [f for fs in files.values() for f in fs]
     builders = {BUILDERS.get(f.suffix.lower()) for f in all_files}
     if None in builders:
@@ -172,11 +172,6 @@ def _load_json(
     files: dict[str, list[Path]], signatures: dict[Path, tuple[str]], name: str, *, split: str | None, streaming: bool
 ):
     """JSON files through align's own reader (`json_rows`): datasets' json builder coerces values (see there)."""
-    import datasets
-    from datasets.arrow_reader import ReadInstruction
-
-    from align.data import json_rows
-
     dd = json_rows.load_json_files(files, {f: sig[0] for f, sig in signatures.items()})
     if split is not None:
         try:
@@ -200,8 +195,6 @@ def _load_json(
 
 
 def _load_hub(name: str, config: str | None, *, split: str | None, streaming: bool):
-    import datasets
-
     offline = bool(datasets.config.HF_HUB_OFFLINE)
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
@@ -237,8 +230,6 @@ def _is_no_data(e: BaseException) -> bool:
 
 
 def _check_not_empty(out, name: str) -> None:
-    import datasets
-
     parts = out.items() if isinstance(out, datasets.DatasetDict) else [(None, out)]
     for split, ds in parts:
         if len(ds) == 0:
@@ -286,20 +277,6 @@ def _diagnose(path: Path, builder: str) -> str | None:
     return None
 
 
-def first_non_utf8_line(path: Path) -> str | None:
-    """The error naming the first line of `path` that is not UTF-8 (line and column), or None if all of it is."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (
-                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
-                    "Save the file as UTF-8."
-                )
-    return None
-
-
 def _diagnose_csv(path: Path) -> str | None:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
@@ -320,9 +297,6 @@ def _diagnose_csv(path: Path) -> str | None:
 
 
 def _diagnose_parquet(path: Path) -> str | None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
         for i in range(pf.num_row_groups):
@@ -336,8 +310,6 @@ def _diagnose_parquet(path: Path) -> str | None:
 
 
 def _arrow_error() -> type[BaseException]:
-    import pyarrow as pa
-
     return pa.ArrowException
 
 
@@ -418,8 +390,6 @@ def train_test(
 
 def apply_column_mapping(ds, mapping: Mapping[str, str] | None, source: str):
     """Rename the user's columns to ours: `{"question": "prompt"}` turns column `question` into `prompt`."""
-    import datasets
-
     if not mapping:
         return ds
     if isinstance(ds, datasets.DatasetDict):
@@ -487,8 +457,6 @@ def check_types(ds, types: Mapping[str, type | tuple[type, ...]], source: str, *
 
 def _arrow_kind(t) -> type | None:
     """The Python type every non-null value of an Arrow type has, or None when it varies (datasets' Json type)."""
-    import pyarrow as pa
-
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return str
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
@@ -505,8 +473,6 @@ def _arrow_kind(t) -> type | None:
 
 
 def _first_null(ds, col: str, batch_size: int) -> tuple[int | None, Any]:
-    import pyarrow.compute as pc
-
     start = 0
     for batch in ds.select_columns([col]).with_format("arrow").iter(batch_size=batch_size):
         i = pc.index(pc.is_null(batch.column(0)), True).as_py()
@@ -542,8 +508,6 @@ def source_row(ds, index: int) -> int:
 
 def source_rows(ds):
     """`source_row` of `ds` as a function of the row index, for checks that name rows one by one."""
-    from align.data.json_rows import line_of
-
     return line_of(ds)
 
 

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from align.errors import AlignError
-from align.models.modeling import is_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +156,15 @@ def reward_format(tokenizer, pair: bool) -> str:
     return f"prompt + {REWARD_SEPARATOR!r} + response + EOS {tokenizer.eos_token!r} (no chat template)"
 
 
+def reads_pairs(tokenizer) -> bool:
+    """The tokenizer's half of `align.models.modeling.is_encoder`, for when there is no model config to read: an
+    encoder's tokenizer has no EOS token and no chat template (nothing to end a response or mark a turn with, as
+    BERT's WordPiece tokenizers), so (prompt, response) is its sentence pair. False for no tokenizer."""
+    if tokenizer is None:
+        return False
+    return tokenizer.eos_token is None and not getattr(tokenizer, "chat_template", None)
+
+
 def encode_for_reward(
     tokenizer, prompt: str, response: str, max_length: int | None = None, *, pair: bool | None = None
 ) -> list[int]:
@@ -172,7 +180,7 @@ def encode_for_reward(
     None: decided from the tokenizer alone; callers that have the model pass `is_encoder(model.config, tokenizer)`.
     """
     if pair is None:
-        pair = is_encoder(None, tokenizer)
+        pair = reads_pairs(tokenizer)
     if pair:
         response = response or " "  # transformers reads an empty second text as none: "[CLS] prompt [SEP]" alone
         if max_length is None:
@@ -255,7 +263,7 @@ def tokenize_rankings(
     columns = list(ds.column_names)
     has_margin = "margin" in columns
     if pair is None:
-        pair = is_encoder(None, tokenizer)
+        pair = reads_pairs(tokenizer)
 
     def encode(prompt: str, response: str) -> tuple[list[int], bool]:
         """(ids, whether they were cut to max_length)."""

@@ -28,6 +28,9 @@ import random
 import zlib
 from collections.abc import Sequence
 
+import datasets
+
+from align.data import load
 from align.data.tinyworld_grammar import (
     COLORS,
     MOODS,
@@ -207,8 +210,6 @@ def pretrain_corpus(n_stories: int = 20_000, seed: int = 0):
     Columns: `text`, `nats` (exact -log p of the document under the generator, end event included), `n_words`,
     `kind` (`story`, `titled`, `questions`).
     """
-    import datasets
-
     rng = random.Random(f"tinyworld-documents-{seed}")
     rows: dict[str, list] = {"text": [], "nats": [], "n_words": [], "kind": []}
     for _ in range(n_stories):
@@ -218,6 +219,13 @@ def pretrain_corpus(n_stories: int = 20_000, seed: int = 0):
         rows["n_words"].append(text.count(" ") + 1)
         rows["kind"].append(kind)
     return datasets.Dataset.from_dict(rows)
+
+
+def pretrain_split(n_stories: int, seed: int, test_size: float | int | None):
+    """(train, held-out) of `pretrain_corpus(n_stories, seed)`, split as `align pretrain` splits it (split seed 0):
+    what the pretraining stage trained on, rebuilt (word2vec reads the same documents, none held out)."""
+    ds = pretrain_corpus(n_stories, seed=seed)
+    return load.train_test({"train": ds}, train_split="train", test_split="test", test_size=test_size, seed=0)
 
 
 def entropy_floor(ds) -> float:
@@ -311,8 +319,6 @@ def _split_specs(rng: random.Random, n: int, split: str):
 
 def instruction_prompts(n: int, seed: int, split: str = "train"):
     """`n` instruction prompts: columns `prompt`, `kind`. Test prompts never occur among train prompts."""
-    import datasets
-
     specs = _split_specs(random.Random(f"tinyworld-prompts-{split}-{seed}"), n, split)
     return datasets.Dataset.from_dict({"prompt": [render(s) for s in specs], "kind": [s.kind for s in specs]})
 
@@ -475,8 +481,6 @@ def demonstrations(n: int, seed: int = 0, error_rate: float = 0.3, habit_rate: f
       model already removes.
     `flawed` marks either kind, `habit` the first.
     """
-    import datasets
-
     for key, rate in (("error_rate", error_rate), ("habit_rate", habit_rate)):
         if not 0.0 <= rate <= 1.0:
             raise AlignError(f"tinyworld.demonstrations: {key} {rate} is not in [0, 1]. Use e.g. 0.3.")

@@ -29,6 +29,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import datasets
+
 from align.data.tinyworld_grammar import PLACES, World, parse_sentence, sample_story, split_sentences
 
 # task -> the input format it is (align.data.classification.INPUT_FORMATS)
@@ -103,16 +105,12 @@ def examples(task: str, n: int, seed: int = 0, places: tuple[str, ...] | None = 
 
 def dataset(task: str, n: int, seed: int = 0):
     """`examples` as a `datasets.Dataset`."""
-    import datasets
-
     rows = examples(task, n, seed)
     return datasets.Dataset.from_list(rows)
 
 
 def split_by_place(task: str, n_train: int, n_test: int, seed: int = 0):
     """A `datasets.DatasetDict`: `train` rows that never mention `HELDOUT_PLACES`, `test` rows about them only."""
-    import datasets
-
     return datasets.DatasetDict({
         "train": datasets.Dataset.from_list(examples(task, n_train, seed, places=HELDOUT_PLACES, avoid=True)),
         "test": datasets.Dataset.from_list(examples(task, n_test, seed, places=HELDOUT_PLACES)),

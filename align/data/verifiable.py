@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from align.errors import AlignError
+from align.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -797,8 +798,6 @@ def strict_labeler(prompt: str, responses: list[str]) -> list[float]:
 def write_dataset(path: str, n: int, *, split: str = "train", seed: int = 0, task: str = "full") -> int:
     """Write `make_prompts(n, split=split, seed=seed, task=task)` as JSON Lines to `path` (atomically); returns the
     row count."""
-    from align.io import atomic_write_text
-
     rows = make_prompts(n, split=split, seed=seed, task=task)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)

@@ -19,8 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
+from align.evaluation.gold import SAMPLED_TEMPERATURE, gold_setup, win_rate
+from align.evaluation.score import load_scorer
+from align.generation.generate import generate
+from align.io import atomic_write_text, read_stage_info
+from align.models.modeling import load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +38,6 @@ def pick_best(rewards: list[list[float]]) -> list[int]:
 
 
 def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = None) -> dict[str, Any]:
-    import torch
-
-    from align.evaluation.gold import SAMPLED_TEMPERATURE, gold_setup, win_rate
-    from align.evaluation.score import load_scorer
-    from align.generation.generate import generate
-    from align.io import atomic_write_text, read_stage_info
-    from align.models.modeling import load_causal_lm, load_tokenizer
-
     info = read_stage_info(ppo_dir)
     if info is None or info.get("stage") != "ppo":
         raise AlignError(f"{ppo_dir}: not a finished `align ppo` stage (no align_stage.json of a ppo stage). Give the "

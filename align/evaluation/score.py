@@ -13,13 +13,27 @@ have already loaded.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from align.data import tinyworld
+from align.data.load import load_data
 from align.data.tinyworld import GOLD
 from align.errors import AlignError
+from align.io import read_stage_info
+from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+from align.models.modeling import load_pretrained, load_tokenizer
+from align.trainers.reward import score
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +58,11 @@ def load_scorer(
         device: "cpu", "cuda", ...; default: CUDA when available.
     """
     if name_or_path == GOLD:
-        from align.data import tinyworld
-
         def gold(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
             _check_lengths(prompts, responses)
             return [tinyworld.score(p, r) for p, r in zip(prompts, responses, strict=True)]
 
         return gold
-
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from align.io import read_stage_info
-    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.models.modeling import load_pretrained, load_tokenizer
-    from align.trainers.reward import score
 
     info = read_stage_info(name_or_path)
     if info is not None and info.get("stage") != "reward":
@@ -97,12 +101,6 @@ def load_scorer(
 def load_function(spec: str, *, key: str = "labeler") -> tuple[Any, Callable[..., Any]]:
     """(module, function) named by `spec`, 'package.module:function' or 'path/to/file.py:function' (a path relative to
     the working directory). `key` (e.g. "gold_labeler") names the recipe key in the AlignError of a bad spec."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-    from pathlib import Path
-
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise AlignError(
@@ -199,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _read_file(path: str) -> tuple[list[dict], list[str], list[str]]:
     """Rows of a scoring file, checked, and the flat (prompts, responses) to score."""
-    from align.data.load import load_data
-
     ds = load_data(path, split="train")
     cols = ds.column_names
     if "prompt" not in cols or not ({"response", "responses"} & set(cols)):

@@ -10,7 +10,13 @@ import argparse
 import logging
 from typing import Any
 
+import torch
+from transformers import set_seed
+
 from align.errors import AlignError
+from align.generation.decode import decode
+from align.io import read_stage_info
+from align.models.modeling import load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +53,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def use_chat(model: str, tokenizer, mode: str) -> bool:
     """Whether to apply the chat template, per `--chat` and what the model is."""
-    from align.io import read_stage_info
-
     if mode != "auto":
         return mode == "yes"
     info = read_stage_info(model) if not model.startswith("hf://") else None
@@ -87,8 +91,6 @@ def generate(
 
     `backend` "align" samples with `align.generation.decode` (a model with its own recurrent state, the LSTM,
     always uses `generate`); `batch_size` counts prompts either way."""
-    import torch
-
     if backend == "align" and not getattr(model, "_is_stateful", False):
         return _generate_align(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k,
@@ -122,8 +124,6 @@ def generate(
 
 def _generate_align(model, tokenizer, prompts, *, chat, max_new_tokens, temperature, top_p, top_k,
                     num_return_sequences, batch_size) -> list[list[str]]:  # fmt: skip
-    from align.generation.decode import decode
-
     texts, add_special = prompt_texts(tokenizer, prompts, chat)
     ids = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else (
@@ -144,10 +144,6 @@ def _generate_align(model, tokenizer, prompts, *, chat, max_new_tokens, temperat
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import set_seed
-
-    from align.models.modeling import load_causal_lm, load_tokenizer
-
     args = _parser().parse_args(argv)
     if not args.prompt:
         raise AlignError("align generate: no prompt. Pass --prompt TEXT (repeat it for several prompts).")

@@ -11,19 +11,16 @@ the push (`align/hub/upload.py`, `align/hub/push.py`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+from align.data.hub_id import hub_id_problem, is_hub_id  # noqa: F401 - re-exported: align.hub's name for them
 from align.errors import AlignError
 from align.io import STAGE_FILE, read_stage_info
 
 HUB_RECORD = "align_hub.json"  # written into a stage dir after a successful push: {"repo_id", "repo_type", ...}
-_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow", ".safetensors", ".bin"}
 
 
 @dataclass(frozen=True)
@@ -35,29 +32,6 @@ class Link:
     model: str | None = None
     repo_id: str | None = None
     found: bool = True
-
-
-def hub_id_problem(name: Any, *, bare: bool = True) -> str | None:
-    """Why `name` is not a Hub repo id, or None. `bare`: a name without `org/` is one, as `gpt2` or datasets'
-    canonical ids (`imdb`) are; a card's base model or parent needs the `org/` to be linked."""
-    if not isinstance(name, str):
-        return "is not a string"
-    if os.path.isabs(name) or Path(name).exists():
-        return "is a local path, not a Hub id"
-    if Path(name).suffix.lower() in _FILE_SUFFIXES:  # `data/sft.jsonl` is a file that moved, not a repo
-        return "is a file name, not a Hub id"
-    if not bare and name.count("/") != 1:
-        return "has no org/ in front (org/name)"
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return "is not a valid Hub repo id (org/name: letters, digits, '-', '_', '.', one '/')"
-    return None
-
-
-def is_hub_id(name: Any, *, bare: bool = False) -> bool:
-    """True for `org/name` Hub ids (with `bare`, `name` too) that are no local path or file name."""
-    return hub_id_problem(name, bare=bare) is None
 
 
 def hub_record(path: Path, endpoint: str) -> dict[str, Any] | None:

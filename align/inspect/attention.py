@@ -31,9 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from align.data.rankings import REWARD_SEPARATOR, encode_for_reward
 from align.errors import AlignError
+from align.generation.generate import use_chat
 from align.inspect.attention_files import CAVEAT, describe_target, write_outputs
-from align.models.modeling import max_positions
+from align.io import read_stage_info
+from align.models.modeling import is_encoder, load_causal_lm, load_pretrained, load_tokenizer, max_positions
+from align.models.modeling_reward import MODEL_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +53,12 @@ TOP_K = 5
 
 def attention_entropy(attn):
     """Entropy in nats of each attention row: `(..., T)` weights summing to 1 -> `(...)`. 0 log 0 = 0."""
-    import torch
-
     p = attn.double()
     return -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
 
 
 def rankdata(x):
     """1-based ranks of a 1-d tensor, ties given their average rank (scipy.stats.rankdata's "average")."""
-    import torch
-
     x = torch.as_tensor(x, dtype=torch.float64).flatten()
     order = torch.argsort(x, stable=True)
     _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
@@ -102,8 +105,6 @@ class AttentionResult:
 
 def model_kind(config, stage: str | None) -> str:
     """ "classifier" (a reward model: `*ForSequenceClassification` or align's LikelihoodRewardModel) or "causal_lm"."""
-    from align.models.modeling_reward import MODEL_TYPE
-
     archs = getattr(config, "architectures", None) or []
     if stage == "reward" or getattr(config, "model_type", None) == MODEL_TYPE:
         return "classifier"
@@ -143,10 +144,27 @@ def attention_and_attribution(
             "classifier" (target: the score; with several labels, `target` names one, default the argmax).
     AlignError when the model returns no attention weights (an architecture without eager attention).
     """
-    import torch
+    out, captured, base = _forward(model, input_ids, kind)
+    attn, notes = _attention_weights(model, out, captured, base, where)
+    value, tgt, query = _target_value(model, tokenizer, out, input_ids, kind=kind, target=target)
+    value.backward()
+    emb = captured["embeddings"]
+    attribution = (emb * emb.grad).sum(-1)[0].detach().float().cpu()  # (T,)
+    return AttentionResult(
+        token_ids=list(input_ids),
+        tokens=_token_strings(tokenizer, list(input_ids)),
+        attentions=attn,
+        attribution=attribution,
+        query=query,
+        target=tgt,
+        causal=not is_encoder(model.config, tokenizer),
+        notes=notes,
+    )
 
-    from align.models.modeling import is_encoder
 
+def _forward(model, input_ids: list[int], kind: str):
+    """(output, captured, base model): one forward pass with attentions, the embedding output replaced by a leaf
+    tensor (`captured["embeddings"]`) and the base model's output kept (`captured["base"]`)."""
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
     model.eval()
@@ -174,7 +192,11 @@ def attention_and_attribution(
     finally:
         for h in hooks:
             h.remove()
+    return out, captured, base
 
+
+def _attention_weights(model, out, captured: dict[str, Any], base, where: str):
+    """((L, H, T, T) attention weights, notes): the model's own, else its base model's (with a note saying so)."""
     notes = []
     attentions = getattr(out, "attentions", None)
     if not attentions and "base" in captured:
@@ -191,8 +213,11 @@ def attention_and_attribution(
             "output_attentions=True): its attention runs only in a fused kernel (SDPA/flash), which never forms them. "
             "Inspect a model whose architecture has eager attention (llama, gpt2, bert, ...)."
         )
-    attn = torch.stack([a[0] for a in attentions]).detach().float().cpu()  # (L, H, T, T)
+    return torch.stack([a[0] for a in attentions]).detach().float().cpu(), notes
 
+
+def _target_value(model, tokenizer, out, input_ids: list[int], *, kind: str, target: str | None):
+    """(the scalar to attribute, its description, the query position whose attention row is shown)."""
     config = model.config
     if kind == "causal_lm":
         logits = out.logits[0, -1].float()
@@ -207,47 +232,31 @@ def attention_and_attribution(
             "prob": prob,
             "chosen": "argmax" if target is None else "--target",
         }
-        query = len(input_ids) - 1
+        return value, tgt, len(input_ids) - 1
+    logits = out.logits[0].float()
+    if logits.numel() == 1:
+        if target is not None:
+            raise AlignError(f"--target {target!r}: this reward model has one score; drop --target.")
+        value = logits[0]
+        tgt = {"kind": "score", "value": float(value.detach()), "note": "raw: align_reward_offset not subtracted"}
     else:
-        logits = out.logits[0].float()
-        if logits.numel() == 1:
-            if target is not None:
-                raise AlignError(f"--target {target!r}: this reward model has one score; drop --target.")
-            value = logits[0]
-            tgt = {"kind": "score", "value": float(value.detach()), "note": "raw: align_reward_offset not subtracted"}
+        labels = {str(v): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        if target is None:
+            idx = int(logits.argmax())
+        elif target in labels or target.isdigit():
+            idx = labels.get(target, int(target) if target.isdigit() else -1)
         else:
-            labels = {str(v): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
-            if target is None:
-                idx = int(logits.argmax())
-            elif target in labels or target.isdigit():
-                idx = labels.get(target, int(target) if target.isdigit() else -1)
-            else:
-                idx = -1
-            if not 0 <= idx < logits.numel():
-                raise AlignError(f"--target {target!r}: not a label of this classifier; use one of {sorted(labels)}.")
-            value = logits[idx]
-            tgt = {"kind": "class_logit", "label": idx, "logit": float(value.detach())}
-        query = _score_position(config, tokenizer, input_ids)
-    value.backward()
-    emb = captured["embeddings"]
-    attribution = (emb * emb.grad).sum(-1)[0].detach().float().cpu()  # (T,)
-    return AttentionResult(
-        token_ids=list(input_ids),
-        tokens=_token_strings(tokenizer, list(input_ids)),
-        attentions=attn,
-        attribution=attribution,
-        query=query,
-        target=tgt,
-        causal=not is_encoder(config, tokenizer),
-        notes=notes,
-    )
+            idx = -1
+        if not 0 <= idx < logits.numel():
+            raise AlignError(f"--target {target!r}: not a label of this classifier; use one of {sorted(labels)}.")
+        value = logits[idx]
+        tgt = {"kind": "class_logit", "label": idx, "logit": float(value.detach())}
+    return value, tgt, _score_position(config, tokenizer, input_ids)
 
 
 def _score_position(config, tokenizer, input_ids: list[int]) -> int:
     """Where a sequence classifier reads its score: [CLS] (0) for an encoder, else the last non-pad token, the rule
     of transformers' `*ForSequenceClassification`."""
-    from align.models.modeling import is_encoder
-
     if is_encoder(config, tokenizer):
         return 0
     pad = config.get_text_config().pad_token_id
@@ -313,9 +322,6 @@ def encode_input(
     """(token ids, the text they spell). `text`: tokenized as is (with the tokenizer's special tokens, e.g. BOS).
     (prompt, response) to a reward model: `encode_for_reward`, the reward stage's format; to a causal LM with `chat`:
     the chat template's user turn and generation prompt, then the response (what PPO's policy reads)."""
-    from align.data.rankings import REWARD_SEPARATOR, encode_for_reward
-    from align.models.modeling import is_encoder
-
     if text is not None:
         return tokenizer(text, verbose=False)["input_ids"], text
     if kind == "classifier":
@@ -391,12 +397,6 @@ def _check_args(args) -> None:
 
 def load_config_and_tokenizer(model: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """(config, tokenizer, kind) of a stage dir, model dir or Hub id: all the checks need, before the weights load."""
-    from transformers import AutoConfig
-
-    from align.io import read_stage_info
-    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.models.modeling import load_pretrained, load_tokenizer
-
     info = read_stage_info(model)
     config = load_pretrained(
         AutoConfig, model, what="a model config", revision=revision, trust_remote_code=trust_remote_code
@@ -416,12 +416,6 @@ def load_model(
     trust_remote_code: bool = False,
 ):
     """The model with eager attention: SDPA and flash attention never form the weights `output_attentions` returns."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.models.modeling import load_causal_lm, load_pretrained
-
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "attn_implementation": "eager"}
     if kind == "causal_lm":
@@ -448,8 +442,6 @@ def load(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.generation.generate import use_chat
-
     args = _parser().parse_args(argv)
     _check_args(args)
     config, tokenizer, kind = load_config_and_tokenizer(

@@ -1,7 +1,5 @@
 """The files `align inspect attention` writes: a PNG per layer (a grid of heads), one self-contained HTML page that
 switches layer and head, attention.json (entropy, Spearman, attribution, summary) and attention.safetensors.
-
-Only the standard library at import time; matplotlib and safetensors load inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -12,6 +10,12 @@ import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors.torch import save
+
+from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from align.inspect.attention import AttentionResult
@@ -31,9 +35,6 @@ def _label(token: str) -> str:
 
 def layer_png(result: AttentionResult, layer: int, stats: dict[str, Any], title: str) -> bytes:
     """A PNG of one layer: a grid of heads, each key tokens across and query tokens down (Agg canvas, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     attn = result.attentions[layer].numpy()
     n_heads, length = attn.shape[0], attn.shape[-1]
     ncols = min(4, n_heads)
@@ -221,10 +222,6 @@ def write_outputs(
     result: AttentionResult, stats: dict[str, Any], output_dir: Path, *, model: str, text: str
 ) -> list[Path]:
     """Write the PNGs, attention.html, attention.json and attention.safetensors; return their paths."""
-    from safetensors.torch import save
-
-    from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-
     output_dir.mkdir(parents=True, exist_ok=True)
     report = report_json(result, stats, model=model, text=text)
     written = []

@@ -9,6 +9,9 @@ Each subcommand module exposes `main(argv) -> int` and writes its files under `-
 
 from __future__ import annotations
 
+import difflib
+import importlib
+
 from align.errors import AlignError
 
 # subcommand -> (module, one-line help)
@@ -33,16 +36,12 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
-
     argv = list(argv or [])
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        import difflib
-
         hint = difflib.get_close_matches(name, list(SUBCOMMANDS), n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"choose one of: {', '.join(SUBCOMMANDS)}."
         raise AlignError(f"align inspect: unknown subcommand '{name}'; {fix}")

@@ -18,14 +18,14 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from align.data.tinyworld_grammar import COLORS, NAMES, PLACES
+
 NEAR = 8  # measured on 2,000 tiny-world documents: 40% of the copies are within 8 tokens of their source,
 FAR = 24  # 7% at 24 or more (texts are ~32 words, at most ~60): ~280 far copies in the tiny recipe's 1,000 eval texts
 
 
 def copy_words() -> frozenset[str]:
     """The tiny world's content words a text copies: its colors, places and names."""
-    from align.data.tinyworld_grammar import COLORS, NAMES, PLACES
-
     return frozenset((*COLORS, *PLACES, *NAMES))
 
 
@@ -63,7 +63,7 @@ def copy_loss_by_distance(
         max_length: texts are cut to their first `max_length` tokens (the model's context, e.g. the block size).
     Returns `{"near": nats, "far": nats, "n_near": tokens, "n_far": tokens}`; a mean over no token is NaN.
     """
-    import torch
+    import torch  # start-up: stage_metrics (chain, cards, `align push`) reads FAR/NEAR from here without torch
 
     if not 0 < near < far:
         raise ValueError(f"copy_loss_by_distance: near {near}, far {far}; need 0 < near < far")

@@ -39,8 +39,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from align.data.tinyworld_grammar import COLORS, MOODS, NAMES, NOUNS, PLACES
 from align.errors import AlignError
+from align.inspect.attention import default_output_dir, model_kind
+from align.inspect.embeddings_files import summary_text, write_outputs
 from align.inspect.embeddings_math import analogy, class_grouping, cosine_matrix, nearest, pca_2d
+from align.io import read_stage_info
+from align.models import (
+    modeling_lstm,  # noqa: F401 - registers LSTMForCausalLM with the Auto classes
+    modeling_reward,  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
+    word2vec,
+)
+from align.models.modeling import load_causal_lm, load_pretrained, load_tokenizer, resolve_package_ref
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +69,6 @@ ANALOGY = re.compile(r"^\s*(\S+)\s*-\s*(\S+)\s*\+\s*(\S+)\s*(?:=\s*(\S+)\s*)?$")
 
 def tinyworld_classes() -> dict[str, str]:
     """word -> grammar class, for the tiny world's open word classes."""
-    from align.data.tinyworld_grammar import COLORS, MOODS, NAMES, NOUNS, PLACES
-
     classes = {"name": NAMES, "color": COLORS, "place": PLACES, "object": NOUNS, "feeling": MOODS}
     return {w: c for c, words in classes.items() for w in words}
 
@@ -131,8 +142,6 @@ class EmbeddingSpace:
     def candidates(self, extra: list[str]) -> tuple[list[str], Any]:
         """(words, `(N, D)` float64 vectors) that neighbours and analogies are drawn from: the vocabulary's whole
         words (see the module docstring), plus `extra` words not already there."""
-        import torch
-
         if self.vocab is not None:
             words, rows = list(self.vocab), list(range(len(self.vocab)))
         else:
@@ -160,8 +169,6 @@ class EmbeddingSpace:
 
 def input_embedding_matrix(model, where: str):
     """`(V, D)` float32 CPU copy of the model's input embedding matrix; AlignError when it has none."""
-    import torch
-
     try:
         emb = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
@@ -182,8 +189,6 @@ def _is_subword(tokenizer) -> bool:
 
 
 def space_name(path: str) -> str:
-    from align.io import read_stage_info
-
     if Path(path).is_dir():
         info = read_stage_info(path)
         return Path(path).name if info is None else str(info.get("stage") or Path(path).name)
@@ -192,12 +197,6 @@ def space_name(path: str) -> str:
 
 def load_tokenizer_space(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """A space whose matrix is not loaded yet (for checking words before the weights load), and the model's config."""
-    import torch
-    from transformers import AutoConfig
-
-    from align.models import modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-    from align.models.modeling import load_pretrained, load_tokenizer, resolve_package_ref
-
     path = resolve_package_ref(path, key="MODEL")
     config = load_pretrained(AutoConfig, path, what="a model config", revision=revision,
                              trust_remote_code=trust_remote_code)  # fmt: skip
@@ -210,12 +209,6 @@ def load_tokenizer_space(path: str, *, revision: str | None = None, trust_remote
 def load_model_matrix(space: EmbeddingSpace, config, *, revision: str | None = None,
                       trust_remote_code: bool = False) -> None:  # fmt: skip
     """Fill `space.matrix` from the model's weights (a causal LM, or a reward model's sequence classifier)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from align.inspect.attention import model_kind
-    from align.io import read_stage_info
-    from align.models.modeling import load_causal_lm, load_pretrained
-
     info = read_stage_info(space.source) if Path(space.source).is_dir() else None
     kind = model_kind(config, info.get("stage") if info else None)
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": "float32"}
@@ -233,11 +226,6 @@ def load_model_matrix(space: EmbeddingSpace, config, *, revision: str | None = N
 
 def random_init_space(space: EmbeddingSpace, config, seed: int, *, trust_remote_code: bool = False) -> EmbeddingSpace:
     """The same architecture and tokenizer with fresh weights (its own init, seeded): what training started from."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from align.models import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     matrix = input_embedding_matrix(model, space.source)
@@ -247,8 +235,6 @@ def random_init_space(space: EmbeddingSpace, config, seed: int, *, trust_remote_
 
 
 def word2vec_space(path: str) -> EmbeddingSpace:
-    from align.models import word2vec
-
     words, vectors, info = word2vec.load(path)
     settings = info.get("settings", {})
     note = ", ".join(f"{k} {settings[k]}" for k in ("vector_size", "sg", "window", "epochs", "seed") if k in settings)
@@ -257,8 +243,6 @@ def word2vec_space(path: str) -> EmbeddingSpace:
 
 def load_space(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> EmbeddingSpace:
     """Any space by path: a word2vec dir, else a model (weights loaded)."""
-    from align.models import word2vec
-
     if word2vec.is_word2vec_dir(path):
         return word2vec_space(path)
     space, config = load_tokenizer_space(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -290,8 +274,6 @@ def representable_classes(space: EmbeddingSpace, classes: dict[str, str]) -> boo
 def inspect_space(space: EmbeddingSpace, words: list[str], analogies: list[str], *, classes: dict[str, str] | None,
                   top_k: int = TOP_K, seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Every figure of one space (see the module docstring), as embeddings.json holds it."""
-    import torch
-
     parsed = [parse_analogy(a) for a in analogies]
     asked = list(words) + [w for p in parsed for w in p if w is not None]
     for w in asked:  # one clear error before any work
@@ -393,10 +375,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.inspect.attention import default_output_dir
-    from align.inspect.embeddings_files import summary_text, write_outputs
-    from align.models import word2vec
-
     args = _parser().parse_args(argv)
     if args.top_k < 1:
         raise AlignError(f"align inspect embeddings: --top_k {args.top_k}; use 1 or more.")

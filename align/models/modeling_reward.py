@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
@@ -87,8 +88,6 @@ class LikelihoodRewardModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # transformers' init functions skip tensors already loaded from a checkpoint
-        from transformers import initialization as init
-
         if module is self.score or module is self.lm_head:
             init.normal_(module.weight, std=getattr(self.config.get_text_config(), "initializer_range", 0.02))
         elif module is self:

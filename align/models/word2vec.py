@@ -17,7 +17,13 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
+import torch
+
+from align.data import tinyworld
+from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
+from align.io import atomic_write_bytes, atomic_write_json, read_stage_info
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +49,6 @@ def _crc32(text: str) -> int:
 def check_stage(model: str) -> dict[str, Any]:
     """`model`'s align_stage.json when it is a stage trained on the tiny world (whose corpus word2vec can rebuild);
     AlignError otherwise."""
-    from align.data.tinyworld import TINYWORLD
-    from align.io import read_stage_info
-
     info = read_stage_info(model) if Path(model).is_dir() else None
     data = (info or {}).get("data") or {}
     if not info or data.get("name") != TINYWORLD or "stories" not in data:
@@ -61,22 +64,16 @@ def stage_corpus(model: str) -> tuple[list[list[str]], dict[str, Any]]:
     """The training texts of the pretraining stage `model` (its align_stage.json names the data), split into words,
     and the corpus entry to record. The tiny world is rebuilt from its (stories, seed) and split as `align pretrain`
     splits it, so word2vec reads the documents the Transformer trained on and none of its held-out ones."""
-    from types import SimpleNamespace
-
-    from align.data.tinyworld import TINYWORLD
-    from align.stages.pretrain import load_text_data
-
     info = check_stage(model)
     data = info["data"]
 
     recipe = info.get("recipe") or {}
-    cfg = SimpleNamespace(dataset_name=TINYWORLD, tinyworld_stories=int(data["stories"]),
-                          tinyworld_seed=int(data.get("seed") or 0),
-                          dataset_test_size=recipe.get("dataset_test_size", 0.05))  # fmt: skip
-    train, _, _ = load_text_data(cfg)
+    stories, seed = int(data["stories"]), int(data.get("seed") or 0)
+    test_size = recipe.get("dataset_test_size", 0.05)
+    train, _ = tinyworld.pretrain_split(stories, seed, test_size)
     sentences = [text.split() for text in train["text"]]
-    corpus = {"name": TINYWORLD, "stories": cfg.tinyworld_stories, "seed": cfg.tinyworld_seed,
-              "dataset_test_size": cfg.dataset_test_size, "documents": len(sentences),
+    corpus = {"name": TINYWORLD, "stories": stories, "seed": seed,
+              "dataset_test_size": test_size, "documents": len(sentences),
               "words": sum(map(len, sentences)), "from_stage": str(model)}  # fmt: skip
     return sentences, corpus
 
@@ -84,29 +81,23 @@ def stage_corpus(model: str) -> tuple[list[list[str]], dict[str, Any]]:
 def train(sentences: list[list[str]], *, vector_size: int, seed: int, **overrides: Any):
     """(words, vectors `(V, vector_size)` float32 numpy, settings) of gensim's Word2Vec on `sentences`."""
     try:
-        import gensim
-        from gensim.models import Word2Vec
+        import gensim.models  # optional extra: align[embeddings]; reading saved vectors needs no gensim
     except ImportError:
         raise AlignError(f"word2vec: gensim is not installed. {INSTALL}.") from None
 
     settings = {**DEFAULTS, **overrides, "vector_size": vector_size, "seed": seed}
-    model = Word2Vec(sentences=sentences, hashfxn=_crc32, **settings)
+    model = gensim.models.Word2Vec(sentences=sentences, hashfxn=_crc32, **settings)
     settings["gensim"] = gensim.__version__
     return list(model.wv.index_to_key), model.wv.vectors.copy(), settings
 
 
 def save(output_dir: str | Path, words: list[str], vectors, info: dict[str, Any]) -> Path:
     """Write the vectors, the vocabulary, then align_word2vec.json (last: the dir is complete once it exists)."""
-    import torch
-    from safetensors.torch import save
-
-    from align.io import atomic_write_bytes, atomic_write_json
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / INFO_FILE).unlink(missing_ok=True)
     tensor = torch.as_tensor(vectors, dtype=torch.float32).contiguous()
-    atomic_write_bytes(out / VECTORS_FILE, save({"vectors": tensor}))
+    atomic_write_bytes(out / VECTORS_FILE, safetensors.torch.save({"vectors": tensor}))
     atomic_write_json(out / VOCAB_FILE, words)
     atomic_write_json(out / INFO_FILE, {**info, "vocab_size": len(words), "vector_size": int(tensor.shape[1])})
     return out
@@ -114,15 +105,13 @@ def save(output_dir: str | Path, words: list[str], vectors, info: dict[str, Any]
 
 def load(path: str | Path) -> tuple[list[str], Any, dict[str, Any]]:
     """(words, vectors `(V, D)` float32 tensor, info) of a word2vec dir; AlignError naming the file when broken."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not is_word2vec_dir(path):
         raise AlignError(f"{path}: no {INFO_FILE}; not a finished word2vec dir. Train one with --word2vec.")
     try:
         info = json.loads((path / INFO_FILE).read_text(encoding="utf-8"))
         words = json.loads((path / VOCAB_FILE).read_text(encoding="utf-8"))
-        vectors = load_file(path / VECTORS_FILE)["vectors"]
+        vectors = safetensors.torch.load_file(path / VECTORS_FILE)["vectors"]
     except (OSError, ValueError, KeyError) as e:
         raise AlignError(f"{path}: cannot read the word2vec files ({e}). Train it again with --word2vec.") from e
     if not isinstance(words, list) or len(words) != vectors.shape[0]:

@@ -22,11 +22,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
+from trl import get_peft_config
+
 from align.config import log_config, parse_config
+from align.data import classification as cl
+from align.data import load as dl
+from align.data import tinyworld_classify
+from align.data.classification import ClassifyCollator, add_special_tokens, tokenize
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.io import parent_of, save_trained, stage_lifecycle
+from align.models import modeling
+from align.stages.classify_embeddings import run_averaged
 from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
+from align.trainers.classify import ClassifyMetrics, ClassifyTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_classify_data(cfg) -> dict[str, Any]:
     """Validated train / held-out rows, the input format, the label maps and the lineage entry."""
-    from align.data import classification as cl
-    from align.data import load as dl
-
     if cfg.dataset_name == TINYWORLD:
-        from align.data import tinyworld_classify
-
         task, n, size = cfg.tinyworld_task, cfg.tinyworld_examples, cfg.dataset_test_size
         source = f"tinyworld ({task})"
         info: dict[str, Any] = {"name": TINYWORLD, "task": task, "seed": cfg.tinyworld_seed}
@@ -113,11 +120,6 @@ def load_classify_data(cfg) -> dict[str, Any]:
 
 def load_classifier(cfg, num_labels: int, id2label: dict[int, str], label2id: dict[str, int] | None):
     """(AutoModelForSequenceClassification on model_name_or_path, its tokenizer with GPT-1's tokens, their ids)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from align.data.classification import add_special_tokens
-    from align.models import modeling
-
     path = cfg.model_name_or_path
     tokenizer = modeling.load_tokenizer(cfg.tokenizer_name_or_path or path, revision=cfg.model_revision,
                                         trust_remote_code=cfg.trust_remote_code)  # fmt: skip
@@ -148,10 +150,6 @@ def load_classifier(cfg, num_labels: int, id2label: dict[int, str], label2id: di
 def _keep_lm_head(cfg, model, vocab: int) -> None:
     """An untied LM head for the auxiliary loss, kept beside the classifier as `align_lm_head` while training (and in
     checkpoints) and dropped before the final save: the classifier itself has no LM head."""
-    import torch
-
-    from align.models import modeling
-
     hidden = model.get_input_embeddings().weight.shape[1]
     if cfg.random_init:
         head = torch.nn.Linear(hidden, vocab, bias=False)
@@ -173,18 +171,11 @@ def _keep_lm_head(cfg, model, vocab: int) -> None:
 
 @stage_lifecycle
 def run(cfg) -> Path:
-    from transformers import set_seed
-    from trl import get_peft_config
-
-    from align.data.classification import ClassifyCollator, tokenize
-    from align.models import modeling
-    from align.trainers.classify import ClassifyMetrics, ClassifyTrainer
-
     set_seed(cfg.seed)
     log_config(cfg)
     output_dir = Path(cfg.output_dir)
 
-    # Data
+    # ---- Data
     data = load_classify_data(cfg)
     fmt, id2label, label2id = data["format"], data["id2label"], data["label2id"]
     num_labels = 1 if fmt == "multiple_choice" else len(id2label)
@@ -192,34 +183,17 @@ def run(cfg) -> Path:
         cfg.eval_strategy = "no"
 
     if cfg.averaged_embeddings:  # the bag-of-vectors baseline: a logistic regression, no Trainer
-        from align.stages.classify_embeddings import run_averaged
-
         return run_averaged(cfg, data)
 
-    # Model
+    # ---- Model: the classifier, its input format's special tokens, the tokenized rows, LoRA
     model, tokenizer, ids = load_classifier(cfg, num_labels, id2label, label2id)
-    train_ds = tokenize(data["train"], tokenizer, fmt, ids, label2id, cfg.max_length, desc="tokenizing train")
-    eval_ds = None
-    if data["eval"] is not None:
-        eval_ds = tokenize(data["eval"], tokenizer, fmt, ids, label2id, cfg.max_length, desc="tokenizing eval")
+    train_ds, eval_ds = tokenize_splits(cfg, data, tokenizer, ids)
     peft_config = get_peft_config(cfg)
     if peft_config is not None:
-        from peft import get_peft_model
-
         model = get_peft_model(model, peft_config)
-    total, trainable = modeling.count_parameters(model)
-    logger.info(
-        "classify: %s (%.2fM parameters, %.2fM trainable%s%s), %s, %s, %d train / %d held-out rows, lm_aux_coef %g, "
-        "batch %d x %d accum x %d processes, %s",
-        cfg.model_name_or_path, total / 1e6, trainable / 1e6, ", random init" if cfg.random_init else "",
-        f", LoRA r={cfg.lora_r}" if peft_config else "", fmt,
-        f"{len(id2label)} classes {list(id2label.values())}" if label2id else f"up to {data['num_choices']} choices",
-        len(train_ds), len(eval_ds) if eval_ds is not None else 0, cfg.lm_aux_coef,
-        cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.world_size,
-        modeling.precision_summary(cfg),
-    )  # fmt: skip
+    _log_setup(cfg, model, peft_config, data, train_ds, eval_ds)
 
-    # Train
+    # ---- Train
     push_to_hub = hold_push(cfg)
     trainer = ClassifyTrainer(
         model=model,
@@ -237,26 +211,12 @@ def run(cfg) -> Path:
     metrics: dict[str, Any] = train_stage(trainer, cfg)[1]
     extra: dict[str, Any] = {}
 
-    # Evaluate
+    # ---- Evaluate
     if eval_ds is not None:
-        pred = trainer.predict(eval_ds, metric_key_prefix="eval")
-        ev = pred.metrics
-        metrics["eval_loss"] = ev["eval_loss"]
-        metrics.update({k: ev[f"eval_{k}"] for k in EVAL_METRICS if f"eval_{k}" in ev})
-        majority = Counter(pred.label_ids.tolist()).most_common(1)[0][1] / len(pred.label_ids)
-        metrics["majority_accuracy"] = majority
-        extra["samples"] = _samples(data["eval"], pred, id2label, fmt)
-        logger.info("Held-out (%d rows): %s; majority class %.4f.", len(eval_ds),
-                    ", ".join(f"{k} {metrics[k]:.4f}" for k in EVAL_METRICS if k in metrics), majority)  # fmt: skip
+        extra["samples"] = eval_metrics(trainer, eval_ds, data, metrics)
 
-    # Save
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    inner = unwrapped.get_base_model() if peft_config is not None else unwrapped
-    if hasattr(inner, "align_lm_head"):
-        del inner.align_lm_head  # the auxiliary loss's head is no part of the classifier
-    inner.config.align_input_format = fmt
-    if fmt == "multiple_choice":
-        inner.config.align_num_choices = data["num_choices"]
+    # ---- Save: the classifier alone (no auxiliary LM head), its input format in the config
+    strip_for_saving(trainer, peft_config, data)
     # A LoRA classifier is saved merged (pipeline() loads it as any classifier), its adapter in output_dir/adapter.
     save_trained(trainer, output_dir, merge_adapter=peft_config is not None)
     if trainer.is_world_process_zero():
@@ -282,6 +242,57 @@ def run(cfg) -> Path:
     return output_dir
 
 
+def tokenize_splits(cfg, data: dict[str, Any], tokenizer, ids):
+    """(train, eval) rows tokenized in the input format; eval None when there is no held-out split."""
+    fmt, label2id = data["format"], data["label2id"]
+    train_ds = tokenize(data["train"], tokenizer, fmt, ids, label2id, cfg.max_length, desc="tokenizing train")
+    eval_ds = None
+    if data["eval"] is not None:
+        eval_ds = tokenize(data["eval"], tokenizer, fmt, ids, label2id, cfg.max_length, desc="tokenizing eval")
+    return train_ds, eval_ds
+
+
+def _log_setup(cfg, model, peft_config, data: dict[str, Any], train_ds, eval_ds) -> None:
+    id2label = data["id2label"]
+    total, trainable = modeling.count_parameters(model)
+    logger.info(
+        "classify: %s (%.2fM parameters, %.2fM trainable%s%s), %s, %s, %d train / %d held-out rows, lm_aux_coef %g, "
+        "batch %d x %d accum x %d processes, %s",
+        cfg.model_name_or_path, total / 1e6, trainable / 1e6, ", random init" if cfg.random_init else "",
+        f", LoRA r={cfg.lora_r}" if peft_config else "", data["format"],
+        f"{len(id2label)} classes {list(id2label.values())}" if data["label2id"] else
+        f"up to {data['num_choices']} choices",
+        len(train_ds), len(eval_ds) if eval_ds is not None else 0, cfg.lm_aux_coef,
+        cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.world_size,
+        modeling.precision_summary(cfg),
+    )  # fmt: skip
+
+
+def eval_metrics(trainer, eval_ds, data: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Held-out metrics (and the majority-class accuracy to compare with) into `metrics`; returns sample rows."""
+    pred = trainer.predict(eval_ds, metric_key_prefix="eval")
+    ev = pred.metrics
+    metrics["eval_loss"] = ev["eval_loss"]
+    metrics.update({k: ev[f"eval_{k}"] for k in EVAL_METRICS if f"eval_{k}" in ev})
+    majority = Counter(pred.label_ids.tolist()).most_common(1)[0][1] / len(pred.label_ids)
+    metrics["majority_accuracy"] = majority
+    samples = _samples(data["eval"], pred, data["id2label"], data["format"])
+    logger.info("Held-out (%d rows): %s; majority class %.4f.", len(eval_ds),
+                ", ".join(f"{k} {metrics[k]:.4f}" for k in EVAL_METRICS if k in metrics), majority)  # fmt: skip
+    return samples
+
+
+def strip_for_saving(trainer, peft_config, data: dict[str, Any]) -> None:
+    """Drop the auxiliary loss's LM head (no part of the classifier) and record the input format in the config."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    inner = unwrapped.get_base_model() if peft_config is not None else unwrapped
+    if hasattr(inner, "align_lm_head"):
+        del inner.align_lm_head
+    inner.config.align_input_format = data["format"]
+    if data["format"] == "multiple_choice":
+        inner.config.align_num_choices = data["num_choices"]
+
+
 def _samples(rows, pred, id2label: dict[int, str], fmt: str) -> list[dict[str, Any]]:
     """The first held-out rows with their true and predicted label (multiple choice: choice index)."""
     out = []
@@ -300,8 +311,6 @@ def _samples(rows, pred, id2label: dict[int, str], fmt: str) -> list[dict[str, A
 def _check_saved_format(output_dir: Path, tokenizer, row: dict[str, Any], fmt: str) -> None:
     """Warn when the saved tokenizer, reloaded, does not build GPT-1's sequences itself (some tokenizer classes
     rebuild their post-processor on load): `pipeline()` would then read the model differently from training."""
-    from align.models import modeling
-
     saved = modeling.load_tokenizer(str(output_dir))
     pair = row.get("text_pair") if fmt in ("pair", "similarity") else (row["choices"][0] if fmt == "multiple_choice"
                                                                          else None)  # fmt: skip

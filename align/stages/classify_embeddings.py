@@ -26,7 +26,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from transformers import EvalPrediction
+
 from align.errors import AlignError
+from align.inspect.embeddings import load_model_matrix, load_space, load_tokenizer_space, random_init_space
+from align.io import parent_of
+from align.models import word2vec
+from align.stages.lifecycle import finish_stage
+from align.trainers.classify import ClassifyMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +49,6 @@ MAX_ITER = 500  # L-BFGS iterations; the fits below converge in far fewer (the l
 
 def mean_vectors(space, texts: list[str]):
     """`(N, D)` float64: each text's mean token vector; a text with no known token is the zero vector (counted)."""
-    import torch
-
     out = torch.zeros(len(texts), space.matrix.shape[1], dtype=torch.float64)
     empty = unknown = 0
     for i, text in enumerate(texts):
@@ -58,8 +66,6 @@ def mean_vectors(space, texts: list[str]):
 
 def pair_features(u, v, fmt: str):
     """Features of (text, text_pair) mean vectors, `(N, D)` each (see the module docstring)."""
-    import torch
-
     if fmt == "pair":
         return torch.cat([u, v, u * v], -1)
     if fmt == "similarity":
@@ -70,8 +76,6 @@ def pair_features(u, v, fmt: str):
 def features(space, rows, fmt: str):
     """(X, mask): `(N, F)` for class labels, `(N, K, F)` for multiple choice with `mask` `(N, K)` True where row n
     has a k-th choice (None otherwise)."""
-    import torch
-
     texts = list(rows["text"])
     u = mean_vectors(space, texts)
     if fmt == "single":
@@ -96,8 +100,6 @@ def features(space, rows, fmt: str):
 
 def scores(x, weight, bias, mask=None):
     """Logits: `(N, F) @ (F, C)` -> `(N, C)`; multiple choice `(N, K, F) @ (F, 1)` -> `(N, K)`, -inf for no choice."""
-    import torch
-
     logits = x @ weight + bias
     if mask is None:
         return logits
@@ -108,8 +110,6 @@ def fit_logistic(x, y, num_classes: int, mask=None, *, l2: float = L2, max_iter:
     """Multinomial logistic regression (multiple choice: one score per choice, softmax over them) on standardized
     features, by full-batch L-BFGS from zeros: deterministic. Returns weight `(F, C)`, bias `(C,)`, mean and std
     `(F,)` and the iterations and final loss."""
-    import torch
-
     rows = x[mask] if mask is not None else x
     mean, std = rows.mean(0), rows.std(0).clamp_min(1e-8)
     z = (x - mean) / std
@@ -146,9 +146,6 @@ def predict(fit: dict[str, Any], x, mask=None):
 def embedding_space(cfg):
     """The space whose vectors are averaged: `embeddings_from` or `model_name_or_path`; `random_init`: that
     architecture's fresh embeddings, seeded with `seed`."""
-    from align.inspect.embeddings import load_model_matrix, load_space, load_tokenizer_space, random_init_space
-    from align.models import word2vec
-
     source = cfg.embeddings_from or cfg.model_name_or_path
     kw = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.random_init:
@@ -167,15 +164,6 @@ def embedding_space(cfg):
 def run_averaged(cfg, data: dict[str, Any]) -> Path:
     """Fit and evaluate the baseline on `classify.load_classify_data`'s rows; write the output dir (the stage's
     lifecycle, as `classify.run`)."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-    from transformers import EvalPrediction
-
-    from align.io import parent_of
-    from align.stages.lifecycle import finish_stage
-    from align.trainers.classify import ClassifyMetrics
-
     fmt, id2label, label2id = data["format"], data["id2label"], data["label2id"]
     output_dir = Path(cfg.output_dir)
     start = time.perf_counter()

@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import Trainer, default_data_collator, set_seed
+
 from align.config import log_config, parse_config
+from align.data import load as dl
+from align.data import tinyworld
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
+from align.inspect.copy_probe import FAR, NEAR, copy_loss_by_distance
 from align.io import parent_of, stage_lifecycle
+from align.models import modeling
 from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
 
 logger = logging.getLogger(__name__)
@@ -35,15 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     """Train/eval text datasets (one `text` column) and their lineage entry."""
-    from align.data import load as dl
-
     if cfg.dataset_name == TINYWORLD:
-        from align.data import tinyworld
-
-        ds = tinyworld.pretrain_corpus(cfg.tinyworld_stories, seed=cfg.tinyworld_seed)
-        train, test = dl.train_test(
-            {"train": ds}, train_split="train", test_split="test", test_size=cfg.dataset_test_size, seed=0
-        )
+        train, test = tinyworld.pretrain_split(cfg.tinyworld_stories, cfg.tinyworld_seed, cfg.dataset_test_size)
         info = {"name": TINYWORLD, "stories": cfg.tinyworld_stories, "seed": cfg.tinyworld_seed}
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
@@ -67,8 +68,6 @@ def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
 
 def build_tokenizer(cfg, train):
     """The model's tokenizer, an existing one, or a new one trained on the training text."""
-    from align.models import modeling
-
     name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     if name:
         tok = modeling.load_tokenizer(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code)
@@ -79,8 +78,6 @@ def build_tokenizer(cfg, train):
         kind = "wordlevel" if cfg.dataset_name == TINYWORLD else "bpe"
     if kind == "wordlevel":
         if cfg.dataset_name == TINYWORLD:
-            from align.data import tinyworld
-
             words = tinyworld.vocabulary()
         else:
             words = _corpus_words(train, cfg.dataset_text_field, cfg.vocab_size)
@@ -94,8 +91,6 @@ def build_tokenizer(cfg, train):
 
 def _corpus_words(train, column: str, limit: int) -> list[str]:
     """The `limit` most frequent whitespace words of the corpus (streamed in batches), for a word-level tokenizer."""
-    from collections import Counter
-
     counts: Counter[str] = Counter()
     for batch in train.select_columns([column]).iter(batch_size=1000):
         for text in batch[column]:
@@ -124,63 +119,21 @@ def pack(ds, tokenizer, column: str, block: int, desc: str):
 
 @stage_lifecycle
 def run(cfg) -> Path:
-    from transformers import Trainer, default_data_collator, set_seed
-
-    from align.models import modeling
-
     set_seed(cfg.seed)
     log_config(cfg)
     output_dir = Path(cfg.output_dir)
 
-    # Data
+    # ---- Data: texts, tokenizer, packed blocks
     train_text, eval_text, data_info = load_text_data(cfg)
     tokenizer = build_tokenizer(cfg, train_text)
-    column = "text" if cfg.dataset_name == TINYWORLD else cfg.dataset_text_field
-    with cfg.main_process_first(desc="packing"):
-        train_ds = pack(train_text, tokenizer, column, cfg.max_length, "train")
-        eval_ds = pack(eval_text, tokenizer, column, cfg.max_length, "eval") if eval_text is not None else None
-    if len(train_ds) == 0:
-        raise AlignError(
-            f"{cfg.dataset_name}: the training text gives 0 blocks of max_length {cfg.max_length} tokens. "
-            "Use more data or a smaller max_length."
-        )
-    if eval_ds is not None and len(eval_ds) == 0:
-        logger.warning("The eval split is shorter than one block of %d tokens: evaluation is off.", cfg.max_length)
-        eval_ds = None
-    if eval_ds is None and cfg.eval_strategy != "no":
-        cfg.eval_strategy = "no"
+    train_ds, eval_ds = pack_splits(cfg, tokenizer, train_text, eval_text)
 
-    # Model
-    if cfg.model_name_or_path:
-        model = modeling.load_causal_lm(
-            cfg.model_name_or_path,
-            revision=cfg.model_revision,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
-        )
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-    else:
-        model = modeling.new_causal_lm(cfg.model_type, cfg.model_config, tokenizer, cfg.max_length)
-    modeling.set_generation_defaults(model, tokenizer)
+    # ---- Model: continued or new
+    model = build_model(cfg, tokenizer)
     total, _ = modeling.count_parameters(model)
-    logger.info(
-        "pretrain: %s %s, %.2fM parameters, %d train blocks x %d tokens, %d eval blocks, batch %d x %d accum x %d "
-        "processes, %s",
-        "continued" if cfg.model_name_or_path else "new",
-        model.config.model_type,
-        total / 1e6,
-        len(train_ds),
-        cfg.max_length,
-        len(eval_ds) if eval_ds is not None else 0,
-        cfg.per_device_train_batch_size,
-        cfg.gradient_accumulation_steps,
-        cfg.world_size,
-        modeling.precision_summary(cfg),
-    )
+    _log_setup(cfg, model, total, train_ds, eval_ds)
 
-    # Train
+    # ---- Train
     push_to_hub = hold_push(cfg)
     trainer = Trainer(
         model=model,
@@ -191,32 +144,12 @@ def run(cfg) -> Path:
         data_collator=default_data_collator,
     )
     _, metrics, resume = train_stage(trainer, cfg)
-    train_seconds = metrics["train_runtime"]
-    steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)
-    tokens = steps_run * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
-    metrics["tokens_per_second"] = tokens * cfg.max_length / max(train_seconds, 1e-9)
-    metrics["train_tokens"] = (
-        trainer.state.global_step
-        * cfg.max_length
-        * cfg.per_device_train_batch_size
-        * (cfg.gradient_accumulation_steps * cfg.world_size)
-    )
+    metrics.update(throughput_metrics(trainer, cfg, metrics["train_runtime"], resume))
 
-    # Evaluate
-    if eval_ds is not None:
-        ev = trainer.evaluate()
-        metrics["eval_loss"] = ev["eval_loss"]
-        metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
-    if cfg.dataset_name == TINYWORLD and eval_text is not None:
-        from align.data import tinyworld
+    # ---- Evaluate: eval loss, and on the tiny world its entropy floor and the copy probe
+    metrics = eval_metrics(trainer, tokenizer, cfg, metrics, eval_ds, eval_text)
 
-        metrics["entropy_floor"] = tinyworld.entropy_floor(eval_text)
-        if "eval_loss" in metrics:
-            metrics["eval_loss_above_floor"] = metrics["eval_loss"] - metrics["entropy_floor"]
-        metrics.update(copy_metrics(trainer.model, tokenizer, eval_text, cfg))
-    metrics = {k: float(v) for k, v in metrics.items()}
-
-    # Save
+    # ---- Save: model, tokenizer, samples, align_stage.json
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
@@ -241,12 +174,95 @@ def run(cfg) -> Path:
     return output_dir
 
 
+def pack_splits(cfg, tokenizer, train_text, eval_text):
+    """(train, eval) packed into blocks of `max_length` tokens; eval None (and evaluation off) when there is no eval
+    split or it is shorter than one block."""
+    column = "text" if cfg.dataset_name == TINYWORLD else cfg.dataset_text_field
+    with cfg.main_process_first(desc="packing"):
+        train_ds = pack(train_text, tokenizer, column, cfg.max_length, "train")
+        eval_ds = pack(eval_text, tokenizer, column, cfg.max_length, "eval") if eval_text is not None else None
+    if len(train_ds) == 0:
+        raise AlignError(
+            f"{cfg.dataset_name}: the training text gives 0 blocks of max_length {cfg.max_length} tokens. "
+            "Use more data or a smaller max_length."
+        )
+    if eval_ds is not None and len(eval_ds) == 0:
+        logger.warning("The eval split is shorter than one block of %d tokens: evaluation is off.", cfg.max_length)
+        eval_ds = None
+    if eval_ds is None and cfg.eval_strategy != "no":
+        cfg.eval_strategy = "no"
+    return train_ds, eval_ds
+
+
+def build_model(cfg, tokenizer):
+    """The model to pretrain: `model_name_or_path` continued (embeddings grown to the tokenizer), or a new one of
+    `model_type` and `model_config` sizes; generation defaults set from the tokenizer."""
+    if cfg.model_name_or_path:
+        model = modeling.load_causal_lm(
+            cfg.model_name_or_path,
+            revision=cfg.model_revision,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        model = modeling.new_causal_lm(cfg.model_type, cfg.model_config, tokenizer, cfg.max_length)
+    modeling.set_generation_defaults(model, tokenizer)
+    return model
+
+
+def _log_setup(cfg, model, total: int, train_ds, eval_ds) -> None:
+    logger.info(
+        "pretrain: %s %s, %.2fM parameters, %d train blocks x %d tokens, %d eval blocks, batch %d x %d accum x %d "
+        "processes, %s",
+        "continued" if cfg.model_name_or_path else "new",
+        model.config.model_type,
+        total / 1e6,
+        len(train_ds),
+        cfg.max_length,
+        len(eval_ds) if eval_ds is not None else 0,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.world_size,
+        modeling.precision_summary(cfg),
+    )
+
+
+def throughput_metrics(trainer, cfg, train_seconds: float, resume) -> dict[str, float]:
+    """`tokens_per_second` of this run (steps since the resumed checkpoint), `train_tokens` of the whole training."""
+    steps_run = trainer.state.global_step - (_step_of(resume) if resume else 0)
+    tokens = steps_run * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
+    return {
+        "tokens_per_second": tokens * cfg.max_length / max(train_seconds, 1e-9),
+        "train_tokens": (
+            trainer.state.global_step
+            * cfg.max_length
+            * cfg.per_device_train_batch_size
+            * (cfg.gradient_accumulation_steps * cfg.world_size)
+        ),
+    }
+
+
+def eval_metrics(trainer, tokenizer, cfg, metrics: dict[str, Any], eval_ds, eval_text) -> dict[str, float]:
+    """`metrics` plus eval loss and perplexity, on the tiny world the entropy floor and the copy probe; as floats."""
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+    if cfg.dataset_name == TINYWORLD and eval_text is not None:
+        metrics["entropy_floor"] = tinyworld.entropy_floor(eval_text)
+        if "eval_loss" in metrics:
+            metrics["eval_loss_above_floor"] = metrics["eval_loss"] - metrics["entropy_floor"]
+        metrics.update(copy_metrics(trainer.model, tokenizer, eval_text, cfg))
+    return {k: float(v) for k, v in metrics.items()}
+
+
 def copy_metrics(model, tokenizer, eval_text, cfg) -> dict[str, float]:
     """`copy_loss_near/far` (nats) and their token counts on the held-out tiny-world texts: the long-range probe
     that compares a Transformer with the LSTM baseline (`align.inspect.copy_probe`).
     A bucket with no token is left out."""
-    from align.inspect.copy_probe import FAR, NEAR, copy_loss_by_distance
-
     texts = eval_text.select(range(min(len(eval_text), COPY_PROBE_TEXTS)))["text"]
     probe = copy_loss_by_distance(
         model, tokenizer, texts, batch_size=cfg.per_device_eval_batch_size, max_length=cfg.max_length
@@ -270,8 +286,6 @@ def _step_of(checkpoint) -> int:
 
 def sample_texts(model, tokenizer, n: int, max_new_tokens: int, seed: int) -> list[dict[str, str]]:
     """`n` texts sampled from BOS (unconditional generation), to show what the model learned."""
-    import torch
-
     if n <= 0:
         return []
     torch.manual_seed(seed)

@@ -48,10 +48,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from align.config import config_class, log_config, parse_config, recipe_dict, stage_parser
+from align.data import formats, tinyworld
+from align.data import load as dl
 from align.data.rankings import format_ranking
 from align.data.tinyworld import GOLD, TINYWORLD, is_tinyworld
 from align.errors import AlignError
-from align.io import stage_lifecycle
+from align.evaluation.score import load_function, load_scorer
+from align.generation.generate import generate
+from align.io import STAGE_FILE, atomic_write_text, parent_of, stage_lifecycle, write_stage_info
+from align.models import modeling
+from align.models.modeling import load_model_and_tokenizer
 from align.stages.lifecycle import push_finished, wait_for_everyone
 
 logger = logging.getLogger(__name__)
@@ -83,15 +98,13 @@ ranking format: response numbers best -> worst, '>' between ranks, '=' joining t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.config import parse_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
-        from align.stages import rank_serve
+        from align.stages import rank_serve  # import cycle: rank_serve imports this module
 
         return rank_serve.serve_main(argv[1:])
     if argv and argv[0] in ("export", "import"):
-        from align.stages import rank_sheet
+        from align.stages import rank_sheet  # import cycle: rank_sheet imports this module
 
         return (rank_sheet.export_main if argv[0] == "export" else rank_sheet.import_main)(argv[1:])
     if "-h" in argv or "--help" in argv:
@@ -103,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_help() -> None:
     """The recipe keys (as every stage's --help) plus the export/import subcommands; exits 0 like argparse."""
-    from align.config import config_class, stage_parser
-
     parser = stage_parser(config_class("rank"), "align rank")
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -118,15 +129,10 @@ def _print_help() -> None:
 def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
     """The prompts to rank (`num_prompts` of them) and the `data` entry of align_stage.json."""
     if cfg.dataset_name == TINYWORLD:
-        from align.data import tinyworld
-
         n = cfg.num_prompts or TINYWORLD_DEFAULT_PROMPTS
         ds = tinyworld.instruction_prompts(n, seed=cfg.tinyworld_seed, split="train")
         info = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "fingerprint": ds._fingerprint, "rows": len(ds)}
         return list(ds["prompt"]), info
-
-    from align.data import formats
-    from align.data import load as dl
 
     source = cfg.dataset_name
     if not source:
@@ -162,16 +168,6 @@ def sampling_settings(cfg) -> dict[str, Any]:
 
 def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
     """K = num_generations sampled responses per prompt from the policy (chat template), and the tokenizer."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-    from transformers import set_seed
-
-    from align.generation.generate import generate
-    from align.models import modeling
-    from align.models.modeling import load_model_and_tokenizer
-
     if not cfg.model_name_or_path:
         raise AlignError("align rank: no model_name_or_path. Point it at the policy, usually the SFT stage dir.")
     # Under `accelerate launch` each process samples its share of the prompts (its own seed), then all are gathered.
@@ -213,8 +209,6 @@ def sample(cfg, prompts: list[str]) -> tuple[list[list[str]], Any]:
 
 
 def _main_process() -> bool:
-    from accelerate import PartialState
-
     return PartialState().is_main_process
 
 
@@ -226,13 +220,9 @@ def load_labeler(cfg) -> tuple[str, Labeler]:
     """(kind, labeler) for `cfg.labeler`: kind is "gold", "function" or "reward_model"."""
     spec = cfg.labeler
     if spec == GOLD:
-        from align.evaluation.score import load_scorer
-
         return GOLD, _flat(load_scorer(GOLD), GOLD)
     if ":" in spec and not Path(spec).exists():
         return "function", function_labeler(spec)
-    from align.evaluation.score import load_scorer
-
     device = "cpu" if cfg.use_cpu else None
     scorer = load_scorer(spec, batch_size=cfg.labeler_batch_size, device=device,
                          trust_remote_code=cfg.trust_remote_code)  # fmt: skip
@@ -259,8 +249,6 @@ def _flat(scorer: Callable[[Sequence[str], Sequence[str]], list[float]], name: s
 def function_labeler(spec: str) -> Labeler:
     """`package.module:function` or `path/to/file.py:function`, called as function(prompt, responses) -> K scores;
     each result is checked."""
-    from align.evaluation.score import load_function
-
     _, fn = load_function(spec, key="labeler")
 
     def label(prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -306,8 +294,6 @@ def add_noise(groups: Sequence[Sequence[str]], scores: list[list[float]], std: f
     with the gold labeler on close calls. std = 0 returns the scores unchanged."""
     if std == 0:
         return [list(s) for s in scores]
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     out = []
     for group, s in zip(groups, scores, strict=True):
@@ -373,8 +359,6 @@ def group_stats(
             # Re-tokenized length below the budget: the policy ended the response itself (EOS), not the length cap.
             stats["finished_rate"] = sum(n < max_new_tokens for n in lengths) / len(lengths)
     if gold:
-        from align.data import tinyworld
-
         gold_scores = [[tinyworld.score(p, r) for r in g] for p, g in zip(prompts, groups, strict=True)]
         stats["gold_agreement"] = gold_agreement(rankings, gold_scores)
         stats["gold_score_mean"] = sum(map(sum, gold_scores)) / len(responses)
@@ -410,10 +394,6 @@ def build_rows(
 
 def write_rankings(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     """rankings.jsonl and dataset/ (save_to_disk), each written beside and then moved into place."""
-    import datasets
-
-    from align.io import atomic_write_text
-
     if not rows:
         raise AlignError(
             "align rank: every group was dropped (all responses tied, or one was empty); nothing to write. Raise "
@@ -452,8 +432,6 @@ def finish(
     **extra: Any,
 ) -> dict[str, Any]:
     """Write the rows, then align_stage.json last; log a short summary."""
-    from align.io import write_stage_info
-
     write_rankings(output_dir, rows)
     metrics = {k: float(v) for k, v in metrics.items()}
     info = write_stage_info(output_dir, "rank", parent=parent, recipe=recipe, data=data, metrics=metrics,
@@ -465,8 +443,6 @@ def finish(
 
 def start_output(output_dir: Path) -> None:
     """Create the output dir; drop a previous align_stage.json so an interrupted rerun never looks finished."""
-    from align.io import STAGE_FILE
-
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / STAGE_FILE).unlink(missing_ok=True)
 
@@ -477,19 +453,14 @@ def start_output(output_dir: Path) -> None:
 
 @stage_lifecycle
 def run(cfg) -> Path:
-    from transformers import set_seed
-
-    from align.config import log_config, recipe_dict
-    from align.io import parent_of
-
     set_seed(cfg.seed)
     log_config(cfg)
     output_dir = Path(cfg.output_dir)
 
     # Data
     prompts, data_info = load_prompts(cfg)
-    tinyworld = cfg.dataset_name == TINYWORLD or is_tinyworld(prompts)
-    if cfg.labeler == GOLD and not tinyworld:
+    tiny = cfg.dataset_name == TINYWORLD or is_tinyworld(prompts)
+    if cfg.labeler == GOLD and not tiny:
         raise AlignError(
             f"labeler gold: {data_info['name']} holds prompts that are not tiny-world instructions, and the gold "
             "labeler scores only those. Use a 'package.module:function' labeler or a reward model dir."
@@ -526,7 +497,7 @@ def run(cfg) -> Path:
         "k": cfg.num_generations,
         **dropped,
         **group_stats(
-            prompts, groups, rankings, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens, gold=tinyworld
+            prompts, groups, rankings, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens, gold=tiny
         ),  # fmt: skip
         "sample_seconds": sample_seconds,
         "label_seconds": label_seconds,
@@ -549,6 +520,4 @@ def run(cfg) -> Path:
 
 
 def _num_processes() -> int:
-    from accelerate import PartialState
-
     return PartialState().num_processes

@@ -29,16 +29,31 @@ import logging
 import math
 import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from align.data import annotations as ann
+from align.data.rankings import ranking_to_ranks
+from align.data.tinyworld import is_tinyworld
 from align.errors import AlignError
+from align.io import output_lock
+from align.stages.rank import (
+    HUMAN,
+    RANKINGS_FILE,
+    SHEET_META_SUFFIX,
+    SHEET_SUFFIXES,
+    finish,
+    group_stats,
+    start_output,
+)
+from align.stages.rank_sheet import _sheet_parser, read_sheet, sheet_responses
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +89,6 @@ class Group:
 
 def resolve_source(source: str | os.PathLike) -> Path:
     """The file the groups come from: a sheet, the one sheet in a dir, or an `align rank` dir's rankings.jsonl."""
-    from align.stages.rank import RANKINGS_FILE, SHEET_SUFFIXES
-
     path = Path(source)
     if path.is_file():
         if path.suffix.lower() not in SHEET_SUFFIXES:
@@ -102,8 +115,6 @@ def default_log(source: str | os.PathLike) -> Path:
 
 def load_groups(path: Path) -> list[Group]:
     """The groups of a sheet (or rankings.jsonl), validated; ids from the `id` column, else the 1-based row."""
-    from align.stages.rank_sheet import read_sheet, sheet_responses
-
     rows = read_sheet(path)
     if not rows:
         raise AlignError(f"{path}: no rows. Export a sheet with `align rank export`.")
@@ -226,8 +237,6 @@ class RankApp:
     # -- writes: each checks everything first, then appends one fsynced record
 
     def submit(self, body: dict[str, Any]) -> dict[str, Any]:
-        from align.data.rankings import ranking_to_ranks
-
         unknown = sorted(set(body) - SUBMIT_KEYS)
         if unknown:
             raise HTTPError(400, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(SUBMIT_KEYS))}.")
@@ -345,8 +354,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def page_html(nonce: str) -> str:
-    from importlib.resources import files
-
     return files("align").joinpath(TEMPLATE).read_text(encoding="utf-8").replace("__NONCE__", nonce)
 
 
@@ -452,8 +459,6 @@ class RankServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, app: RankApp, host: str, port: int):
-        import socket
-
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
         try:
@@ -508,8 +513,6 @@ def serve(server: RankServer, max_requests: int | None = None) -> None:
 
 def serve_main(argv: list[str]) -> int:
     """`align rank serve SOURCE [--annotations LOG] [--host H --token T] [--port P] [--flags a,b]`."""
-    from align.stages.rank_sheet import _sheet_parser
-
     parser = _sheet_parser("align rank serve", "Serve a local page where people rank the groups of SOURCE (a sheet "
                            "from `align rank export`, its dir, or an `align rank` output dir).")  # fmt: skip
     parser.add_argument("source", help="A ranking sheet (.csv/.jsonl), a dir holding one, or an `align rank` dir.")
@@ -548,10 +551,6 @@ def serve_main(argv: list[str]) -> int:
 def import_annotations(log: str | os.PathLike, output_dir: str | os.PathLike, policy: str = "majority") -> Path:
     """Replay `log` and write `output_dir` as `align rank` does (labeler: human), disagreements under `policy`
     (`align.data.annotations.merge`)."""
-    from align.data.tinyworld import is_tinyworld
-    from align.io import output_lock
-    from align.stages.rank import HUMAN, SHEET_META_SUFFIX, finish, group_stats, start_output
-
     path = Path(log)
     replay, complete = ann.read_log(path)
     if path.stat().st_size > complete:

@@ -14,10 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from align.data.rankings import parse_ranking
+from transformers import set_seed
+
+from align.config import find_config, load_recipe, log_config, parse_config, recipe_dict
+from align.data.annotations import is_annotation_log
+from align.data.rankings import parse_ranking, parse_ranking_row
 from align.data.tinyworld import TINYWORLD, is_tinyworld
 from align.errors import AlignError
-from align.io import output_lock
+from align.io import atomic_write_json, atomic_write_text, output_lock, parent_of
 from align.stages.rank import (
     EPILOG,
     HUMAN,
@@ -55,11 +59,6 @@ def _check_sheet_path(path: str, flag: str) -> Path:
 
 def export_main(argv: list[str]) -> int:
     """`align rank export --config RECIPE --output SHEET`: sample as `align rank` does and write a sheet to fill in."""
-    from transformers import set_seed
-
-    from align.config import log_config, parse_config, recipe_dict
-    from align.io import atomic_write_json, atomic_write_text, parent_of
-
     parser = _sheet_parser(
         "align rank export",
         "Sample K responses per prompt as `align rank` does and write a sheet for human labelers. Every other flag "
@@ -100,8 +99,6 @@ def export_main(argv: list[str]) -> int:
 
 
 def _has_output_dir(argv: list[str]) -> bool:
-    from align.config import find_config, load_recipe
-
     if any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         return True
     config = find_config(argv)
@@ -140,8 +137,6 @@ def read_sheet(path: Path) -> list[dict[str, Any]]:
 
 def sheet_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """One filled sheet row -> a validated rankings row {prompt, responses, ranking}."""
-    from align.data.rankings import parse_ranking_row
-
     responses = sheet_responses(row, where)
     ranking = parse_ranking(row.get("ranking"), where=where)
     prompt, responses, _, _ = parse_ranking_row(
@@ -178,12 +173,10 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("sheet", help="The filled sheet (.csv or .jsonl) from `align rank export`, or the "
                         "annotations log of `align rank serve`.")  # fmt: skip
     parser.add_argument("--output_dir", required=True, help="Where rankings.jsonl, dataset/ and align_stage.json go.")
-    from align.stages import rank_serve
+    from align.stages import rank_serve  # import cycle: rank_serve imports this module
 
     rank_serve.add_import_arguments(parser)
     args = parser.parse_args(argv)
-    from align.data.annotations import is_annotation_log
-
     if is_annotation_log(Path(args.sheet)):
         rank_serve.import_annotations(args.sheet, args.output_dir, args.disagreement or "majority")
         return 0

@@ -28,7 +28,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
+from trl import get_peft_config
+
 from align.config import log_config, parse_config
+from align.data import load as dl
+from align.data import tinyworld
+from align.data.rankings import parse_ranking_row, reward_format
+from align.data.tinyworld import is_tinyworld
 from align.errors import AlignError
 from align.io import (
     parent_of,
@@ -36,7 +45,11 @@ from align.io import (
     save_trained,
     stage_lifecycle,
 )
+from align.models import modeling
+from align.models.modeling_reward import MODEL_TYPE, LikelihoodRewardModel
+from align.rl.ranking import pair_accuracy, pair_mask
 from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
+from align.trainers.reward import RankingRewardTrainer, score
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +89,6 @@ def _resolve_source(name: str) -> tuple[str, dict[str, Any] | None]:
 
 def _validate(ds, source: str) -> int:
     """Check every row (before splitting, so errors name the row of the file); returns the number of pairs."""
-    from align.data import load as dl
-    from align.data.rankings import parse_ranking_row
-
     columns = ds.column_names
     if "prompt" not in columns or not ({"responses", "chosen"} & set(columns)):
         raise AlignError(
@@ -100,10 +110,6 @@ def _validate(ds, source: str) -> int:
 def as_pairs(ds):
     """Each ranked group -> its C(K,2) non-tied `{prompt, chosen, rejected}` rows (margins kept), as pair-only
     trainers see the same labels. Rows must be valid (`_validate`)."""
-    import datasets
-
-    from align.data.rankings import parse_ranking_row
-
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
     has_margin = "margin" in ds.column_names
     if has_margin:
@@ -123,8 +129,6 @@ def as_pairs(ds):
 
 def load_reward_data(cfg) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
     """Train groups, held-out groups (or None), the lineage entry, and the rank stage the data came from (or None)."""
-    from align.data import load as dl
-
     source, rank_parent = _resolve_source(cfg.dataset_name)
     dd = dl.load_data(source, config=cfg.dataset_config)
     if cfg.dataset_column_mapping:
@@ -154,11 +158,6 @@ def load_reward_data(cfg) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | No
 def load_model_and_tokenizer(cfg):
     """Scalar-head model (a new head on a causal LM or an encoder, or an existing reward model) and its own
     tokenizer."""
-    from transformers import AutoModelForSequenceClassification
-
-    from align.data.rankings import reward_format
-    from align.models import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
-
     tokenizer = modeling.load_tokenizer(
         cfg.tokenizer_name_or_path or cfg.model_name_or_path,
         revision=cfg.model_revision,
@@ -190,11 +189,6 @@ def load_model_and_tokenizer(cfg):
 
 def _likelihood_model(cfg, tokenizer):
     """`LikelihoodRewardModel` on the causal LM at `model_name_or_path` (or that model itself, trained further)."""
-    from transformers import AutoConfig
-
-    from align.models import modeling
-    from align.models.modeling_reward import MODEL_TYPE, LikelihoodRewardModel
-
     kwargs = {"revision": cfg.model_revision, "trust_remote_code": cfg.trust_remote_code}
     path = cfg.model_name_or_path
     config = modeling.load_pretrained(AutoConfig, path, what="a model config", **kwargs)
@@ -238,8 +232,6 @@ def _likelihood_model(cfg, tokenizer):
 
 def _flat(groups) -> tuple[list[str], list[str], list[int]]:
     """(prompts, responses, group sizes) of valid ranked groups."""
-    from align.data.rankings import parse_ranking_row
-
     prompts, responses, sizes = [], [], []
     for i, row in enumerate(groups):
         prompt, rs, _, _ = parse_ranking_row(row, where=f"row {i + 1}")
@@ -251,8 +243,6 @@ def _flat(groups) -> tuple[list[str], list[str], list[int]]:
 
 def _grid(values: list[float], sizes: list[int], fill: float):
     """Flat per-response values -> `(G, K_max)` tensor, `fill` where a group has fewer responses."""
-    import torch
-
     out = torch.full((len(sizes), max(sizes)), fill, dtype=torch.float)
     at = 0
     for g, k in enumerate(sizes):
@@ -263,8 +253,6 @@ def _grid(values: list[float], sizes: list[int], fill: float):
 
 def gold_ranks(scores):
     """`(G, K)` ranks (0 = best, equal scores share a rank, -1 where absent) from `(G, K)` gold scores (nan absent)."""
-    import torch
-
     present = ~torch.isnan(scores)
     # rank = number of present responses that score strictly higher: ties share it, order is all pair_mask needs
     higher = (scores.unsqueeze(1) > scores.unsqueeze(2)) & present.unsqueeze(1)
@@ -279,20 +267,13 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
     labeler's ranking of the same responses; gold ties are not pairs) when `gold` (None: when the prompts are
     tiny-world prompts), and `extra` with counts for align_stage.json.
     """
-    from align.rl.ranking import pair_accuracy, pair_mask
-    from align.trainers.reward import score
-
     prompts, responses, sizes = _flat(groups)
     raw = score(model, tokenizer, prompts, responses, batch_size=batch_size, offset=0.0, max_length=max_length)
     metrics = {"reward_offset": raw.mean().item()}
     extra: dict[str, Any] = {"reward_offset_samples": len(responses)}
     if gold is None:
-        from align.data.tinyworld import is_tinyworld
-
         gold = is_tinyworld(prompts)
     if gold:
-        from align.data import tinyworld
-
         gold_scores = [tinyworld.score(p, r) for p, r in zip(prompts, responses, strict=True)]
         ranks = gold_ranks(_grid(gold_scores, sizes, float("nan")))
         rewards = _grid(raw.tolist(), sizes, float("nan"))
@@ -307,16 +288,11 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
 
 @stage_lifecycle
 def run(cfg) -> Path:
-    from transformers import set_seed
-
-    from align.models import modeling
-    from align.trainers.reward import RankingRewardTrainer
-
     set_seed(cfg.seed)
     log_config(cfg)
     output_dir = Path(cfg.output_dir)
 
-    # Data
+    # ---- Data: ranked groups (train, held-out), as pairs when asked
     train_ds, eval_ds, data_info, rank_parent = load_reward_data(cfg)
     train_groups = train_ds
     if cfg.ranking_as_pairs:
@@ -325,11 +301,61 @@ def run(cfg) -> Path:
     if eval_ds is None and cfg.eval_strategy != "no":
         cfg.eval_strategy = "no"
 
-    # Model
-    from trl import get_peft_config
-
+    # ---- Model
     model, tokenizer = load_model_and_tokenizer(cfg)
     peft_config = get_peft_config(cfg)
+    _log_setup(cfg, model, peft_config, train_groups, train_ds, eval_ds)
+
+    # ---- Train
+    push_to_hub = hold_push(cfg)
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    metrics: dict[str, Any] = train_stage(trainer, cfg)[1]
+    extra: dict[str, Any] = {}
+
+    # ---- Evaluate: Trainer's eval metrics, then held-out ranking metrics and the reward offset (main process)
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_pair_accuracy"] = ev["eval_pair_accuracy"]
+        metrics.update({k: ev[f"eval_{k}"] for k in EVAL_METRICS})
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero():
+        extra.update(evaluate_and_normalize(unwrapped, tokenizer, cfg, metrics, eval_ds, train_groups))
+
+    # ---- Save
+    # A LoRA reward model is saved merged (PPO, `align score` and the Hub load the dir as a plain reward model), its
+    # adapter and score head in output_dir/adapter.
+    save_trained(trainer, output_dir, merge_adapter=peft_config is not None)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        lineage = data_lineage(rank_parent, metrics)
+        finish_stage(
+            output_dir,
+            "reward",
+            cfg,
+            push_to_hub,
+            parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
+            data=data_info,
+            metrics={k: float(v) for k, v in metrics.items()},
+            log_history=trainer.state.log_history,
+            num_processes=trainer.accelerator.num_processes,
+            peft={"adapter": peft_config is not None, "merged": peft_config is not None},
+            **lineage,
+            **extra,
+        )
+        logger.info("reward: wrote %s", output_dir)
+    wait_for_everyone()
+    return output_dir
+
+
+def _log_setup(cfg, model, peft_config, train_groups, train_ds, eval_ds) -> None:
     total, _ = modeling.count_parameters(model)
     logger.info(
         "reward: %s (%.2fM parameters, %s%s), %d train groups%s / %d held-out groups, %s loss, batch %d x %d accum x "
@@ -348,77 +374,43 @@ def run(cfg) -> Path:
         modeling.precision_summary(cfg),
     )
 
-    # Train
-    push_to_hub = hold_push(cfg)
-    trainer = RankingRewardTrainer(
-        model=model,
-        args=cfg,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
+
+def evaluate_and_normalize(model, tokenizer, cfg, metrics: dict[str, Any], eval_ds, train_groups) -> dict[str, Any]:
+    """Held-out metrics into `metrics`, and the reward offset into the model's config; returns the extra keys of
+    align_stage.json.
+
+    Normalize (InstructGPT Sec. 3.5): SFT samples score 0 on average. The held-out groups' responses are SFT samples
+    when the data comes from `align rank` on the SFT model; without held-out groups, the train groups'."""
+    held, held_extra = heldout_metrics(
+        model,
+        tokenizer,
+        eval_ds if eval_ds is not None else train_groups,
+        gold=cfg.gold_eval,
+        batch_size=cfg.per_device_eval_batch_size,
+        max_length=cfg.max_length,
     )
-    metrics: dict[str, Any] = train_stage(trainer, cfg)[1]
-    extra: dict[str, Any] = {}
+    metrics.update(held)
+    extra = {**held_extra, "reward_offset_source": "held-out groups" if eval_ds is not None else "train groups"}
+    model.config.align_reward_offset = held["reward_offset"]
+    if cfg.max_length is not None:
+        model.config.align_reward_max_length = cfg.max_length
+    logger.info(
+        "Held-out: pair accuracy %s, gold agreement %s, Kendall tau %s; reward offset %.4f (mean raw score of %d "
+        "responses, now stored in config.align_reward_offset).",
+        *(f"{metrics[k]:.4f}" if k in metrics else "n/a" for k in ("pair_accuracy", "gold_agreement",
+                                                                    "kendall_tau")),
+        held["reward_offset"],
+        held_extra["reward_offset_samples"],
+    )  # fmt: skip
+    return extra
 
-    # Evaluate
-    if eval_ds is not None:
-        ev = trainer.evaluate()
-        metrics["eval_loss"] = ev["eval_loss"]
-        metrics["eval_pair_accuracy"] = ev["eval_pair_accuracy"]
-        metrics.update({k: ev[f"eval_{k}"] for k in EVAL_METRICS})
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.is_world_process_zero():
-        # Normalize (InstructGPT Sec. 3.5): SFT samples score 0 on average. The held-out groups' responses are SFT
-        # samples when the data comes from `align rank` on the SFT model; without held-out groups, the train groups'.
-        held, held_extra = heldout_metrics(
-            unwrapped,
-            tokenizer,
-            eval_ds if eval_ds is not None else train_groups,
-            gold=cfg.gold_eval,
-            batch_size=cfg.per_device_eval_batch_size,
-            max_length=cfg.max_length,
-        )
-        metrics.update(held)
-        extra.update(held_extra, reward_offset_source="held-out groups" if eval_ds is not None else "train groups")
-        unwrapped.config.align_reward_offset = held["reward_offset"]
-        if cfg.max_length is not None:
-            unwrapped.config.align_reward_max_length = cfg.max_length
-        logger.info(
-            "Held-out: pair accuracy %s, gold agreement %s, Kendall tau %s; reward offset %.4f (mean raw score of %d "
-            "responses, now stored in config.align_reward_offset).",
-            *(f"{metrics[k]:.4f}" if k in metrics else "n/a" for k in ("pair_accuracy", "gold_agreement",
-                                                                        "kendall_tau")),
-            held["reward_offset"],
-            held_extra["reward_offset_samples"],
-        )  # fmt: skip
 
-    # Save
-    # A LoRA reward model is saved merged (PPO, `align score` and the Hub load the dir as a plain reward model), its
-    # adapter and score head in output_dir/adapter.
-    save_trained(trainer, output_dir, merge_adapter=peft_config is not None)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output_dir)
-        lineage = {}
-        if rank_parent is not None:
-            lineage["data_parent"] = {"stage": "rank", "path": rank_parent["path"]}
-            rank_metrics = rank_parent["info"].get("metrics") or {}
-            if "gold_agreement" in rank_metrics:
-                metrics["labeler_gold_agreement"] = rank_metrics["gold_agreement"]
-        finish_stage(
-            output_dir,
-            "reward",
-            cfg,
-            push_to_hub,
-            parent=parent_of(cfg.model_name_or_path, cfg.model_hub_id),
-            data=data_info,
-            metrics={k: float(v) for k, v in metrics.items()},
-            log_history=trainer.state.log_history,
-            num_processes=trainer.accelerator.num_processes,
-            peft={"adapter": peft_config is not None, "merged": peft_config is not None},
-            **lineage,
-            **extra,
-        )
-        logger.info("reward: wrote %s", output_dir)
-    wait_for_everyone()
-    return output_dir
+def data_lineage(rank_parent: dict[str, Any] | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The rank stage the data came from (`data_parent`); its labeler's gold agreement goes into `metrics`."""
+    lineage = {}
+    if rank_parent is not None:
+        lineage["data_parent"] = {"stage": "rank", "path": rank_parent["path"]}
+        rank_metrics = rank_parent["info"].get("metrics") or {}
+        if "gold_agreement" in rank_metrics:
+            metrics["labeler_gold_agreement"] = rank_metrics["gold_agreement"]
+    return lineage

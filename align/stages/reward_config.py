@@ -14,6 +14,7 @@ from align.config import (
     post_init_common,
     resolve_auto_bf16,
 )
+from align.models.modeling_reward import feature_error
 from align.trainers.reward_config import RankingRewardConfig
 
 
@@ -108,8 +109,6 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
                 "score head too); remove the key"
             )
         if self.likelihood_features:
-            from align.models.modeling_reward import feature_error
-
             if error := feature_error(self.likelihood_features):
                 errors.append(error)
             if self.use_peft:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction, Trainer
 
 from align.data.classification import SpecialIds
+from align.metrics import load_metric
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +147,6 @@ class ClassifyMetrics:
     most choices): a head that leans to one position scores below its accuracy, as with any skewed classifier."""
 
     def __init__(self, num_labels: int, input_format: str):
-        from align.metrics import load_metric
-
         self.binary = num_labels == 2 and input_format != "multiple_choice"
         names = ["accuracy", "f1"]
         if self.binary:
@@ -154,8 +154,6 @@ class ClassifyMetrics:
         self.metrics = {n: load_metric(n) for n in names}
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
-        import numpy as np
-
         preds = np.asarray(eval_pred.predictions).argmax(-1).tolist()
         refs = np.asarray(eval_pred.label_ids).tolist()
         out = {}

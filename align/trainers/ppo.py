@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from align.data.padding import pad_right
 from align.errors import AlignError
 from align.io import last_checkpoint
 from align.models.memory_plan import set_malloc_mmap_threshold
@@ -46,7 +47,6 @@ from align.rl.ppo import (
     response_mask,
     value_loss,
 )
-from align.trainers.padding import pad_right
 from align.trainers.ppo_checkpoint import VALUE_DIR, load_checkpoint, save_checkpoint
 from align.trainers.ppo_config import PPOConfig
 from align.trainers.ppo_models import (

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from align.data.padding import pad_left, pad_right
 from align.errors import AlignError
 from align.generation.decode import decode
 from align.models.modeling import max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
-from align.trainers.padding import pad_left, pad_right
 from align.trainers.ppo_models import adapters_disabled, policy_logits, value_head_forward
 from align.trainers.ppo_sampler import SamplerCopy
 

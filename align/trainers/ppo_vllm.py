@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from align.data.padding import pad_left
 from align.errors import AlignError
-from align.trainers.padding import pad_left
 
 
 def _cuda() -> bool:

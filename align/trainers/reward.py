@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
+from peft import get_peft_model
 from transformers import EvalPrediction, Trainer
 
+from align.data.padding import pad_right
 from align.data.rankings import encode_for_reward, tokenize_rankings
 from align.errors import AlignError
+from align.models import memory_plan as mp
 from align.models.modeling import is_encoder
 from align.rl.ranking import (
     has_pairs,
@@ -30,7 +34,6 @@ from align.rl.ranking import (
     ranking_loss,
     top1_accuracy,
 )
-from align.trainers.padding import pad_right
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +105,6 @@ def compute_ranking_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
 
 def _with_adapter(model, peft_config, args):
     """`model` wrapped by peft for `peft_config` (as TRL's RewardTrainer): LoRA adapters + a trainable score head."""
-    from accelerate.utils import is_peft_model
-    from peft import get_peft_model
-
     if is_peft_model(model):
         raise AlignError(
             "RankingRewardTrainer: got a PeftModel and a peft_config. Merge the model's adapter first "
@@ -125,8 +125,6 @@ def _with_adapter(model, peft_config, args):
 def plan_memory(model, args, train_dataset) -> tuple[list, int]:
     """Log the reward model's memory plan for its largest micro-batch (`per_device_train_batch_size` groups of the
     most responses, all padded to the longest) and, on CUDA, refuse when it does not fit (models/memory_plan.py)."""
-    from align.models import memory_plan as mp
-
     length = getattr(args, "length_column_name", None) or "length"
     k_max = max(len(r) for r in train_dataset["ranks"])
     seq_len = max(train_dataset[length])
