@@ -136,11 +136,6 @@ def write_stage_info(
     resolved recipe is in this file), so what is pushed or shared loads without unpickling. Checkpoints keep theirs
     for resuming.
     """
-    # Layering: io sits below the stages (docs/architecture.md), so their registry is imported here, not above.
-    from align.stages import registry
-
-    if registry.find(stage) is None:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {registry.names()}")
     info = {
         "stage": stage,
         "parent": parent,

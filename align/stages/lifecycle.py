@@ -25,6 +25,7 @@ from transformers.trainer_utils import TrainOutput
 from align.config import recipe_dict
 from align.hub import push_after_stage
 from align.io import resume_checkpoint, write_stage_info
+from align.stages import registry
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def finish_stage(output_dir: str | os.PathLike, stage: str, cfg, push_to_hub: bo
     """On the main process, once the stage's files are saved: write align_stage.json last, with the resolved recipe
     (`push_to_hub` recorded as the user set it) and `info` (parent, data, metrics, ...; see `io.write_stage_info`),
     then push the finished stage when asked. Returns what was written."""
+    if registry.find(stage) is None:  # our bug: every stage that writes align_stage.json has a record
+        raise ValueError(f"unknown stage {stage!r}; expected one of {registry.names()}")
     cfg.push_to_hub = push_to_hub
     written = write_stage_info(output_dir, stage, recipe=recipe_dict(cfg), **info)
     push_finished(output_dir, cfg)
