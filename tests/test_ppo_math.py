@@ -209,7 +209,11 @@ def test_fixed_kl_controller():
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
-    [("kl_coef", -0.1, "kl_coef -0.1 is negative"), ("kl_target", 0.0, "kl_target 0.0"), ("kl_horizon", 0, "kl_horizon 0")],
+    [
+        ("kl_coef", -0.1, "kl_coef -0.1 is negative"),
+        ("kl_target", 0.0, "kl_target 0.0 is too small"),
+        ("kl_horizon", 0, "kl_horizon 0 is too small"),
+    ],
 )
 def test_controller_settings_are_checked_by_the_config(tmp_path, key, value, message):
     # never silently clamped to 0: the config (the one place PPO's keys are validated) refuses them

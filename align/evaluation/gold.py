@@ -57,6 +57,7 @@ class GoldLabeler:
 def load_gold_labeler(spec: str) -> GoldLabeler:
     """`gold` (the tiny-world gold labeler) or a function spec (module docstring); AlignError naming `gold_labeler`."""
     if spec == GOLD:
+
         def check_gold(prompt: str, response: str) -> tuple[float, dict[str, float]]:
             d = tinyworld.score_details(prompt, response)
             return d["score"], {k: v for k, v in d.items() if k != "score"}
