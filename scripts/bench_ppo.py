@@ -42,11 +42,35 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    TrainerCallback,
+)
+
+import align.trainers.ppo_rollout as rollout_mod  # noqa: E402
+from align.models.modeling import (  # noqa: E402
+    cpu_has_native_bf16,
+    ensure_chat_template,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_package_ref,
+    set_generation_defaults,
+    wordlevel_tokenizer,
+)
+from align.trainers.ppo import PPOTrainer  # noqa: E402
+from align.trainers.ppo_config import PPOConfig  # noqa: E402
 
 UPDATES, PROMPTS, MINI, EPOCHS, NEW_TOKENS, VOCAB = 16, 32, 16, 2, 32, 512
 # --model: the real-model workload
@@ -61,7 +85,6 @@ MODEL_PROMPT_FILE = "recipes/smollm2-135m/data/ppo_prompts.jsonl"
 def bench_args(output_dir: str, bf16: bool, use_cpu: bool = True, **workload):
     """The PPOConfig of both workloads: `workload` (sizes, lr, KL) over the settings every bench run shares (no
     saving, no trackers, the CPU unless `use_cpu` is False, seed 0)."""
-    from align.trainers.ppo_config import PPOConfig
 
     return PPOConfig(
         output_dir=output_dir,
@@ -77,11 +100,6 @@ def bench_args(output_dir: str, bf16: bool, use_cpu: bool = True, **workload):
 
 
 def build(threads: int, output_dir: str, bf16: bool = False):
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-
-    from align.models.modeling import wordlevel_tokenizer
-    from align.trainers.ppo import PPOTrainer
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     words = [f"w{i}" for i in range(VOCAB - 7)]  # + 4 special and 3 chat tokens = 512
@@ -112,7 +130,6 @@ def build(threads: int, output_dir: str, bf16: bool = False):
     )
 
     clock = make_clock()
-    from datasets import Dataset
 
     trainer = PPOTrainer(
         args, policy, reward_model=reward, processing_class=tok, train_dataset=Dataset.from_list(rows),
@@ -124,7 +141,6 @@ def build(threads: int, output_dir: str, bf16: bool = False):
 def make_clock():
     """A TrainerCallback timing each update, and after each (outside the timed span) a short float32 matmul burst:
     the machine's matmul rate during the same minutes, to normalize for the load."""
-    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -146,7 +162,6 @@ class PhasePeaks:
     end. It wraps the trainer's own phase methods, so the workload is unchanged."""
 
     def __init__(self, trainer):
-        import align.trainers.ppo_rollout as rollout_mod
 
         self.peaks: dict[str, int] = {"setup": _peak_rss_bytes()}
         self._reset()
@@ -190,18 +205,6 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
                 updates: int, malloc_mmap_threshold: int | None = None, micro_batch: int = MODEL_PROMPTS,
                 device: str = "cpu", generation_backend: str = "transformers"):  # fmt: skip
     """The real-model workload (see the module docstring): a PPOTrainer and its Clock."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification
-
-    from align.models.modeling import (
-        ensure_chat_template,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_package_ref,
-        set_generation_defaults,
-    )
-    from align.trainers.ppo import PPOTrainer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -301,7 +304,6 @@ def main() -> int:
         help="--model: what samples the rollouts (PPOConfig.generation_backend); the baseline uses transformers.",
     )
     opts = parser.parse_args()
-    from align.models.modeling import cpu_has_native_bf16
 
     if opts.precision is None:
         opts.precision = "auto" if opts.model else "fp32"
@@ -418,8 +420,6 @@ def _cuda_peak(device: str) -> dict:
 
 def _compare_layouts(opts) -> int:
     """The default layout and the baseline side by side: one child process each (their own peak RSS), one line."""
-    import subprocess
-
     common = [sys.executable, __file__, "--model", opts.model, "--threads", str(opts.threads),
               "--updates", str(opts.updates), "--device", opts.device]  # fmt: skip
     runs = {
@@ -485,8 +485,6 @@ def _sgemm_gflops(repeats: int = 30) -> float:
 
 def _profile(trainer, update: int) -> None:
     """Run up to `update`, profiling that one; top ops by self CPU time to stderr."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     for step in range(1, update + 1):
         if step == update:
             with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -22,6 +22,7 @@ from align.rl.ppo import (
     response_mask,
     value_loss,
 )
+from align.trainers.ppo_config import PPOConfig
 
 T, F = True, False
 NAN = float("nan")
@@ -206,11 +207,18 @@ def test_fixed_kl_controller():
     assert other.value == 0.05
 
 
-@pytest.mark.parametrize("make", [lambda: FixedKLController(-0.1), lambda: AdaptiveKLController(-0.1, 6.0, 1e4)])
-def test_negative_kl_coef_is_an_error(make):
-    # never silently clamped to 0
-    with pytest.raises(ValueError, match="negative"):
-        make()
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("kl_coef", -0.1, "kl_coef -0.1 is negative"),
+        ("kl_target", 0.0, "kl_target 0.0 is too small"),
+        ("kl_horizon", 0, "kl_horizon 0 is too small"),
+    ],
+)
+def test_controller_settings_are_checked_by_the_config(tmp_path, key, value, message):
+    # never silently clamped to 0: the config (the one place PPO's keys are validated) refuses them
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(output_dir=str(tmp_path), **{key: value})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

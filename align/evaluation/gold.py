@@ -12,6 +12,9 @@ The same prompts and the same decoding are used for a model and its parent, so t
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
 import math
 import os
@@ -20,8 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import align.generation.generate as generation
+from align.data import formats, tinyworld
+from align.data import load as dl
 from align.data.tinyworld import GOLD, TINYWORLD
 from align.errors import AlignError
+from align.evaluation.score import load_function
+from align.io import atomic_write_json, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +39,6 @@ SAMPLED_TEMPERATURE = 1.0
 
 def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     """The held-out tiny-world instruction prompts every stage is evaluated on."""
-    from align.data import tinyworld
-
     return list(tinyworld.instruction_prompts(n, seed=seed, split="test")["prompt"])
 
 
@@ -51,7 +57,6 @@ class GoldLabeler:
 def load_gold_labeler(spec: str) -> GoldLabeler:
     """`gold` (the tiny-world gold labeler) or a function spec (module docstring); AlignError naming `gold_labeler`."""
     if spec == GOLD:
-        from align.data import tinyworld
 
         def check_gold(prompt: str, response: str) -> tuple[float, dict[str, float]]:
             d = tinyworld.score_details(prompt, response)
@@ -63,8 +68,6 @@ def load_gold_labeler(spec: str) -> GoldLabeler:
             f"gold_labeler {spec!r}: expected 'gold' (tiny world), 'package.module:function' or "
             "'path/to/file.py:function'."
         )
-    from align.evaluation.score import load_function
-
     module, fn = load_function(spec, key="gold_labeler")
     detail = getattr(module, "score_detail", None)
 
@@ -99,9 +102,6 @@ def gold_setup(cfg) -> tuple[GoldLabeler, list[str]] | None:
     labeler = load_gold_labeler(spec)
     if not cfg.gold_eval_dataset:
         return labeler, heldout_prompts(cfg.gold_eval_prompts, seed=cfg.tinyworld_seed)
-    from align.data import formats
-    from align.data import load as dl
-
     source = cfg.gold_eval_dataset
     ds = dl.load_data(source, split="train")
     if "prompt" not in ds.column_names and "messages" not in ds.column_names:
@@ -165,9 +165,7 @@ def gold_eval(
     "gold_scores": per-prompt list, "responses": the first answer to each prompt, "samples": first `num_samples`
     (prompt, response, gold_score), one answer per prompt}`.
     """
-    import torch
-
-    from align.generation.generate import generate
+    import torch  # here, not at the top: the report and best-of-n import this module for its scores alone
 
     labeler = labeler or load_gold_labeler(GOLD)
 
@@ -180,7 +178,7 @@ def gold_eval(
     device = getattr(model, "device", torch.device("cpu"))
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        groups = generate(
+        groups = generation.generate(
             model,
             tokenizer,
             prompts,
@@ -213,25 +211,6 @@ def gold_eval(
     }
 
 
-def stage_gold_eval(cfg, model, tokenizer, prompts: list[str], *, temperature: float, samples: int = 0,
-                    labeler: GoldLabeler | None = None):  # fmt: skip
-    """`gold_eval` with a stage config's settings (`gold_eval_max_new_tokens`, `per_device_eval_batch_size`, `seed`):
-    answers decoded at `temperature`, or, with `samples` > 0, that many answers per prompt at SAMPLED_TEMPERATURE.
-    A config whose `generation_backend` is "align" decodes with align's loop (`align.generation.generate.generate`)."""
-    return gold_eval(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.gold_eval_max_new_tokens,
-        temperature=SAMPLED_TEMPERATURE if samples else temperature,
-        batch_size=cfg.per_device_eval_batch_size,
-        samples_per_prompt=max(samples, 1),
-        seed=cfg.seed,
-        labeler=labeler,
-        backend="align" if getattr(cfg, "generation_backend", None) == "align" else "transformers",
-    )
-
-
 def win_rate(scores: list[float], baseline: list[float]) -> float:
     """Fraction of prompts where `scores` beats `baseline` (same prompts, same order), ties counted as half a win.
 
@@ -250,8 +229,6 @@ def paired_interval(scores: list[float], baseline: list[float], z: float = 1.96)
     Paired: each prompt is its own control, so the spread of prompt difficulty cancels. Returns `{"mean", "low",
     "high"}`; with one prompt the interval is the mean itself.
     """
-    import math
-
     if len(scores) != len(baseline) or not scores:
         raise ValueError(f"paired_interval needs equally long, non-empty lists; got {len(scores)} and {len(baseline)}")
     d = [a - b for a, b in zip(scores, baseline, strict=True)]
@@ -271,9 +248,6 @@ CACHE_ENV = "ALIGN_CACHE_DIR"
 def source_digest(name: str | None) -> str | None:
     """sha256 of the source file of a labeler named `module:function` (or `module`), so a cached score is not reused
     once the labeler's code changes; None when the module has no file."""
-    import hashlib
-    import importlib.util
-
     if not name:
         return None
     module = name.split(":", 1)[0]
@@ -312,11 +286,6 @@ def cached_gold_eval(key: dict[str, Any] | None, compute) -> tuple[dict[str, Any
     the cache when an earlier run stored it, else computed and stored. Returns (result, source): the cache file, or
     "computed". A None `key` (a model without a fingerprint) is never cached, nor anything while the environment
     sets ALIGN_GOLD_EVAL_CACHE=0."""
-    import hashlib
-    import json
-
-    from align.io import atomic_write_json, package_versions
-
     if key is None or os.environ.get("ALIGN_GOLD_EVAL_CACHE") == "0":
         return compute(), "computed"
     key = {**key, "versions": package_versions()}

@@ -246,9 +246,7 @@ class FixedKLController:
     """A constant KL coefficient beta."""
 
     def __init__(self, kl_coef: float):
-        if not kl_coef >= 0:  # also rejects nan
-            raise ValueError(f"kl_coef {kl_coef} is negative; use 0 to disable the KL penalty.")
-        self.value = float(kl_coef)
+        self.value = float(kl_coef)  # >= 0: PPOConfig checks kl_coef
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
@@ -268,12 +266,7 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        if not init_kl_coef >= 0:
-            raise ValueError(f"init_kl_coef {init_kl_coef} is negative; use 0 to disable the KL penalty.")
-        if not target > 0:
-            raise ValueError(f"KL target {target} must be > 0.")
-        if not horizon > 0:
-            raise ValueError(f"KL horizon {horizon} must be > 0.")
+        # kl_coef >= 0, target > 0 and horizon > 0: PPOConfig checks them (align.config.VALUE_RULES)
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)

@@ -17,14 +17,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from align.config import log_config, parse_config
+from trl import SFTTrainer, get_peft_config
+
+from align.config import parse_config
+from align.data import formats, tinyworld
+from align.data import load as dl
 from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
+from align.evaluation.compare import compare_to_parent, score_parent, start_stage
 from align.io import parent_of, save_trained, stage_lifecycle
+from align.models import modeling
 from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
 
 logger = logging.getLogger(__name__)
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     """Train/eval datasets in TRL's format (conversational prompt/completion, messages or text) + lineage entry."""
-    from align.data import formats
-    from align.data import load as dl
-
     if cfg.dataset_name == TINYWORLD:
-        from align.data import tinyworld
-
         ds = tinyworld.demonstrations(
             cfg.tinyworld_demos,
             seed=cfg.tinyworld_seed,
@@ -93,38 +93,19 @@ def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
 
 @stage_lifecycle
 def run(cfg) -> Path:
-    from transformers import set_seed
-    from trl import SFTTrainer, get_peft_config
-
-    from align.evaluation.gold import gold_setup
-    from align.models import modeling
-
-    set_seed(cfg.seed)
-    gold_spec = gold_setup(cfg)  # first: a bad gold_labeler or gold_eval_dataset is one line, before any work
-    log_config(cfg)
+    gold = start_stage(cfg, temperature=cfg.gold_eval_temperature)  # seed; a bad gold_labeler fails first
     output_dir = Path(cfg.output_dir)
 
-    # Data
+    # ---- Data
     train_ds, eval_ds, data_info = load_sft_data(cfg)
     if eval_ds is None and cfg.eval_strategy != "no":
         cfg.eval_strategy = "no"
 
-    # Model
+    # ---- Model
     model, tokenizer = modeling.load_model_and_tokenizer(cfg)
     peft_config = get_peft_config(cfg)
-    gold = gold_spec is not None
-    metrics: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    if gold:
-        from align.evaluation.gold import SAMPLED_TEMPERATURE, win_rate
-
-        labeler, prompts = gold_spec
-        extra["gold_labeler"] = labeler.name
-        parent_eval = _gold(cfg, model, tokenizer, prompts, labeler=labeler)
-        metrics["parent_gold_score"] = parent_eval["gold_score"]
-        extra["parent_gold_pass_rates"] = parent_eval["gold_pass_rates"]
-        extra["parent_gold_scores"] = parent_eval["gold_scores"]
-        logger.info("Parent model (%s): gold score %.4f.", cfg.model_name_or_path, parent_eval["gold_score"])
+    # The parent's gold score, before training (the model is trained in place)
+    parent = score_parent(gold, model, tokenizer, parent=cfg.model_name_or_path) if gold is not None else None
     total, _ = modeling.count_parameters(model)
     logger.info(
         "sft: %s (%.2fM parameters%s), %d train / %d eval rows, batch %d x %d accum x %d processes, %s",
@@ -139,7 +120,7 @@ def run(cfg) -> Path:
         modeling.precision_summary(cfg),
     )
 
-    # Train
+    # ---- Train
     push_to_hub = hold_push(cfg)
     trainer = SFTTrainer(
         model=model,
@@ -149,34 +130,23 @@ def run(cfg) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    metrics.update(train_stage(trainer, cfg)[1])
+    metrics = dict(train_stage(trainer, cfg)[1])
 
-    # Evaluate
+    # ---- Evaluate
     if eval_ds is not None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]
         if "eval_mean_token_accuracy" in ev:
             metrics["eval_mean_token_accuracy"] = ev["eval_mean_token_accuracy"]
-    if gold:
-        this = _gold(cfg, trainer.model, tokenizer, prompts, labeler=labeler)
-        metrics["gold_score"] = this["gold_score"]
-        metrics["gold_win_rate"] = win_rate(this["gold_scores"], extra["parent_gold_scores"])
-        extra.update(gold_pass_rates=this["gold_pass_rates"], gold_scores=this["gold_scores"], samples=this["samples"])
-        if cfg.gold_eval_samples:
-            sampled = _gold(cfg, trainer.model, tokenizer, prompts, samples=cfg.gold_eval_samples, labeler=labeler)
-            metrics["gold_score_sampled"] = sampled["gold_score"]
-            extra["gold_scores_sampled"] = sampled["gold_scores"]
-            logger.info("Gold score sampled (%d per prompt, temperature %g): %.4f.", cfg.gold_eval_samples,
-                        SAMPLED_TEMPERATURE, sampled["gold_score"])  # fmt: skip
-        logger.info(
-            "Gold score on %d held-out prompts: %.4f (parent %.4f); win-rate over the parent %.3f.",
-            len(prompts),
-            this["gold_score"],
-            metrics["parent_gold_score"],
-            metrics["gold_win_rate"],
-        )
 
-    # Save
+    # ---- Compare to parent
+    extra: dict[str, Any] = {}
+    if gold is not None:
+        found = compare_to_parent(gold, parent, trainer.model, tokenizer)
+        metrics = {**found.parent_metrics, **metrics, **found.metrics}
+        extra = found.extra
+
+    # ---- Save
     save(trainer, tokenizer, cfg, output_dir)
     if trainer.is_world_process_zero():
         finish_stage(
@@ -194,15 +164,6 @@ def run(cfg) -> Path:
         )
     wait_for_everyone()
     return output_dir
-
-
-def _gold(cfg, model, tokenizer, prompts, samples: int = 0, labeler=None):
-    """Gold eval at `gold_eval_temperature`, or `samples` sampled answers per prompt (`stage_gold_eval`)."""
-    from align.evaluation.gold import stage_gold_eval
-
-    return stage_gold_eval(
-        cfg, model, tokenizer, prompts, temperature=cfg.gold_eval_temperature, samples=samples, labeler=labeler
-    )
 
 
 def save(trainer, tokenizer, cfg, output_dir: Path) -> None:

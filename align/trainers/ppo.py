@@ -5,7 +5,9 @@ TRL removed its PPOTrainer in 1.13; this one keeps its config keys and metric na
 and reuses the TRL helpers that remain (`selective_log_softmax`, `entropy_from_logits`, `disable_dropout_in_model`,
 `create_reference_model`). The math lives in `align.rl.ppo` (pure torch, tested by hand); the rollout (generate,
 score, KL penalty, GAE -> a typed `Rollout`) in `align/trainers/ppo_rollout.py`, checkpoint files in
-`align/trainers/ppo_checkpoint.py`: plain functions this trainer calls with its models and settings. One update reads
+`align/trainers/ppo_checkpoint.py`, and what `__init__` builds (accelerator, the `PPOModels` record, encoded data,
+memory plan, optimizer, sampling engine) in `align/trainers/ppo_setup.py`: plain functions this trainer calls with
+its models and settings. One update reads
 top to bottom here: `train` -> `_rollout` (-> `make_rollout`) -> `_rollout_metrics` -> `_train_on`.
 
 Four models: the policy (trained; full or LoRA), the reference (frozen copy, or the LoRA policy with its adapter
@@ -25,19 +27,22 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import TrainerControl, TrainerState
+from transformers.trainer_utils import TrainOutput
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from align.data.padding import pad_right
 from align.errors import AlignError
 from align.io import last_checkpoint
-from align.models.memory_plan import set_malloc_mmap_threshold
-from align.models.modeling import max_positions
+from align.models.modeling import count_parameters, precision_summary
 from align.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -49,22 +54,23 @@ from align.rl.ppo import (
 )
 from align.trainers.ppo_checkpoint import VALUE_DIR, load_checkpoint, save_checkpoint
 from align.trainers.ppo_config import PPOConfig
-from align.trainers.ppo_models import (
-    PolicyAndValue,
-    SharedBaseCritic,
-    fuse_gelu_new,
-    plain_backbone_state,
-    plain_model_state,
-)
+from align.trainers.ppo_models import SharedBaseCritic, plain_model_state
 from align.trainers.ppo_rollout import (
     Rollout,
     decode_responses,
-    encode_prompts,
-    encode_ptx,
     gen_logits_fit,
     generate_responses,
     make_rollout,
     reward_model_scores,
+)
+from align.trainers.ppo_setup import (
+    build_engine,
+    build_optimizer,
+    build_ppo_models,
+    check_inputs,
+    encode_data,
+    make_accelerator,
+    plan_memory,
 )
 from align.trainers.sharding import full_parameters, is_sharded, state_dict_kwargs
 
@@ -117,322 +123,47 @@ class PPOTrainer:
         callbacks: list | None = None,
         eval_metric: str = "gold_score",
     ):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
-        from transformers import TrainerControl, TrainerState
-        from trl.trainer.utils import disable_dropout_in_model
-
-        if not isinstance(args, PPOConfig):
-            raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
-        if processing_class is None:
-            raise ValueError("PPOTrainer needs processing_class (the policy's tokenizer)")
-        if reward_model is None and reward_fn is None:
-            raise AlignError("ppo: no reward_model and no reward_fn. Pass a reward model (the reward stage's output).")
-        if train_dataset is None:
-            raise AlignError("ppo: no train_dataset. Give prompts (a 'prompt' column).")
-        if args.ptx_coef > 0 and ptx_dataset is None:
-            raise AlignError(f"ppo: ptx_coef {args.ptx_coef} > 0 but no ptx_dataset. Give one, or set ptx_coef: 0.")
-        self.args = args
-        self.processing_class = tokenizer = processing_class
-        self.reward_tokenizer = reward_tokenizer or processing_class
-        self.reward_fn, self.eval_fn, self.format_fn = reward_fn, eval_fn, format_fn
-        self.eval_metric = eval_metric
+        check_inputs(args, processing_class, reward_model, reward_fn, train_dataset, ptx_dataset)
+        self.args, self.processing_class = args, processing_class
+        self.reward_fn, self.eval_fn, self.format_fn, self.eval_metric = reward_fn, eval_fn, format_fn, eval_metric
         self.callbacks = list(callbacks or [])
-        if tokenizer.pad_token_id is None:
-            raise AlignError("ppo: the policy tokenizer has no pad token. Set tokenizer.pad_token (e.g. to EOS).")
-        eos = policy.generation_config.eos_token_id
-        self.eos_token_ids = eos if eos is not None else tokenizer.eos_token_id
-
-        kwargs = [DistributedDataParallelKwargs(find_unused_parameters=bool(args.ddp_find_unused_parameters))]
-        self.accelerator = Accelerator(
-            cpu=args.use_cpu,
-            mixed_precision="bf16" if args.bf16 else ("fp16" if args.fp16 else "no"),
-            log_with=args.report_to or None,
-            project_dir=args.output_dir,
-            kwargs_handlers=kwargs,
+        # Seeded before the models are built: LoRA and a fresh value head take their first weights from this RNG
+        self.accelerator = acc = make_accelerator(args)
+        self.models = models = build_ppo_models(
+            args, policy, tokenizer=processing_class, ref_policy=ref_policy, reward_model=reward_model,
+            value_model=value_model, reward_tokenizer=reward_tokenizer, peft_config=peft_config,
+        )  # fmt: skip
+        self.train_prompts, self.eval_prompts, self.ptx_rows = encode_data(
+            args, processing_class, models.policy, acc, train_dataset, eval_dataset, ptx_dataset
         )
-        # Each process samples its own responses: device_specific seeds differ per rank.
-        set_seed(args.seed, device_specific=True)
-        acc = self.accelerator
-        plugin = getattr(acc.state, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-            raise AlignError(
-                "ppo: DeepSpeed ZeRO-3 is not supported by align's PPO yet (its rollout would need the partitioned "
-                "parameters gathered). Use FSDP2 (recipes/accelerate_configs/fsdp.yaml), which shards the same way, "
-                "or ZeRO-2 (recipes/accelerate_configs/deepspeed_zero2.yaml)."
-            )
-        if args.malloc_mmap_threshold is not None:
-            if set_malloc_mmap_threshold(args.malloc_mmap_threshold):
-                logger.info(
-                    "ppo: malloc maps blocks of %d bytes or more on their own pages (malloc_mmap_threshold): a "
-                    "lower CPU peak, slower steps.",
-                    args.malloc_mmap_threshold,
-                )
-            else:
-                logger.warning("ppo: malloc_mmap_threshold is set but this C library has no glibc mallopt; ignored.")
-
-        # Models
-        self.is_peft = peft_config is not None or _is_peft_model(policy)
-        if peft_config is not None and not _is_peft_model(policy):
-            from peft import get_peft_model
-
-            policy = get_peft_model(policy, peft_config)
-        if args.value_model_init == "policy_lora":
-            if not self.is_peft:
-                raise AlignError(
-                    "ppo: value_model_init 'policy_lora' puts the value model on the LoRA policy's base, but the "
-                    "policy is not LoRA. Set use_peft: true, or value_model_init: policy."
-                )
-            if value_model is not None:
-                raise AlignError(
-                    "ppo: value_model_init 'policy_lora' builds the value model on the policy's base, and a value "
-                    "model was given too (value_model_path). Drop one."
-                )
-            value_model = SharedBaseCritic(policy)
-        elif value_model is None:
-            if (
-                args.value_model_init == "reward"
-                and reward_tokenizer is not None
-                and (reward_tokenizer.get_vocab() != processing_class.get_vocab())
-            ):
-                raise AlignError(
-                    "ppo: value_model_init 'reward' but the reward model has its own tokenizer; the value model reads "
-                    "the policy's tokens. Set value_model_init: policy (or pass a value_model)."
-                )
-            value_model = self._init_value_model(policy, reward_model)
-        elif hasattr(value_model, "to_sequence_classifier"):  # a LikelihoodRewardModel: its body and head
-            value_model = value_model.to_sequence_classifier()
-        if self.is_peft:
-            if ref_policy is not None:
-                logger.info("ppo: ref_policy given with a peft policy; using it rather than the disabled adapter.")
-            self.ref_policy = ref_policy
-        elif ref_policy is None:
-            with warnings.catch_warnings():  # TRL marks trl.experimental as unstable on import
-                warnings.simplefilter("ignore")
-                from trl.experimental.utils import create_reference_model
-            self.ref_policy = create_reference_model(policy)
-        else:
-            self.ref_policy = ref_policy
-        self._check_vocab(policy, value_model, reward_model)
-        # Dropout would make the old and new logprobs of the same weights differ, biasing the ratio (TRL does too).
-        swapped = 0
-        for m in (policy, self.ref_policy, reward_model, value_model):
-            if m is not None:
-                disable_dropout_in_model(m)
-                swapped += fuse_gelu_new(m) if args.fast_activations else 0
-        if swapped:
-            logger.info(
-                "ppo: %d gelu_new activations computed by the fused tanh-GELU kernel (fast_activations).", swapped
-            )
-        if args.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self._checkpointing_kwargs(value_model))
-        for frozen in (self.ref_policy, reward_model):
-            if frozen is not None:
-                frozen.requires_grad_(False)
-                frozen.eval()
-        self.reward_model = reward_model
-        if reward_model is not None:
-            cfg = reward_model.config.get_text_config()
-            if cfg.pad_token_id is None:  # sequence classification reads the last non-pad token
-                cfg.pad_token_id = self.reward_tokenizer.pad_token_id
-            self.reward_offset = float(getattr(reward_model.config, "align_reward_offset", 0.0) or 0.0)
-
-        # Data
-        encode = dict(max_prompt_length=args.max_prompt_length, accelerator=acc)
-        self.train_prompts = encode_prompts(train_dataset, tokenizer, "train_dataset", **encode)
-        self.eval_prompts = (
-            encode_prompts(eval_dataset, tokenizer, "eval_dataset", **encode) if eval_dataset is not None else None
-        )
-        self.ptx_rows = encode_ptx(ptx_dataset, tokenizer, max_positions(policy.config)) if args.ptx_coef > 0 else None
         self.world_size = acc.num_processes
         self.num_updates = args.num_updates(len(self.train_prompts[0]), self.world_size)
         if args.local_batch_size * self.world_size > len(self.train_prompts[0]):
-            logger.warning(
-                "ppo: a rollout takes %d prompts but train_dataset has %d; prompts repeat within an update.",
-                args.local_batch_size * self.world_size,
-                len(self.train_prompts[0]),
-            )
-        self._use_gen_logits = gen_logits_fit(
-            policy,
-            mixed_precision=acc.mixed_precision,
-            batch_size=min(args.local_rollout_forward_batch_size, args.local_batch_size),
-            max_new_tokens=args.max_new_tokens,
-        )
-
+            logger.warning("ppo: a rollout takes %d prompts but train_dataset has %d; prompts repeat within an "
+                           "update.", args.local_batch_size * self.world_size, len(self.train_prompts[0]))  # fmt: skip
+        self._use_gen_logits = gen_logits_fit(models.policy, mixed_precision=acc.mixed_precision,
+                                              batch_size=min(args.local_rollout_forward_batch_size,
+                                                             args.local_batch_size),
+                                              max_new_tokens=args.max_new_tokens)  # fmt: skip
         # Memory plan: logged, and on a GPU checked against its free memory before any model moves there
-        self.memory_plan = self._plan_memory(policy, value_model, reward_model)
-        for frozen in (self.ref_policy, reward_model):
-            if frozen is not None:
-                frozen.to(acc.device)
-
-        # Optimizer and schedule (one AdamW for both, two param groups; the scheduler is stepped by us, not by
-        # accelerate, which would step it once per process).
-        from transformers import get_scheduler
-
-        wrapper = PolicyAndValue(policy, value_model)
-        value_params = [p for p in value_model.parameters() if p.requires_grad]
-        if isinstance(value_model, SharedBaseCritic):  # the critic's adapter lives in the policy's peft model
-            value_params = value_model.adapter_parameters() + value_params
-        in_value = {id(p) for p in value_params}
-        groups = [  # the policy's first: critic_warmup_steps drops the gradients of group 0
-            {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in in_value]},
-            {"params": value_params},
-        ]
-        # Trainer's mapping of `optim` (default adamw_torch_fused: one kernel per step instead of ~10 ops per tensor).
-        from transformers import Trainer
-
-        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, policy)
-        optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        prompt_length = max(len(x) for x in self.train_prompts[0])
+        self.memory_plan = plan_memory(models, args, acc, prompt_length=prompt_length, gen_logits=self._use_gen_logits)
+        for frozen in models.frozen():
+            frozen.to(acc.device)
         self.optimizer_steps = self.num_updates * args.num_ppo_epochs * args.num_mini_batches
-        self.lr_scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            optimizer,
-            num_warmup_steps=args.get_warmup_steps(self.optimizer_steps),
-            num_training_steps=self.optimizer_steps,
-        )
+        wrapper, optimizer, self.lr_scheduler = build_optimizer(models, args, self.optimizer_steps)
         self.model, self.optimizer = acc.prepare(wrapper, optimizer)
-        self.vllm = None  # generation_backend vllm: TRL's colocated engine, weights pushed before each rollout
-        self.sampler = None  # generation_backend align: the policy's merged copy, synced before each rollout
-        if args.generation_backend == "align":
-            from align.trainers.ppo_sampler import SamplerCopy
-
-            if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
-                raise AlignError(
-                    f"ppo: generation_backend align needs the whole policy on each process, not "
-                    f"{acc.distributed_type.value}'s shards; set generation_backend: transformers."
-                )
-            self.sampler = SamplerCopy(self.policy, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        elif args.generation_backend == "vllm":
-            from align.trainers.ppo_vllm import make_vllm_engine
-
-            self.vllm = make_vllm_engine(self.policy, tokenizer, args=args, accelerator=acc,
-                                         eos_token_ids=self.eos_token_ids)  # fmt: skip
-
+        self.sampler, self.vllm = build_engine(args, acc, self.policy, processing_class, models.eos_token_ids)
         kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl else None
         self.kl_ctl = kl_ctl or FixedKLController(args.kl_coef)
-        self.state = TrainerState(
-            max_steps=self.num_updates,
-            logging_steps=args.logging_steps,
-            save_steps=args.save_steps,
-            eval_steps=args.eval_steps,
-            train_batch_size=args.local_batch_size,
-            is_local_process_zero=acc.is_local_main_process,
-            is_world_process_zero=acc.is_main_process,
-        )
-        self.control = TrainerControl()
-        self.episodes = 0
+        self.state = TrainerState(max_steps=self.num_updates, logging_steps=args.logging_steps,
+                                  save_steps=args.save_steps, eval_steps=args.eval_steps,
+                                  train_batch_size=args.local_batch_size, is_world_process_zero=acc.is_main_process,
+                                  is_local_process_zero=acc.is_local_main_process)  # fmt: skip
+        self.control, self.episodes = TrainerControl(), 0
         self.samples: list[dict[str, Any]] = []
         self._perm_cache: dict[int, torch.Tensor] = {}
         self._log_window: dict[str, list[float]] = defaultdict(list)
-
-    # ---------------------------------------------------------------- setup helpers
-
-    def _init_value_model(self, policy, reward_model):
-        from transformers import AutoModelForSequenceClassification
-
-        if self.args.value_model_init == "reward":
-            if reward_model is None:
-                raise AlignError(
-                    "ppo: value_model_init 'reward' but no reward_model (reward_fn given). Set value_model_init: "
-                    "policy, or pass a value_model."
-                )
-            # A LikelihoodRewardModel's value copy keeps its body and head only: values are read per token.
-            plain = getattr(reward_model, "to_sequence_classifier", None)
-            value = plain() if plain is not None else copy.deepcopy(reward_model)
-            # The value model trains: in the dtype of the policy's trainable weights, also when the frozen reward
-            # model was loaded in bf16 to save memory (align ppo does so under bf16).
-            dtype = next((p.dtype for p in policy.parameters() if p.requires_grad), None)
-            if dtype is not None and dtype.is_floating_point:
-                value.to(dtype=dtype)
-        else:
-            base = policy.get_base_model() if _is_peft_model(policy) else policy
-            config = copy.deepcopy(base.config)
-            config.num_labels = 1
-            value = AutoModelForSequenceClassification.from_config(config)
-            if _is_peft_model(policy):  # the base's weights under plain names (LoRA B = 0: the policy's too)
-                state = plain_backbone_state(policy)
-            else:
-                state = getattr(base, base.base_model_prefix).state_dict()
-            getattr(value, value.base_model_prefix).load_state_dict(state)
-        value.requires_grad_(True)
-        return value
-
-    def _plan_memory(self, policy, value_model, reward_model):
-        """Log one line per model and the estimated peak (`memory_plan.py`); on CUDA, AlignError when it does not
-        fit the free memory. Returns (lines, peak bytes)."""
-        from align.models import memory_plan as mp
-
-        args, acc = self.args, self.accelerator
-        shared = isinstance(value_model, SharedBaseCritic)
-        seen: set[int] = set()
-        stats, shapes = {}, {}
-        if shared:  # the critic's adapter is counted as the value model's, not the policy's
-            stats["value"] = mp.param_stats([*value_model.adapter_parameters(), *value_model.parameters()], seen)
-        ref = self.ref_policy
-        for role, model in (("policy", policy), ("reference", ref), ("value", value_model), ("reward", reward_model)):
-            if role == "value" and shared:
-                shapes[role] = None  # runs the policy's layers
-            elif model is not None:
-                stats[role], shapes[role] = mp.param_stats(model.parameters(), seen), mp.model_shape(model)
-            elif role == "reference":  # the LoRA policy with its adapter off
-                stats[role], shapes[role] = mp.param_stats([], seen), None
-        half = acc.mixed_precision != "no" or next(policy.parameters()).element_size() == 2
-        P = max(len(x) for x in self.train_prompts[0])
-        b = min(args.local_rollout_forward_batch_size, args.local_batch_size)
-        lines, peak = mp.ppo_plan(
-            shapes, stats, rollout_batch=b, micro_batch=args.per_device_train_batch_size, prompt_length=P,
-            max_new_tokens=args.max_new_tokens, act_bytes=2 if half else 4, gen_logits=self._use_gen_logits,
-            checkpointing=bool(args.gradient_checkpointing),
-        )  # fmt: skip
-        if acc.is_main_process:
-            T, micro = args.max_new_tokens, args.per_device_train_batch_size
-            mp.log_plan("ppo", lines, peak, f"rollout chunks of {b} x ({P} + {T}) tokens, micro-batch {micro}")
-        fixes = ["lower local_rollout_forward_batch_size, per_device_train_batch_size (raising "
-                 "gradient_accumulation_steps) or max_new_tokens"]  # fmt: skip
-        if not self.is_peft:
-            fixes.append("train LoRA (use_peft: true) with value_model_init: policy_lora")
-        elif not shared:
-            fixes.append("share the policy's base with value_model_init: policy_lora")
-        if not half:
-            fixes.append("set bf16: true")
-        if not args.gradient_checkpointing:
-            fixes.append("set gradient_checkpointing: true")
-        models = [m for m in (policy, value_model, ref, reward_model) if m is not None]
-        resident = mp.resident_bytes((p for m in models for p in m.parameters()), acc.device)
-        mp.check_fits("ppo", peak, acc.device, resident, "To fit: " + "; or ".join(fixes) + ".")
-        return lines, peak
-
-    def _checkpointing_kwargs(self, value_model) -> dict[str, Any] | None:
-        """`gradient_checkpointing_kwargs` for the policy; with the shared base, non-reentrant checkpointing that
-        recomputes each block under the adapter its forward used (`SharedBaseCritic.checkpoint_context`)."""
-        kwargs = self.args.gradient_checkpointing_kwargs
-        if not isinstance(value_model, SharedBaseCritic):
-            return kwargs
-        kwargs = dict(kwargs or {})
-        if kwargs.get("use_reentrant"):
-            raise AlignError(
-                "ppo: gradient_checkpointing_kwargs use_reentrant: true with value_model_init 'policy_lora': policy "
-                "and critic share checkpointed blocks, and only non-reentrant checkpointing can recompute each with "
-                "its own adapter. Drop use_reentrant (or set it false)."
-            )
-        return {**kwargs, "use_reentrant": False, "context_fn": value_model.checkpoint_context}
-
-    def _check_vocab(self, policy, value_model, reward_model) -> None:
-        if isinstance(value_model, SharedBaseCritic):  # reads the policy's own embeddings
-            return
-        if not hasattr(value_model, "score") or not hasattr(value_model, value_model.base_model_prefix):
-            raise AlignError(
-                f"ppo: value model {type(value_model).__name__} has no backbone + `score` head. Use an "
-                "AutoModelForSequenceClassification (num_labels=1)."
-            )
-        n_vocab = len(self.processing_class)
-        rows = value_model.get_input_embeddings().weight.shape[0]
-        if rows < n_vocab:
-            raise AlignError(
-                f"ppo: the value model has {rows} embedding rows but the policy tokenizer has {n_vocab} tokens; the "
-                "value model reads policy tokens. Pass a value model built for the policy's tokenizer, or set "
-                "value_model_init: policy."
-            )
 
     # ---------------------------------------------------------------- properties
 
@@ -443,6 +174,23 @@ class PPOTrainer:
     @property
     def value_model(self):
         return self.accelerator.unwrap_model(self.model).value_model
+
+    @property
+    def ref_policy(self):
+        """The frozen reference; None for a LoRA policy (the policy with its adapters disabled)."""
+        return self.models.ref_policy
+
+    @property
+    def reward_model(self):
+        return self.models.reward_model
+
+    @property
+    def is_peft(self) -> bool:
+        return self.models.is_peft
+
+    @property
+    def eos_token_ids(self):
+        return self.models.eos_token_ids
 
     # ---------------------------------------------------------------- rollout
 
@@ -560,8 +308,6 @@ class PPOTrainer:
     def _train_on(self, rollout: Rollout, step: int) -> dict[str, float]:
         """`num_ppo_epochs` passes over the rollout in `num_mini_batches` optimizer steps (clipped policy and value
         losses, entropy bonus, PPO-ptx); the mean losses and statistics over all processes."""
-        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
         args, acc = self.args, self.accelerator
         B = rollout.query_responses.shape[0]
         mini, micro = args.local_mini_batch_size, args.per_device_train_batch_size
@@ -642,9 +388,6 @@ class PPOTrainer:
     def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None):
         """Run PPO updates up to `num_updates`; `resume_from_checkpoint`: a checkpoint dir, or True for the newest
         complete one in `output_dir`. Returns `transformers.trainer_utils.TrainOutput`."""
-        from tqdm.auto import tqdm
-        from transformers.trainer_utils import TrainOutput
-
         args, acc = self.args, self.accelerator
         if resume_from_checkpoint:
             path = last_checkpoint(args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
@@ -749,8 +492,6 @@ class PPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """`eval/<eval_metric>` (default `eval/gold_score`): `eval_fn` on responses to every eval prompt (decoding
         per `eval_temperature`)."""
-        from accelerate.utils import gather_object
-
         if self.eval_fn is None or self.eval_prompts is None:
             return {}
         ids, texts = self.eval_prompts
@@ -806,11 +547,11 @@ class PPOTrainer:
             return torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).reshape(-1).cpu()
         return reward_model_scores(
             self.reward_model,
-            self.reward_tokenizer,
+            self.models.reward_tokenizer,
             prompts,
             responses,
             format_fn=self.format_fn,
-            offset=self.reward_offset,
+            offset=self.models.reward_offset,
             batch_size=self.args.local_rollout_forward_batch_size,
             accelerator=self.accelerator,
         )
@@ -953,8 +694,6 @@ class PPOTrainer:
                 )
 
     def _log_summary(self) -> None:
-        from align.models.modeling import count_parameters, precision_summary
-
         args = self.args
         total, trainable = count_parameters(self.model)
         logger.info(
@@ -980,14 +719,6 @@ class PPOTrainer:
             "generate's logits" if self._use_gen_logits else "a policy forward",
             precision_summary(args),
         )
-
-
-def _is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

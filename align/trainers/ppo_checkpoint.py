@@ -15,7 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from accelerate.utils import load_checkpoint_in_model
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import TrainerState
 
 from align.errors import AlignError
 from align.io import atomic_write_json, atomic_write_text, fsync_tree, no_space_error, no_space_left
@@ -95,8 +100,6 @@ def _write_checkpoint(
         trainable, optimizer_state = full_trainable_and_optimizer_state(model, optimizer)
     if acc.is_main_process:
         if sharded:
-            from safetensors.torch import save_file
-
             save_file({k: t.contiguous() for k, t in trainable.items()}, tmp / SHARDED_STATE)
         torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
@@ -143,8 +146,6 @@ def load_checkpoint(
     Returns (`ppo_state` as saved, the saved `TrainerState`). AlignError for an incomplete checkpoint. `model`: the
     policy + value wrapper; sharded by FSDP2, it takes the full trainable state and optimizer state. Call it on every
     process."""
-    from transformers import TrainerState
-
     if not (ckpt / TRAINER_STATE).is_file() or not (ckpt / PPO_STATE).is_file():
         raise AlignError(
             f"{ckpt}: not a complete PPO checkpoint (no {TRAINER_STATE} or {PPO_STATE}). "
@@ -157,8 +158,6 @@ def load_checkpoint(
             )
         trainable, optimizer_state = {}, {}
         if accelerator.is_main_process:  # the others receive their shards from it
-            from safetensors.torch import load_file
-
             trainable = load_file(ckpt / SHARDED_STATE)
             optimizer_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
         load_full_trainable_and_optimizer_state(model, optimizer, trainable, optimizer_state)
@@ -182,12 +181,7 @@ def load_checkpoint(
 
 
 def _load_models(ckpt: Path, policy, value_model, is_peft: bool) -> None:
-    from accelerate.utils import load_checkpoint_in_model
-
     if is_peft:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
     else:
         load_checkpoint_in_model(policy, ckpt, strict=True)
@@ -214,8 +208,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -223,8 +215,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.random.set_rng_state(state["cpu"])

@@ -328,6 +328,13 @@ class PPOConfig(TrainingArguments):
             not (self.total_episodes is not None and self.max_steps > 0),
             f"max_steps {self.max_steps} and total_episodes {self.total_episodes} both set the run length; keep one",
         )
+        reentrant = self.gradient_checkpointing and (self.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        need(
+            not (reentrant and self.value_model_init == "policy_lora"),
+            "gradient_checkpointing_kwargs use_reentrant: true with value_model_init 'policy_lora': policy and critic "
+            "share checkpointed blocks, and only non-reentrant checkpointing can recompute each with its own adapter. "
+            "Drop use_reentrant (or set it false)",
+        )
         for name in ("save_strategy", "eval_strategy"):
             value = str(getattr(getattr(self, name), "value", getattr(self, name)))
             need(value in ("steps", "no"), f"{name} {value!r} is not supported (a PPO run counts updates, not "

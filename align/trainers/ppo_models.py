@@ -10,7 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification
+from transformers.activations import NewGELUActivation
 
 from align.errors import AlignError
 from align.trainers.sharding import plain_state_dict
@@ -58,8 +64,6 @@ class SharedBaseCritic(nn.Module):
 
     def __init__(self, policy, adapter_name: str = CRITIC_ADAPTER):
         super().__init__()
-        from peft import LoraConfig
-
         policy_adapter = policy.active_adapter
         lora = policy.peft_config[policy_adapter]
         if not isinstance(lora, LoraConfig) or getattr(lora, "use_dora", False):
@@ -122,9 +126,6 @@ class SharedBaseCritic(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """The critic adapter (peft's adapter files, loadable over the policy's base) and the head, in `path`: what a
         PPO checkpoint keeps to resume exactly."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self._policy, plain_state_dict(self._policy), adapter_name=self.adapter_name)
@@ -134,9 +135,6 @@ class SharedBaseCritic(nn.Module):
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load what `save_pretrained` wrote; AlignError when the files do not match this critic."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         path = Path(path)
         files = [path / "adapter_model.safetensors", path / VALUE_HEAD_FILE]
         if not all(f.is_file() for f in files):
@@ -157,8 +155,6 @@ class SharedBaseCritic(nn.Module):
         """A plain `*ForSequenceClassification` (num_labels=1) holding this critic: the base with the critic adapter
         merged, and the head. What `value_model/` holds, as with a separate value model, so a later run can start
         from it (`value_model_path`). Built on the CPU from the weights, without copying the policy."""
-        from transformers import AutoModelForSequenceClassification
-
         base = self._policy.get_base_model()
         with torch.no_grad():
             state = {k: t.cpu() for k, t in plain_backbone_state(self._policy, self.adapter_name).items()}
@@ -184,8 +180,6 @@ def plain_model_state(peft_model, merge_adapter: str | None = None) -> dict[str,
 
 
 def _plain_merged_state(module: nn.Module, merge_adapter: str | None) -> dict[str, torch.Tensor]:
-    from peft.tuners.lora import LoraLayer
-
     with torch.no_grad():
         deltas = {}
         if merge_adapter is not None:
@@ -202,8 +196,6 @@ def _plain_merged_state(module: nn.Module, merge_adapter: str | None) -> dict[st
 
 
 def _tuner_layers(model) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -273,8 +265,6 @@ def fuse_gelu_new(model: nn.Module) -> int:
     `nn.GELU(approximate="tanh")`: the same function in one fused PyTorch kernel, equal up to float rounding (what
     transformers' `gelu_pytorch_tanh` uses). Returns the number replaced. Saved models are unchanged (their config
     still says gelu_new)."""
-    from transformers.activations import NewGELUActivation
-
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is NewGELUActivation]  # fmt: skip
     for parent, name in targets:

@@ -14,15 +14,20 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from datasets import Dataset
 from torch import nn
+from transformers import GenerationConfig
+from trl.trainer.utils import selective_log_softmax
 
 from align.data.padding import pad_left, pad_right
+from align.data.rankings import encode_for_reward
 from align.errors import AlignError
 from align.generation.decode import decode
-from align.models.modeling import max_positions
+from align.models.modeling import is_encoder, max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
 from align.trainers.ppo_models import adapters_disabled, policy_logits, value_head_forward
 from align.trainers.ppo_sampler import SamplerCopy
+from align.trainers.ppo_vllm import vllm_responses
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -114,8 +119,6 @@ def encode_prompts(
     "input_ids"); prompts over `max_prompt_length` keep their last tokens, with a warning. AlignError naming the row
     on bad data."""
     if isinstance(ds, list):
-        from datasets import Dataset
-
         ds = Dataset.from_list(ds)
     columns = list(ds.column_names)
     if "input_ids" not in columns and "prompt" not in columns:
@@ -211,12 +214,7 @@ def generate_responses(
         return sampler_responses(engine, tokenizer, prompt_ids, args=args, eos_token_ids=eos_token_ids,
                                  device=accelerator.device, temperature=temperature if sample else 0.0)  # fmt: skip
     if engine is not None:
-        from align.trainers.ppo_vllm import vllm_responses
-
         return vllm_responses(engine, tokenizer, prompt_ids, device=accelerator.device)
-    from transformers import GenerationConfig
-    from trl.trainer.utils import selective_log_softmax
-
     sample = sample and temperature > 0
     gen_config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -295,8 +293,6 @@ def forward_logprobs(
 ) -> torch.Tensor:
     """`(B, T)` float32 logprobs of `responses` `(B, T)` under `model` (a peft model with `disable_adapter`: its base)
     reading `query_responses` `(B, P + T)`, in chunks of `batch_size`."""
-    from trl.trainer.utils import selective_log_softmax
-
     T = responses.shape[1]
     out = []
     ctx = adapters_disabled(model) if disable_adapter else contextlib.nullcontext()
@@ -358,9 +354,6 @@ def reward_model_scores(
             for p, r in zip(prompts, responses, strict=True)
         ]
     else:
-        from align.data.rankings import encode_for_reward
-        from align.models.modeling import is_encoder
-
         pair = is_encoder(reward_model.config, tokenizer)  # an encoder reads the tokenizer's pair, as in training
         seqs = [encode_for_reward(tokenizer, p, r, limit, pair=pair) for p, r in zip(prompts, responses, strict=True)]
     out = torch.empty(len(seqs), dtype=torch.float32)
@@ -385,6 +378,17 @@ def decode_responses(tokenizer, responses: torch.Tensor, mask: torch.Tensor, has
 
 
 @torch.no_grad()
+def adjusted_scores(raw_scores: torch.Tensor, has_eos: torch.Tensor, missing_eos_penalty: float | None,
+                    reward_clip: float | None) -> torch.Tensor:  # fmt: skip
+    """The scores PPO optimizes: `missing_eos_penalty` off responses without EOS, then clipped to `reward_clip`."""
+    scores = raw_scores
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~has_eos).float()
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    return scores
+
+
 def make_rollout(
     policy,
     ref_policy,
@@ -450,11 +454,7 @@ def make_rollout(
     values = forward_values(value_model, seq, attn, pos, T, batch_size=chunk, accelerator=accelerator)
     texts = decode_responses(tokenizer, responses, mask, has_eos)
     raw_scores = torch.as_tensor(score_fn(prompts, texts), dtype=torch.float32).reshape(-1).to(values.device)
-    scores = raw_scores
-    if args.missing_eos_penalty is not None:
-        scores = scores - args.missing_eos_penalty * (~has_eos).float()
-    if args.reward_clip is not None:
-        scores = scores.clamp(-args.reward_clip, args.reward_clip)
+    scores = adjusted_scores(raw_scores, has_eos, args.missing_eos_penalty, args.reward_clip)
     kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator).masked_fill(~mask, 0.0)
     rewards = per_token_rewards(scores, kl, mask, kl_coef)
     gae_rewards = rewards

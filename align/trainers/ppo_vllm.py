@@ -10,6 +10,7 @@ not with vLLM's kernels. Evaluation keeps transformers' `generate`.
 from __future__ import annotations
 
 import torch
+from trl import import_utils
 
 from align.data.padding import pad_left
 from align.errors import AlignError
@@ -22,9 +23,7 @@ def _cuda() -> bool:
 def make_vllm_engine(policy, tokenizer, *, args, accelerator, eos_token_ids):
     """TRL's `VLLMGeneration` for `policy` with the rollout's sampling settings. AlignError, with the fix, when vLLM
     is missing, there is no GPU, or the model is sharded (FSDP)."""
-    from trl.import_utils import is_vllm_available
-
-    if not is_vllm_available():
+    if not import_utils.is_vllm_available():
         raise AlignError(
             "ppo: generation_backend vllm needs vLLM (GPUs only): pip install 'vllm>=0.22,<=0.31' (the versions "
             "TRL 1.16 supports), or set generation_backend: transformers."
@@ -37,7 +36,7 @@ def make_vllm_engine(policy, tokenizer, *, args, accelerator, eos_token_ids):
             "weight push would need the sharded parameters); run it on one process or under DDP, or set "
             "generation_backend: transformers."
         )
-    from trl.generation.vllm_generation import VLLMGeneration
+    from trl.generation.vllm_generation import VLLMGeneration  # vllm: an optional extra, imported only here
 
     # as align.rl.ppo.response_mask reads them: one id, several, or None (no EOS)
     stop = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)

@@ -17,12 +17,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch without FSDP2
+    FSDPModule = None
+
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules of `model` that `fully_shard` was applied to (empty when it is not sharded)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
+    if FSDPModule is None:
         return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
@@ -80,6 +83,7 @@ def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def full_trainable_and_optimizer_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """The full (unsharded) trainable parameters of the FSDP2-sharded `model`, by name, and the optimizer's full state
     dict keyed by parameter name, both on the CPU of the main process (empty elsewhere). Collective."""
+    # FSDP2 only: torch.distributed.checkpoint is absent from torch builds without distributed support
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -98,6 +102,7 @@ def load_full_trainable_and_optimizer_state(
 ) -> None:
     """Spread what `full_trainable_and_optimizer_state` returned (read on the main process; empty dicts elsewhere)
     over the ranks' shards. Collective."""
+    # FSDP2 only: torch.distributed.checkpoint is absent from torch builds without distributed support
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
