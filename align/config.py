@@ -40,7 +40,8 @@ from trl import ModelConfig
 
 from align.errors import AlignError
 from align.hub.lineage import hub_id_problem
-from align.models.modeling import MODEL_KEYS, cpu_has_native_bf16, resolve_package_ref
+from align.models import modeling
+from align.models.modeling import MODEL_KEYS, resolve_package_ref
 from align.stages import registry
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def resolve_auto_bf16(cfg) -> None:
     if torch.cuda.is_available() and not cfg.use_cpu:
         cfg.bf16 = bool(torch.cuda.is_bf16_supported())
         cfg.precision_reason = "auto: " + ("the GPU supports bf16" if cfg.bf16 else "the GPU lacks bf16")
-    elif cpu_has_native_bf16():
+    elif modeling.cpu_has_native_bf16():  # through the module: tests patch it there
         cfg.bf16, cfg.use_cpu = True, True
         cfg.precision_reason = f"auto: the CPU has native bf16 ({torch.backends.cpu.get_cpu_capability()})"
     else:
