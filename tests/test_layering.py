@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "align"
 
@@ -112,11 +110,6 @@ def test_the_graph_reader_sees_lazy_and_relative_imports():
     assert [_layer(_unit(t)) > _layer("align.data") for _, t in found] == [False, True, True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the tiny-world checks outside align/data move into data loading (the tiny world as one more source) in a "
-    "later step of issue 35",
-)
 def test_only_align_data_names_the_tiny_world():
     bad = []
     for path in _files():

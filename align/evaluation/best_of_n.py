@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from align.data.tinyworld import TINYWORLD
+from align.data.sources import DEFAULT_DATASET
 from align.errors import AlignError
 from align.evaluation.gold import SAMPLED_TEMPERATURE, gold_setup, win_rate
 from align.evaluation.score import load_scorer
@@ -53,7 +53,7 @@ def run(ppo_dir: str, *, n: int = 4, batch_size: int = 64, out: str | None = Non
         gold_labeler=recipe.get("gold_labeler") or info.get("gold_labeler"),
         gold_eval_dataset=recipe.get("gold_eval_dataset"),
         gold_eval_prompts=len(info["parent_gold_scores"]),
-        dataset_name=recipe.get("dataset_name", TINYWORLD),
+        dataset_name=recipe.get("dataset_name", DEFAULT_DATASET),
         tinyworld_seed=recipe.get("tinyworld_seed", 0),
     )
     labeler, prompts = gold_setup(cfg)  # the stage's held-out prompts, in its order: per-prompt scores line up

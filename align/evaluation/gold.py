@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import align.generation.generate as generation
-from align.data import formats, tinyworld
+from align.data import formats, sources, tinyworld
 from align.data import load as dl
-from align.data.tinyworld import GOLD, TINYWORLD
+from align.data.tinyworld import GOLD
 from align.errors import AlignError
 from align.evaluation.score import load_function
 from align.io import atomic_write_json, package_versions
@@ -121,7 +121,7 @@ def resolved_gold_labeler(cfg) -> str | None:
     """`gold_labeler` as set, else `gold` on the tiny world without `gold_eval_dataset`, else None (no gold eval).
     AlignError when one of `gold_labeler` / `gold_eval_dataset` lacks the other (off the tiny world)."""
     spec, data = cfg.gold_labeler, cfg.gold_eval_dataset
-    tiny = cfg.dataset_name == TINYWORLD
+    tiny = sources.has_gold(cfg.dataset_name)
     if spec is None:
         if data:
             raise AlignError(

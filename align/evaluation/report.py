@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from align.config import config_class, did_you_mean
-from align.data import tinyworld
+from align.data import sources, tinyworld
 from align.data.load import load_data, require_columns
-from align.data.tinyworld import GOLD, TINYWORLD
+from align.data.tinyworld import GOLD
 from align.errors import AlignError
 from align.evaluation.gold import heldout_prompts, load_gold_labeler, paired_interval, win_rate
 from align.evaluation.plots import bar_panel, figure, line_panel
@@ -216,7 +216,7 @@ def classify_comparison(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any
         if stage_of(name, info) != "classify":
             continue
         recipe, metrics = info.get("recipe") or {}, info.get("metrics") or {}
-        task = recipe.get("tinyworld_task") if recipe.get("dataset_name") == TINYWORLD else recipe.get("dataset_name")
+        task = sources.task_label(recipe.get("dataset_name"), recipe.get("tinyworld_task"))
         if recipe.get("tinyworld_heldout_places"):
             task = f"{task}, held-out places"
         init = "random" if recipe.get("random_init") else "pretrained"
@@ -311,7 +311,7 @@ def _resolved(stages: dict[str, dict[str, Any]], stage: str, key: str) -> Any:
 
 def _tinyworld(stages: dict[str, dict[str, Any]], stage: str) -> bool:
     """Whether `stage` ran on tiny-world prompts (its lineage's data entry; recipes hold only the keys users set)."""
-    return ((stages.get(stage) or {}).get("data") or {}).get("name") == TINYWORLD
+    return sources.has_gold(((stages.get(stage) or {}).get("data") or {}).get("name"))
 
 
 def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[str]) -> list[dict[str, Any]]:

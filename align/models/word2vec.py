@@ -20,8 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from align.data import tinyworld
-from align.data.tinyworld import TINYWORLD
+from align.data import sources
 from align.errors import AlignError
 from align.io import atomic_write_bytes, atomic_write_json, read_stage_info
 
@@ -51,7 +50,7 @@ def check_stage(model: str) -> dict[str, Any]:
     AlignError otherwise."""
     info = read_stage_info(model) if Path(model).is_dir() else None
     data = (info or {}).get("data") or {}
-    if not info or data.get("name") != TINYWORLD or "stories" not in data:
+    if not info or not sources.rebuilds_pretrain_text(data):
         what = "no align_stage.json" if not info else f"a {info.get('stage')} stage on {data.get('name')!r}"
         raise AlignError(
             f"{model}: {what}; --word2vec rebuilds the tiny world's pretraining corpus from a tiny-world pretrain "
@@ -70,9 +69,9 @@ def stage_corpus(model: str) -> tuple[list[list[str]], dict[str, Any]]:
     recipe = info.get("recipe") or {}
     stories, seed = int(data["stories"]), int(data.get("seed") or 0)
     test_size = recipe.get("dataset_test_size", 0.05)
-    train, _ = tinyworld.pretrain_split(stories, seed, test_size)
+    train = sources.rebuilt_pretrain_train(data, test_size)
     sentences = [text.split() for text in train["text"]]
-    corpus = {"name": TINYWORLD, "stories": stories, "seed": seed,
+    corpus = {"name": data["name"], "stories": stories, "seed": seed,
               "dataset_test_size": test_size, "documents": len(sentences),
               "words": sum(map(len, sentences)), "from_stage": str(model)}  # fmt: skip
     return sentences, corpus

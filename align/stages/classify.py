@@ -30,9 +30,8 @@ from trl import get_peft_config
 from align.config import log_config, parse_config
 from align.data import classification as cl
 from align.data import load as dl
-from align.data import tinyworld_classify
+from align.data import sources
 from align.data.classification import ClassifyCollator, add_special_tokens, tokenize
-from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.io import parent_of, save_trained, stage_lifecycle
 from align.models import modeling
@@ -58,24 +57,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_classify_data(cfg) -> dict[str, Any]:
     """Validated train / held-out rows, the input format, the label maps and the lineage entry."""
-    if cfg.dataset_name == TINYWORLD:
-        task, n, size = cfg.tinyworld_task, cfg.tinyworld_examples, cfg.dataset_test_size
-        source = f"tinyworld ({task})"
-        info: dict[str, Any] = {"name": TINYWORLD, "task": task, "seed": cfg.tinyworld_seed}
-        if cfg.tinyworld_heldout_places:  # train never mentions the held-out places; the held-out rows are about them
-            n_test = int(size) if size >= 1 else round(size * n)
-            if not 1 <= n_test < n:
-                raise AlignError(
-                    f"{source}: dataset_test_size {size:g} holds out {n_test} of tinyworld_examples {n}, leaving "
-                    f"{n - n_test} training rows. Hold out 1 to {n - 1} rows (e.g. {n // 10 or 1}) or raise "
-                    "tinyworld_examples."
-                )
-            parts = tinyworld_classify.split_by_place(task, n - n_test, n_test, seed=cfg.tinyworld_seed)
-            dd = {cfg.dataset_train_split: parts["train"], cfg.dataset_test_split: parts["test"]}
-            info["heldout_places"] = list(tinyworld_classify.HELDOUT_PLACES)
-        else:
-            dd = {cfg.dataset_train_split: tinyworld_classify.dataset(task, n, seed=cfg.tinyworld_seed)}
-        detected = tinyworld_classify.TASKS[task]
+    built = sources.classification(
+        cfg.dataset_name,
+        task=cfg.tinyworld_task,
+        n=cfg.tinyworld_examples,
+        test_size=cfg.dataset_test_size,
+        seed=cfg.tinyworld_seed,
+        heldout_places=cfg.tinyworld_heldout_places,
+        train_split=cfg.dataset_train_split,
+        test_split=cfg.dataset_test_split,
+    )
+    info: dict[str, Any]
+    if built is not None:
+        dd, source, detected, info = built
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
         source = cfg.dataset_name

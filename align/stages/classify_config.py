@@ -17,7 +17,7 @@ from align.config import (
     tinyworld_seed_field,
 )
 from align.data.classification import INPUT_FORMATS
-from align.data.tinyworld import TINYWORLD
+from align.data.sources import DEFAULT_DATASET
 from align.data.tinyworld_classify import TASKS
 
 
@@ -32,7 +32,7 @@ class ClassifyStageConfig(TrainingArguments, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", DEFAULT_DATASET)
     report_to: None | str | list[str] = changed_default(TrainingArguments, "report_to", "none")
     save_total_limit: int | None = changed_default(TrainingArguments, "save_total_limit", 2)
     dtype: str | None = changed_default(ModelConfig, "dtype", "auto")

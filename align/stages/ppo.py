@@ -29,9 +29,8 @@ from transformers import AutoModelForSequenceClassification
 from trl import get_peft_config
 
 from align.config import parse_config
-from align.data import formats, tinyworld
+from align.data import formats, sources
 from align.data import load as dl
-from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.evaluation.compare import GoldSettings, compare_to_parent, score_parent, start_stage
 from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle
@@ -59,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_prompts(cfg) -> tuple[Any, Any, dict[str, Any]]:
     """Train prompts, held-out prompts (or None) as datasets with one column `prompt` (str), and the lineage entry."""
-    if cfg.dataset_name == TINYWORLD:
-        train = tinyworld.instruction_prompts(cfg.tinyworld_prompts, seed=cfg.tinyworld_seed, split="train")
-        train = train.select_columns(["prompt"])
-        info = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "fingerprint": train._fingerprint, "rows": len(train)}
+    built = sources.instruction_prompts(cfg.dataset_name, n=cfg.tinyworld_prompts, seed=cfg.tinyworld_seed,
+                                        prompt_only=True)  # fmt: skip
+    if built is not None:
+        train, info = built
         return train, None, info
 
     source = cfg.dataset_name
@@ -104,9 +103,9 @@ def load_ptx(cfg, tokenizer):
     """PPO-ptx rows (column `text`), or None when ptx_coef is 0."""
     if not cfg.ptx_coef:
         return None
-    if cfg.ptx_dataset_name == TINYWORLD:
-        # 4000 documents: far more than a short PPO run samples (micro-batch rows per optimizer step).
-        return tinyworld.pretrain_corpus(4000, seed=cfg.tinyworld_seed).select_columns(["text"])
+    built = sources.ptx_text(cfg.ptx_dataset_name, seed=cfg.tinyworld_seed)
+    if built is not None:
+        return built
     dd = dl.load_data(cfg.ptx_dataset_name)
     train, _ = dl.train_test(dd, train_split=cfg.dataset_train_split, test_size=0, source=cfg.ptx_dataset_name)
     dl.require_columns(train, ["text"], cfg.ptx_dataset_name)

@@ -17,7 +17,8 @@ from align.config import (
     post_init_common,
     tinyworld_seed_field,
 )
-from align.data.tinyworld import TINYWORLD
+from align.data import sources
+from align.data.sources import DEFAULT_DATASET
 from align.trainers.ppo_config import PPOConfig
 
 
@@ -31,7 +32,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", DEFAULT_DATASET)
     report_to: None | str | list[str] = changed_default(TrainingArguments, "report_to", "none")
     save_total_limit: int | None = changed_default(TrainingArguments, "save_total_limit", 2)
     dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
@@ -135,7 +136,7 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             errors.append(f"ptx_dataset_name {self.ptx_dataset_name!r} is set but ptx_coef is 0; set ptx_coef > 0 "
                           "(InstructGPT: 27.8) or drop ptx_dataset_name")  # fmt: skip
         # The tiny world has its own held-out prompts; any other data needs a file of them (align.evaluation.gold).
-        if self.gold_labeler and not self.gold_eval_dataset and self.dataset_name != TINYWORLD:
+        if self.gold_labeler and not self.gold_eval_dataset and not sources.has_gold(self.dataset_name):
             errors.append(f"gold_labeler {self.gold_labeler!r} needs held-out prompts off the tiny world; set "
                           "gold_eval_dataset: FILE (a 'prompt' column) or drop gold_labeler")  # fmt: skip
         if self.gold_eval_dataset and not self.gold_labeler:

@@ -22,8 +22,7 @@ from transformers import Trainer, default_data_collator, set_seed
 
 from align.config import log_config, parse_config
 from align.data import load as dl
-from align.data import tinyworld
-from align.data.tinyworld import TINYWORLD
+from align.data import sources
 from align.errors import AlignError
 from align.inspect.copy_probe import FAR, NEAR, copy_loss_by_distance
 from align.io import parent_of, stage_lifecycle
@@ -43,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_text_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     """Train/eval text datasets (one `text` column) and their lineage entry."""
-    if cfg.dataset_name == TINYWORLD:
-        train, test = tinyworld.pretrain_split(cfg.tinyworld_stories, cfg.tinyworld_seed, cfg.dataset_test_size)
-        info = {"name": TINYWORLD, "stories": cfg.tinyworld_stories, "seed": cfg.tinyworld_seed}
+    built = sources.pretrain_text(
+        cfg.dataset_name, stories=cfg.tinyworld_stories, seed=cfg.tinyworld_seed, test_size=cfg.dataset_test_size
+    )
+    if built is not None:
+        train, test, info = built
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
         # Columns before the split: a wrong column is the real problem, whatever the size of the data.
@@ -75,14 +76,13 @@ def build_tokenizer(cfg, train):
         return tok
     kind = cfg.tokenizer_type
     if kind == "auto":
-        kind = "wordlevel" if cfg.dataset_name == TINYWORLD else "bpe"
+        kind = sources.tokenizer_kind(cfg.dataset_name)
     if kind == "wordlevel":
-        if cfg.dataset_name == TINYWORLD:
-            words = tinyworld.vocabulary()
-        else:
+        words = sources.vocabulary(cfg.dataset_name)
+        if words is None:
             words = _corpus_words(train, cfg.dataset_text_field, cfg.vocab_size)
         return modeling.wordlevel_tokenizer(words, model_max_length=cfg.max_length)
-    column = cfg.dataset_text_field if cfg.dataset_name != TINYWORLD else "text"
+    column = sources.text_column(cfg.dataset_name, cfg.dataset_text_field)
     batches = (b[column] for b in train.select_columns([column]).iter(batch_size=1000))
     tok = modeling.bpe_tokenizer(chain.from_iterable(batches), cfg.vocab_size, model_max_length=cfg.max_length)
     logger.info("Trained a byte-level BPE tokenizer: %d tokens.", len(tok))
@@ -177,7 +177,7 @@ def run(cfg) -> Path:
 def pack_splits(cfg, tokenizer, train_text, eval_text):
     """(train, eval) packed into blocks of `max_length` tokens; eval None (and evaluation off) when there is no eval
     split or it is shorter than one block."""
-    column = "text" if cfg.dataset_name == TINYWORLD else cfg.dataset_text_field
+    column = sources.text_column(cfg.dataset_name, cfg.dataset_text_field)
     with cfg.main_process_first(desc="packing"):
         train_ds = pack(train_text, tokenizer, column, cfg.max_length, "train")
         eval_ds = pack(eval_text, tokenizer, column, cfg.max_length, "eval") if eval_text is not None else None
@@ -251,8 +251,9 @@ def eval_metrics(trainer, tokenizer, cfg, metrics: dict[str, Any], eval_ds, eval
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]
         metrics["perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
-    if cfg.dataset_name == TINYWORLD and eval_text is not None:
-        metrics["entropy_floor"] = tinyworld.entropy_floor(eval_text)
+    floor = sources.entropy_floor(cfg.dataset_name, eval_text) if eval_text is not None else None
+    if floor is not None:
+        metrics["entropy_floor"] = floor
         if "eval_loss" in metrics:
             metrics["eval_loss_above_floor"] = metrics["eval_loss"] - metrics["entropy_floor"]
         metrics.update(copy_metrics(trainer.model, tokenizer, eval_text, cfg))

@@ -15,7 +15,7 @@ from align.config import (
     test_size_field,
     tinyworld_seed_field,
 )
-from align.data.tinyworld import TINYWORLD
+from align.data.sources import DEFAULT_DATASET
 
 
 @dataclass
@@ -28,7 +28,7 @@ class PretrainConfig(TrainingArguments, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", DEFAULT_DATASET)
     logging_steps: float = changed_default(TrainingArguments, "logging_steps", 10)
     report_to: None | str | list[str] = changed_default(TrainingArguments, "report_to", "none")
     save_total_limit: int | None = changed_default(TrainingArguments, "save_total_limit", 2)

@@ -57,10 +57,10 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from align.config import config_class, log_config, parse_config, recipe_dict, stage_parser
-from align.data import formats, tinyworld
+from align.data import formats, sources, tinyworld
 from align.data import load as dl
 from align.data.rankings import format_ranking
-from align.data.tinyworld import GOLD, TINYWORLD, is_tinyworld
+from align.data.tinyworld import GOLD
 from align.errors import AlignError
 from align.evaluation.score import load_function, load_scorer
 from align.generation.generate import generate
@@ -76,8 +76,6 @@ RANKINGS_FILE = "rankings.jsonl"
 DATASET_DIR = "dataset"
 SHEET_META_SUFFIX = ".align.json"
 SHEET_SUFFIXES = (".csv", ".jsonl")
-# Default number of tiny-world prompts: 512 groups of K = 4 give 3072 comparisons, enough for the tiny reward model.
-TINYWORLD_DEFAULT_PROMPTS = 512
 NUM_SAMPLES = 5  # groups kept in align_stage.json (and the Hub card) as examples
 
 Labeler = Callable[[Sequence[str], Sequence[Sequence[str]]], list[list[float]]]
@@ -128,10 +126,10 @@ def _print_help() -> None:
 
 def load_prompts(cfg) -> tuple[list[str], dict[str, Any]]:
     """The prompts to rank (`num_prompts` of them) and the `data` entry of align_stage.json."""
-    if cfg.dataset_name == TINYWORLD:
-        n = cfg.num_prompts or TINYWORLD_DEFAULT_PROMPTS
-        ds = tinyworld.instruction_prompts(n, seed=cfg.tinyworld_seed, split="train")
-        info = {"name": TINYWORLD, "seed": cfg.tinyworld_seed, "fingerprint": ds._fingerprint, "rows": len(ds)}
+    n = cfg.num_prompts or sources.RANK_DEFAULT_PROMPTS
+    built = sources.instruction_prompts(cfg.dataset_name, n=n, seed=cfg.tinyworld_seed, prompt_only=False)
+    if built is not None:
+        ds, info = built
         return list(ds["prompt"]), info
 
     source = cfg.dataset_name
@@ -459,7 +457,7 @@ def run(cfg) -> Path:
 
     # Data
     prompts, data_info = load_prompts(cfg)
-    tiny = cfg.dataset_name == TINYWORLD or is_tinyworld(prompts)
+    tiny = sources.has_gold(cfg.dataset_name) or sources.gold_prompts(prompts)
     if cfg.labeler == GOLD and not tiny:
         raise AlignError(
             f"labeler gold: {data_info['name']} holds prompts that are not tiny-world instructions, and the gold "

@@ -21,7 +21,8 @@ from align.config import (
     resolve_model_keys,
     tinyworld_seed_field,
 )
-from align.data.tinyworld import GOLD, TINYWORLD
+from align.data.sources import DEFAULT_DATASET
+from align.data.tinyworld import GOLD
 
 
 @dataclass
@@ -33,7 +34,7 @@ class RankConfig(ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", DEFAULT_DATASET)
     dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
     # Model
     tokenizer_name_or_path: str | None = field(

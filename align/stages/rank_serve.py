@@ -40,8 +40,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from align.data import annotations as ann
+from align.data import sources
 from align.data.rankings import ranking_to_ranks
-from align.data.tinyworld import is_tinyworld
 from align.errors import AlignError
 from align.io import output_lock
 from align.stages.rank import (
@@ -580,7 +580,7 @@ def import_annotations(log: str | os.PathLike, output_dir: str | os.PathLike, po
         "submissions": len(replay.active),
         "annotator_agreement": math.nan if agree["value"] is None else agree["value"],
         "flagged_responses": sum(bool(f) for r in rows for f in r["flags"]),
-        **group_stats(prompts, groups, rankings, gold=bool(meta.get("tinyworld")) or is_tinyworld(prompts)),
+        **group_stats(prompts, groups, rankings, gold=bool(meta.get("tinyworld")) or sources.gold_prompts(prompts)),
     }
     out = Path(output_dir)
     data = {"name": str(path), "rows": len(rows), "exported": meta.get("data")}

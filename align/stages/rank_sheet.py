@@ -17,9 +17,9 @@ from typing import Any
 from transformers import set_seed
 
 from align.config import find_config, load_recipe, log_config, parse_config, recipe_dict
+from align.data import sources
 from align.data.annotations import is_annotation_log
 from align.data.rankings import parse_ranking, parse_ranking_row
-from align.data.tinyworld import TINYWORLD, is_tinyworld
 from align.errors import AlignError
 from align.io import atomic_write_json, atomic_write_text, output_lock, parent_of
 from align.stages.rank import (
@@ -90,7 +90,7 @@ def export_main(argv: list[str]) -> int:
         "recipe": recipe_dict(cfg),
         "data": data_info,
         "sampling": sampling_settings(cfg),
-        "tinyworld": cfg.dataset_name == TINYWORLD,
+        "tinyworld": sources.has_gold(cfg.dataset_name),
     }
     atomic_write_json(Path(str(sheet) + SHEET_META_SUFFIX), meta)
     logger.info("rank export: wrote %s (%d prompts x %d responses). Fill its 'ranking' column (%s), then run "
@@ -206,7 +206,7 @@ def import_sheet(sheet: str | os.PathLike, output_dir: str | os.PathLike) -> Pat
         "k": ks[-1],  # a JSONL sheet may hold groups of different sizes: the largest
         "dropped_all_tied": 0,  # all-tied or empty rows are errors here: the annotator can fix them
         "dropped_empty": 0,
-        **group_stats(prompts, groups, rankings, gold=bool(meta.get("tinyworld")) or is_tinyworld(prompts)),
+        **group_stats(prompts, groups, rankings, gold=bool(meta.get("tinyworld")) or sources.gold_prompts(prompts)),
     }
     output_dir = Path(output_dir)
     data = {"name": str(path), "rows": len(parsed), "exported": meta.get("data")}

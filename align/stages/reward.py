@@ -35,9 +35,8 @@ from trl import get_peft_config
 
 from align.config import log_config, parse_config
 from align.data import load as dl
-from align.data import tinyworld
+from align.data import sources, tinyworld
 from align.data.rankings import parse_ranking_row, reward_format
-from align.data.tinyworld import is_tinyworld
 from align.errors import AlignError
 from align.io import (
     parent_of,
@@ -272,7 +271,7 @@ def heldout_metrics(model, tokenizer, groups, *, gold: bool | None, batch_size: 
     metrics = {"reward_offset": raw.mean().item()}
     extra: dict[str, Any] = {"reward_offset_samples": len(responses)}
     if gold is None:
-        gold = is_tinyworld(prompts)
+        gold = sources.gold_prompts(prompts)
     if gold:
         gold_scores = [tinyworld.score(p, r) for p, r in zip(prompts, responses, strict=True)]
         ranks = gold_ranks(_grid(gold_scores, sizes, float("nan")))

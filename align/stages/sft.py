@@ -20,9 +20,8 @@ from typing import Any
 from trl import SFTTrainer, get_peft_config
 
 from align.config import parse_config
-from align.data import formats, tinyworld
+from align.data import formats, sources
 from align.data import load as dl
-from align.data.tinyworld import TINYWORLD
 from align.errors import AlignError
 from align.evaluation.compare import compare_to_parent, score_parent, start_stage
 from align.io import parent_of, save_trained, stage_lifecycle
@@ -40,21 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
     """Train/eval datasets in TRL's format (conversational prompt/completion, messages or text) + lineage entry."""
-    if cfg.dataset_name == TINYWORLD:
-        ds = tinyworld.demonstrations(
-            cfg.tinyworld_demos,
-            seed=cfg.tinyworld_seed,
-            error_rate=cfg.tinyworld_error_rate,
-            habit_rate=cfg.tinyworld_habit_rate,
-        )
-        info: dict[str, Any] = {
-            "name": TINYWORLD,
-            "seed": cfg.tinyworld_seed,
-            "flawed_rows": sum(ds["flawed"]),
-            "habit_rows": sum(ds["habit"]),
-        }
-        dd = {"train": ds.select_columns(["prompt", "completion"])}
-        source = TINYWORLD
+    built = sources.demonstrations(
+        cfg.dataset_name,
+        n=cfg.tinyworld_demos,
+        seed=cfg.tinyworld_seed,
+        error_rate=cfg.tinyworld_error_rate,
+        habit_rate=cfg.tinyworld_habit_rate,
+    )
+    info: dict[str, Any]
+    if built is not None:
+        dd, info = built
+        source = cfg.dataset_name
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
         source = cfg.dataset_name

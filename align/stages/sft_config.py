@@ -18,7 +18,7 @@ from align.config import (
     test_size_field,
     tinyworld_seed_field,
 )
-from align.data.tinyworld import TINYWORLD
+from align.data.sources import DEFAULT_DATASET
 
 
 @dataclass
@@ -31,7 +31,7 @@ class SFTStageConfig(SFTConfig, ModelConfig, ScriptArguments):
     """
 
     # Changed defaults
-    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", TINYWORLD)
+    dataset_name: str | None = changed_default(ScriptArguments, "dataset_name", DEFAULT_DATASET)
     report_to: None | str | list[str] = changed_default(SFTConfig, "report_to", "none")
     save_total_limit: int | None = changed_default(SFTConfig, "save_total_limit", 2)
     dtype: str | None = changed_default(ModelConfig, "dtype", "auto")
