@@ -32,7 +32,7 @@ from align.data.rankings import parse_ranking_row  # noqa: E402
 from align.io import read_stage_info  # noqa: E402
 from align.models import modeling_reward  # noqa: E402, F401 - registers LikelihoodRewardModel with the Auto classes
 from align.rl.ranking import pair_accuracy, pair_mask  # noqa: E402
-from align.stages.reward import _resolve_source  # noqa: E402
+from align.stages.reward import _grid, _resolve_source  # noqa: E402
 from align.trainers.reward import score  # noqa: E402
 
 
@@ -57,13 +57,6 @@ def kinds_of(prompt: str) -> set[str]:
         return set()
 
 
-def grid(rows: list[list[float]], fill: float) -> torch.Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), fill)
-    for g, r in enumerate(rows):
-        out[g, : len(r)] = torch.tensor(r, dtype=torch.float)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("reward_dir", help="A finished `align reward` stage dir.")
@@ -79,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = heldout_groups(info)
     prompts = [p for p, rs, _ in groups for _ in rs]
     responses = [r for _, rs, _ in groups for r in rs]
-    ranks = grid([rk for _, _, rk in groups], -1).long()
+    sizes = [len(rs) for _, rs, _ in groups]
+    ranks = _grid([r for _, _, rk in groups for r in rk], sizes, -1).long()
     kinds = [kinds_of(p) for p, _, _ in groups]
     tokenizer = AutoTokenizer.from_pretrained(args.reward_dir)
     model = AutoModelForSequenceClassification.from_pretrained(args.reward_dir, dtype=torch.float32).eval()
@@ -90,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), autocast:
             raw = score(model, tokenizer, prompts, responses, batch_size=args.batch_size, offset=0.0,
                         max_length=max_length).tolist()  # fmt: skip
-        at, rows = 0, []
-        for _, rs, _ in groups:
-            rows.append(raw[at : at + len(rs)])
-            at += len(rs)
-        rewards = grid(rows, float("nan"))
+        rewards = _grid(raw, sizes, float("nan"))
         per_kind = {}
         for kind in sorted({k for ks in kinds for k in ks}):
             idx = [g for g, ks in enumerate(kinds) if kind in ks]

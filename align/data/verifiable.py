@@ -662,8 +662,8 @@ def render(request: str, constraints: Sequence[Constraint]) -> str:
     return " ".join([request.strip(), *(c.instruction() for c in constraints)])
 
 
-def _request(rng: random.Random, topic: str) -> str:
-    return rng.choice(REQUEST_FORMS).format(T=topic[0].upper() + topic[1:], t=topic)
+def _request(rng: random.Random, topic: str, forms: Sequence[str] = REQUEST_FORMS) -> str:
+    return rng.choice(forms).format(T=topic[0].upper() + topic[1:], t=topic)
 
 
 SHORT_KINDS = ("avoid_word", "json", "keywords", "lowercase", "no_commas", "placeholders", "quotation", "start_word",
@@ -724,7 +724,7 @@ def make_prompts(n: int, *, split: str = "train", seed: int = 0, task: str = "fu
             rng.shuffle(order)
         topic = order.pop()
         if task == "short":
-            request = rng.choice(SHORT_REQUEST_FORMS).format(T=topic[0].upper() + topic[1:], t=topic)
+            request = _request(rng, topic, SHORT_REQUEST_FORMS)
             constraints = _sample_short(rng, request, used)
         else:
             request = _request(rng, topic)

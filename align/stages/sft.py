@@ -47,12 +47,11 @@ def load_sft_data(cfg) -> tuple[Any, Any, dict[str, Any]]:
         habit_rate=cfg.tinyworld_habit_rate,
     )
     info: dict[str, Any]
+    source = cfg.dataset_name
     if built is not None:
         dd, info = built
-        source = cfg.dataset_name
     else:
         dd = dl.load_data(cfg.dataset_name, config=cfg.dataset_config)
-        source = cfg.dataset_name
         info = {"name": cfg.dataset_name, "config": cfg.dataset_config}
     train, test = dl.train_test(
         dd,
