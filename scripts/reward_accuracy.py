@@ -9,6 +9,10 @@ autocast, so the gap between the two is a figure, not a guess.
 
     python scripts/reward_accuracy.py runs/smollm2-135m/reward
     python scripts/reward_accuracy.py runs/smollm2-135m/reward --dtypes fp32
+    python scripts/reward_accuracy.py runs/smollm2-135m/reward --labeler align.data.verifiable:strict_labeler
+
+`--labeler` re-ranks the same held-out answers with another labeler before counting pairs (the graded checker's
+partial credit orders answers that all fail; the strict one keeps only pass/fail differences).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from align.data.rankings import parse_ranking_row  # noqa: E402
 from align.io import read_stage_info  # noqa: E402
 from align.models import modeling_reward  # noqa: E402, F401 - registers LikelihoodRewardModel with the Auto classes
 from align.rl.ranking import pair_accuracy, pair_mask  # noqa: E402
+from align.stages.rank import function_labeler  # noqa: E402
 from align.stages.reward import _grid, _resolve_source  # noqa: E402
 from align.trainers.reward import score  # noqa: E402
 
@@ -50,6 +55,16 @@ def heldout_groups(info: dict) -> list[tuple[str, list[str], list[int]]]:
     return [parse_ranking_row(row, where=f"held-out row {i + 1}")[:3] for i, row in enumerate(test)]
 
 
+def relabel(groups, labeler) -> list[tuple[str, list[str], list[int]]]:
+    """The same answers ranked by `labeler`'s scores: rank 0 = best, equal scores share a rank."""
+    out = []
+    for prompt, responses, _ in groups:
+        scores = labeler([prompt], [responses])[0]
+        levels = sorted(set(scores), reverse=True)
+        out.append((prompt, responses, [levels.index(s) for s in scores]))
+    return out
+
+
 def kinds_of(prompt: str) -> set[str]:
     try:
         return {c.kind for c in verifiable.parse_constraints(prompt)}
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--labeler", help="Re-rank the held-out answers with this labeler (module:function) first.")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = read_stage_info(args.reward_dir)
@@ -70,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.reward_dir}: not a finished `align reward` stage", file=sys.stderr)
         return 2
     groups = heldout_groups(info)
+    if args.labeler:
+        groups = relabel(groups, function_labeler(args.labeler))
     prompts = [p for p, rs, _ in groups for _ in rs]
     responses = [r for _, rs, _ in groups for r in rs]
     sizes = [len(rs) for _, rs, _ in groups]
@@ -78,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.reward_dir)
     model = AutoModelForSequenceClassification.from_pretrained(args.reward_dir, dtype=torch.float32).eval()
     max_length = info["recipe"].get("max_length")
-    out = {"reward_dir": args.reward_dir, "groups": len(groups), "pairs": int(pair_mask(ranks).sum())}
+    out = {"reward_dir": args.reward_dir, "labeler": args.labeler or "the stage's", "groups": len(groups),
+           "pairs": int(pair_mask(ranks).sum())}  # fmt: skip
     for dtype in args.dtypes:
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
         with torch.no_grad(), autocast:

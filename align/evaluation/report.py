@@ -33,6 +33,7 @@ from align.data import sources, tinyworld
 from align.data.load import load_data, require_columns
 from align.data.tinyworld import GOLD
 from align.errors import AlignError
+from align.evaluation import methods
 from align.evaluation.gold import heldout_prompts, load_gold_labeler, paired_interval, win_rate
 from align.evaluation.plots import bar_panel, figure, line_panel
 from align.evaluation.plots import png as to_png
@@ -528,6 +529,7 @@ def _markdown(root: Path, stages, top, table, examples, figures) -> str:
     out += [f"- {line}" for line in headline_lines(top)] + [""]
     out += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
     out += [f"| {r['stage']} | {r['label']} | {format_value(r['value'])} |" for r in table]
+    out += ["", *methods.markdown(top.get("methods") or [])]
     columns, rows = _pass_rates(top)
     if rows:
         out += ["", "## Pass rate per constraint (greedy answers, held-out prompts)", ""]
@@ -627,7 +629,7 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
         f"<tr><td>{e(r['stage'])}</td><td>{e(r['label'])}</td><td class='num'>{e(format_value(r['value']))}</td></tr>"
         for r in table
     ]
-    out += ["</table>"]
+    out += ["</table>", *methods.html_table(top.get("methods") or [], e)]
     columns, rows = _pass_rates(top)
     if rows:
         out += ["<h2>Pass rate per constraint (greedy answers, held-out prompts)</h2><table><tr><th>constraint</th>"]
@@ -686,6 +688,7 @@ def write_report(root: str | os.PathLike, options: dict[str, Any] | None = None)
     if not stages:
         raise AlignError(f"{root}: no finished stage (no */align_stage.json) to report on. Run the chain first.")
     top = headline(root, stages)
+    top["methods"] = methods.method_rows(root, stages)
     table = metrics_table(stages)
     examples = side_by_side(root, stages, example_prompts(stages, options))
     figures = plots(stages, top)
