@@ -257,6 +257,7 @@ _BUILT_IN_STAGES = (
         metrics=(
             ("reward", "reward-model score (last 10% of updates)"),
             ("kl", "KL to the SFT model (last 10% of updates)"),
+            ("kl_to_parent", "KL to the SFT model on the held-out prompts (nats per sampled answer)"),
             ("parent_gold_score", "gold score of the parent (SFT)"),
             ("gold_score", "gold score"),
             ("gold_win_rate", "gold win-rate over the parent"),
