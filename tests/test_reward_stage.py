@@ -266,6 +266,19 @@ def test_likelihood_features_config_errors(tmp_path):
         parse_config("reward", [], overrides={**over, "likelihood_features": ["max"]})
     with pytest.raises(AlignError, match="likelihood_features with use_peft"):
         parse_config("reward", [], overrides={**over, "likelihood_features": ["mean"], "use_peft": True})
+    with pytest.raises(AlignError, match="likelihood_features with model_init_kwargs"):
+        parse_config("reward", [], overrides={**over, "likelihood_features": ["mean"],
+                                              "model_init_kwargs": {"num_hidden_layers": 1}})  # fmt: skip
+
+
+def test_model_init_kwargs_keep_the_first_layers(sft, rank_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    layers = AutoConfig.from_pretrained(sft).num_hidden_layers
+    assert layers > 1
+    out = run_stage(sft, rank_dir, tmp_path / "reward", model_init_kwargs={"num_hidden_layers": 1}, max_steps=2)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
 
 
 def test_lora_needs_the_seq_cls_task_type(tmp_path):

@@ -601,3 +601,32 @@ def test_ppo_scores_rollouts_with_the_encoder_pair(bert_tok, tmp_path):
     trainer.train()  # rollouts scored by the encoder end to end
     # every rollout as a pair, an empty response too ("[CLS] q w1 [SEP] [SEP]")
     assert all((batch[:, 0] == CLS).all() and ((batch == SEP).sum(1) == 2).all() for batch in seen[2:])
+
+
+def test_score_learning_rate_gives_the_head_its_own_rate(tokenizer, tmp_path):
+    model = llama(seed=3)
+    trainer = RankingRewardTrainer(model=model, args=config(tmp_path, learning_rate=1e-4, score_learning_rate=0.5,
+                                                           max_steps=1, weight_decay=0.1),
+                                   train_dataset=goodness_data(8, 3, seed=1), processing_class=tokenizer)  # fmt: skip
+    optimizer = trainer.create_optimizer()
+    head = [g for g in optimizer.param_groups if g.get("score_head")]
+    assert [p is model.score.weight for g in head for p in g["params"]] == [True]
+    assert head[0]["lr"] == 0.5 and head[0]["weight_decay"] == 0.1  # the decay of the group it came from
+    rest = [p for g in optimizer.param_groups if not g.get("score_head") for p in g["params"]]
+    assert len(rest) == sum(1 for _ in model.parameters()) - 1
+    assert all(g["lr"] == 1e-4 for g in optimizer.param_groups if not g.get("score_head"))
+    assert trainer.create_optimizer() is optimizer and len(optimizer.param_groups) == 3  # split once
+    before = model.score.weight.detach().clone()
+    trainer.train()
+    # constant schedule: AdamW's first step moves each weight by lr (|m / sqrt(v)| = 1) plus lr * decay * w
+    moved = (model.score.weight - before).abs()
+    assert moved.max().item() == pytest.approx(0.5 * (1 + 0.1 * before.abs()).max().item(), rel=0.05)
+
+
+def test_score_learning_rate_needs_a_score_head(tokenizer, tmp_path):
+    model = llama(seed=3)
+    model.score.weight.requires_grad_(False)
+    trainer = RankingRewardTrainer(model=model, args=config(tmp_path, score_learning_rate=0.5, max_steps=1),
+                                   train_dataset=goodness_data(8, 3, seed=1), processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(AlignError, match="no trainable `score` head"):
+        trainer.create_optimizer()

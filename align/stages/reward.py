@@ -164,16 +164,14 @@ def load_model_and_tokenizer(cfg):
     )
     if cfg.likelihood_features:
         return _likelihood_model(cfg, tokenizer), tokenizer
-    model = modeling.load_pretrained(
-        AutoModelForSequenceClassification,
-        cfg.model_name_or_path,
-        what="it as a sequence-classification model",
-        num_labels=1,
-        revision=cfg.model_revision,
-        dtype=cfg.dtype or "auto",
-        trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
-    )
+    # model_init_kwargs (TRL's key): more from_pretrained keywords, config overrides included; e.g.
+    # {num_hidden_layers: 15} keeps the first 15 layers, whose last-token states ranked SmolLM2's answers better
+    # than the last layer's (docs/measurements.md), at half the cost.
+    kwargs = {"num_labels": 1, "revision": cfg.model_revision, "dtype": cfg.dtype or "auto",
+              "trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation,
+              **(cfg.model_init_kwargs or {})}  # fmt: skip
+    model = modeling.load_pretrained(AutoModelForSequenceClassification, cfg.model_name_or_path,
+                                     what="it as a sequence-classification model", **kwargs)  # fmt: skip
     if not modeling.is_encoder(model.config, tokenizer):
         # The chat template is what separates prompt from response at scoring time; PPO and `align score` read it
         # from the saved reward dir, so a tokenizer without one gets align's (and the embeddings grow to its tokens).

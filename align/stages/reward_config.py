@@ -113,6 +113,9 @@ class RewardStageConfig(RankingRewardConfig, ModelConfig, ScriptArguments):
                 errors.append(error)
             if self.use_peft:
                 errors.append("likelihood_features with use_peft: not supported together; set one of them")
+            if self.model_init_kwargs:
+                errors.append("likelihood_features with model_init_kwargs: the likelihood model is built from the "
+                              "causal LM as it is; remove model_init_kwargs")  # fmt: skip
         if self.load_in_4bit or self.load_in_8bit:
             errors.append(
                 "load_in_4bit/8bit: quantized reward models are not supported (the stage saves the reward model "

@@ -231,6 +231,27 @@ class RankingRewardTrainer(Trainer):
         self.can_return_loss = True
         self._train_logs: dict[str, list[float]] = defaultdict(list)
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer; with `score_learning_rate`, the score head's parameters move to groups of their own
+        at that rate (each keeps its weight decay; the scheduler scales every group's rate alike)."""
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.args, "score_learning_rate", None)
+        if lr is None or any(group.get("score_head") for group in optimizer.param_groups):
+            return optimizer
+        head = {id(p) for n, p in (model or self.model).named_parameters() if "score" in n.split(".")}
+        moved = []
+        for group in optimizer.param_groups:
+            mine = [p for p in group["params"] if id(p) in head]
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine, "lr": lr,
+                              "score_head": True})  # fmt: skip
+        if not moved:
+            raise AlignError("score_learning_rate: the model has no trainable `score` head; unset it.")
+        for group in moved:
+            optimizer.add_param_group(group)
+        return optimizer
+
     @staticmethod
     def _prepare(ds, tokenizer, args, name: str, pair: bool | None = None):
         if ds is None:

@@ -36,6 +36,16 @@ class RankingRewardConfig(RewardConfig):
         },
     )
 
+    score_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the reward head (`score`, the new linear layer on the last token), in a "
+            "parameter group of its own; None: `learning_rate`. The head starts at random while LoRA starts as the "
+            "identity: at a LoRA rate (~2e-4) and a few hundred ranked groups the head barely moves from its random "
+            "start (docs/measurements.md, SmolLM2 on the short task).",
+        },
+    )
+
     def __post_init__(self):
         check_values(self)
         super().__post_init__()
