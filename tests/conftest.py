@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 import pytest  # noqa: E402 - after the environment above, which must be set before anything imports datasets
+from browser import chromium  # noqa: E402, F401 - the headless-browser fixture (tests/browser.py), for every test
 
 
 @pytest.fixture(autouse=True)

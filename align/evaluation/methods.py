@@ -67,9 +67,10 @@ def method_rows(root: Path, stages: dict[str, dict[str, Any]]) -> list[dict[str,
             continue
         metrics = info.get("metrics") or {}
         record = registry.find(str(info.get("stage")))
+        method = name if record is None else record.display if name == record.name else f"{record.display} ({name})"
         row: dict[str, Any] = {
             "stage": name,
-            "method": record.display if record is not None else name,
+            "method": method,
             "gold_score": metrics.get("gold_score"),
             "gold_score_sampled": metrics.get("gold_score_sampled"),
             "win_rate": win_rate(info["gold_scores"], info["parent_gold_scores"]),
