@@ -154,8 +154,6 @@ def load_models(ref: str, bf16: bool):
         raise BenchError(f"--model {ref}: the tokenizer has no chat template; bench_ppo would install align's. Use a "
                          "chat model (e.g. the default, SmolLM2-135M-Instruct).")  # fmt: skip
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
-    if getattr(policy, "hf_quantizer", None) is not None:  # transformers >= 5 keeps a GGUF quantizer: not 4.57
-        policy.hf_quantizer.remove_quantization_config(policy)
     model_pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id  # bench_ppo's (load_tokenizer)
     tok.add_special_tokens({"pad_token": PAD_TOKEN})
     gc = policy.generation_config
