@@ -75,6 +75,8 @@ from align.trainers.ppo_config import PPOConfig  # noqa: E402
 UPDATES, PROMPTS, MINI, EPOCHS, NEW_TOKENS, VOCAB = 16, 32, 16, 2, 32, 512
 # --model: the real-model workload
 MODEL_UPDATES, MODEL_PROMPTS, MODEL_EPOCHS, MODEL_NEW_TOKENS = 4, 16, 4, 64
+MODEL_LR, MODEL_KL_COEF = 1e-5, 0.05
+MODEL_LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LEAN_MALLOC_THRESHOLD = 4 * 2**20  # below the 4.9 MB hidden states of 16 x 134 tokens (align.models.memory_plan)
 # Training 8 of the 16 rollout rows at a time: the whole rollout at once peaked at 3.07 GiB (fp32, AVX2 EPYC), 8 at
 # 2.73 GiB (bf16, avx512_bf16 EPYC), each with the rest unchanged; the update is the same (gradient accumulation 2)
@@ -231,8 +233,8 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         gradient_accumulation_steps=MODEL_PROMPTS // micro_batch,
         num_mini_batches=1,
         num_ppo_epochs=MODEL_EPOCHS,
-        learning_rate=1e-5,
-        kl_coef=0.05,
+        learning_rate=MODEL_LR,
+        kl_coef=MODEL_KL_COEF,
         max_new_tokens=MODEL_NEW_TOKENS,
         min_new_tokens=MODEL_NEW_TOKENS,
         value_model_init="policy_lora" if layout == "shared" else "reward",
@@ -240,8 +242,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         malloc_mmap_threshold=malloc_mmap_threshold,
         generation_backend=generation_backend,
     )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(**MODEL_LORA, task_type="CAUSAL_LM")
     clock = make_clock()
     trainer = PPOTrainer(
         args, policy, reward_model=reward, processing_class=tok, train_dataset=Dataset.from_list(rows),
@@ -399,7 +400,7 @@ def _bench_model(opts, bf16: bool) -> int:
             "prompts": MODEL_PROMPTS,
             "ppo_epochs": MODEL_EPOCHS,
             "new_tokens": MODEL_NEW_TOKENS,
-            "lora_r": 16,
+            "lora_r": MODEL_LORA["r"],
             "mini_batches": 1,
             "micro_batch": opts.micro_batch,
         },
