@@ -75,6 +75,12 @@ def test_choices_pick_oracle_and_random_on_hand_written_scores():
     # rewards of the picks: p (.5 + 1) / 2 = .75; q (0 + 3) / 2 = 1.5; mean rewards p 2.7 / 4, q 4 / 4
     assert found.picked_reward() == [0.75, 1.5]
     assert found.mean_reward() == pytest.approx([0.675, 1.0])
+    # the same answers as best-of-4 once: p picks a2 (1.0 = 1.0 at 2 and 3, the first), gold .5; q picks b2, gold 0
+    four = Choices.pick(4, found.rewards, found.gold)
+    assert four.picks == [[2], [2]] and four.picked() == [0.5, 0.0] and four.oracle() == [1.0, 1.0]
+    assert four.random() == found.random()  # a random pick does not depend on n
+    with pytest.raises(ValueError, match="multiple of n=3"):
+        Choices.pick(3, found.rewards, found.gold)
 
 
 def test_choose_needs_a_multiple_of_n_answers():
@@ -151,10 +157,10 @@ def run_stage(stages, out: Path, **over) -> Path:
 
 
 def test_stage_writes_the_picks_lineage_and_a_loadable_policy_and_the_report_shows_it(tmp_path, stages):
-    from transformers import pipeline
+    from transformers import AutoModelForCausalLM, pipeline
 
     from align.data.tinyworld import score as gold
-    from align.evaluation.report import metrics_table
+    from align.evaluation.report import metrics_table, write_report
 
     out = run_stage(stages, tmp_path / "bon")
     info = read_stage_info(out)
@@ -185,13 +191,17 @@ def test_stage_writes_the_picks_lineage_and_a_loadable_policy_and_the_report_sho
     assert json.loads((out / "bon_config.json").read_text())["best_of_n"] == 3
     # the dir loads in pipeline() as the policy; the reward model is referenced, not copied
     assert not (out / "README.md").exists() and (out / "model.safetensors").is_file()
-    generator = pipeline("text-generation", model=str(out), device="cpu")
-    assert generator.model.num_parameters() == sum(p.numel() for p in generator.model.parameters())
-    rows = metrics_table({"bon": info})
-    shown = {r["metric"]: r["value"] for r in rows}
+    loaded = pipeline("text-generation", model=str(out), device="cpu").model.state_dict()
+    policy = AutoModelForCausalLM.from_pretrained(stages["sft"]).state_dict()
+    assert loaded.keys() == policy.keys() and all(torch.equal(loaded[k], policy[k]) for k in policy)
+    # the report: the record's rows in its metrics table
+    shown = {r["metric"]: r["value"] for r in metrics_table({"bon": info})}
     for key in ("gold_score", "gold_score_oracle", "gold_score_random", "kl_to_parent", "labels_used"):
         assert shown[key] == pytest.approx(m[key]), key
     assert shown["train_runtime"] == m["runtime"]  # the report's time row falls back to `runtime` when 0 s trained
+    report_md = write_report(tmp_path, {"examples": 0})[0].read_text()
+    assert "gold score of the gold-best of the n (upper bound)" in report_md
+    assert f"{m['gold_score_oracle']:.4g}" in report_md
 
 
 def test_sampling_resumes_from_the_saved_calls_and_restarts_on_other_settings(tmp_path, stages):

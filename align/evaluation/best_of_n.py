@@ -134,6 +134,16 @@ class Choices:
     rewards: list[list[float]]
     gold: list[list[float]]
 
+    @classmethod
+    def pick(cls, n: int, rewards: list[list[float]], gold: list[list[float]]) -> Choices:
+        """The reward model's pick of each n answers, from per-prompt rewards and gold scores (a multiple of n each).
+        The same scores picked at another n that divides them (from a stage's best_of_n.jsonl) give best-of-that-n
+        on the same answers: one run at n = 4 with 4 draws is best-of-16 once, best-of-8 twice, best-of-2 8 times."""
+        if any(len(r) % n or len(r) != len(g) for r, g in zip(rewards, gold, strict=True)):
+            raise ValueError(f"Choices.pick: every prompt needs a multiple of n={n} answers, each with both scores")
+        picks = [[s + pick_best([r[s : s + n]])[0] for s in range(0, len(r), n)] for r in rewards]
+        return cls(n, picks, rewards, gold)
+
     def _per_prompt(self, of: Callable[[list[float], list[float]], float]) -> list[float]:
         out = []
         for rewards, gold in zip(self.rewards, self.gold, strict=True):
@@ -177,8 +187,7 @@ def choose(prompts: Sequence[str], answers: Sequence[Sequence[str]], *, n: int, 
         rewards.append([float(x) for x in flat[start : start + len(a)]])
         start += len(a)
     gold = [[labeler.score(p, r) for r in a] for p, a in zip(prompts, answers, strict=True)]
-    picks = [[s + pick_best([r[s : s + n]])[0] for s in range(0, len(r), n)] for r in rewards]
-    return Choices(n, picks, rewards, gold)
+    return Choices.pick(n, rewards, gold)
 
 
 def mean(xs: Sequence[float]) -> float:
