@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args.ppo_dir, n=args.n, batch_size=args.batch_size, out=args.out)
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a user mistake, as `align` reports one
     return 0
 
 
