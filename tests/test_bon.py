@@ -47,6 +47,14 @@ def test_kl_bound_by_hand(n, bound):
     assert kl_bound(n) == pytest.approx(bound, abs=1e-12)
 
 
+def test_kl_to_parent_is_the_bound_only_for_the_policy_itself():
+    from align.stages.bon import kl_metrics
+
+    # n = 4: log 4 - 3/4 = 0.636294; at temperature 0.7 the answers come from another distribution than the policy's
+    assert kl_metrics(4, 1.0) == {"kl_bound": kl_bound(4), "kl_to_parent": kl_bound(4)}
+    assert kl_metrics(4, 0.7) == {"kl_bound": pytest.approx(0.6362943611198906)}
+
+
 def test_kl_bound_refuses_n_below_one():
     with pytest.raises(ValueError, match="n >= 1"):
         kl_bound(0)
@@ -185,7 +193,7 @@ def test_stage_writes_the_picks_lineage_and_a_loadable_policy_and_the_report_sho
     assert m["gold_win_rate_sampled"] == win_rate(info["gold_scores"], PARENT_GOLD_SAMPLED)
     assert m["gold_score_random"] <= m["gold_score_oracle"] and m["gold_score"] <= m["gold_score_oracle"]
     assert m["gold_score_random"] == pytest.approx(sum(sum(r["gold_scores"]) / 12 for r in rows) / 8)
-    assert m["kl_to_parent"] == pytest.approx(math.log(3) - 2 / 3)
+    assert m["kl_to_parent"] == m["kl_bound"] == pytest.approx(math.log(3) - 2 / 3)
     assert m["labels_used"] == 12 and m["best_of_n"] == 3 and m["train_runtime"] == 0.0 and m["runtime"] > 0
     assert not (out / "best_of_n.partial.jsonl").exists()
     assert json.loads((out / "bon_config.json").read_text())["best_of_n"] == 3

@@ -135,6 +135,22 @@ def compare(found: best_of_n.Choices, parent: ParentScores) -> tuple[dict[str, f
     return metrics, extra
 
 
+def kl_metrics(n: int, temperature: float) -> dict[str, float]:
+    """`kl_bound`, log n - (n - 1) / n: the KL of the picks to the distribution the n answers were sampled from, and
+    `kl_to_parent`, the same, when that distribution is the policy itself (temperature 1).
+
+    Best-of-n has no model of the picked answers whose log-probabilities `align.evaluation.kl.sampled_kl` could read;
+    its KL is bounded instead (Stiennon et al. 2020; Beirami et al. 2024). At another temperature the answers come
+    from a sharpened or flattened policy, whose own KL to the parent the bound does not cover: no `kl_to_parent`.
+    """
+    bound = best_of_n.kl_bound(n)
+    if temperature != 1.0:
+        logger.warning("bon: temperature %g: the KL bound %.3f is to the policy at that temperature, not to the "
+                       "policy itself; kl_to_parent is not recorded.", temperature, bound)  # fmt: skip
+        return {"kl_bound": bound}
+    return {"kl_bound": bound, "kl_to_parent": bound}
+
+
 def samples(prompts: list[str], answers: list[list[str]], found: best_of_n.Choices, k: int = 4) -> list[dict]:
     """The first `k` prompts' first picks with their gold scores, for the card (as the other stages' `samples`)."""
     return [{"prompt": p, "response": a[picks[0]], "gold_score": g[picks[0]], "reward": r[picks[0]]}
@@ -176,9 +192,7 @@ def run(cfg) -> Path:
                          trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     found = best_of_n.choose(gold.prompts, answers, n=cfg.best_of_n, reward=reward, labeler=gold.labeler)
     metrics, extra = compare(found, parent)
-    # Best-of-n has no model of the picked answers to measure a KL with (align.evaluation.kl.sampled_kl): its KL to
-    # the policy is bounded by log n - (n - 1) / n (Stiennon et al. 2020; Beirami et al. 2024), reported as is.
-    metrics["kl_to_parent"] = best_of_n.kl_bound(cfg.best_of_n)
+    metrics.update(kl_metrics(cfg.best_of_n, cfg.temperature))  # a bound: best-of-n has no model to read a KL from
     if labels is not None:
         metrics["labels_used"] = labels
     runtime = time.perf_counter() - start
@@ -188,7 +202,7 @@ def run(cfg) -> Path:
     logger.info("bon: best-of-%d gold %.4f (random pick %.4f, oracle %.4f; parent greedy %.4f), win-rate over the "
                 "parent's greedy answers %.3f; KL bound %.3f nats.", cfg.best_of_n, metrics["gold_score"],
                 metrics["gold_score_random"], metrics["gold_score_oracle"], metrics["parent_gold_score"],
-                metrics["gold_win_rate"], metrics["kl_to_parent"])  # fmt: skip
+                metrics["gold_win_rate"], metrics["kl_bound"])  # fmt: skip
 
     # ---- Save: the answers, the inference settings, then align_stage.json last
     write_answers(output_dir, gold.prompts, answers, found)

@@ -291,7 +291,7 @@ _BUILT_IN_STAGES = (
             ("oracle_gap_closed", "share of the random-to-oracle gap the pick closes"),
             ("gold_win_rate", "gold win-rate over the parent's greedy answers"),
             ("gold_win_rate_sampled", "gold win-rate over the parent's sampled answers"),
-            ("kl_to_parent", "KL to the policy, bound log n - (n-1)/n (nats)"),
+            ("kl_to_parent", "KL to the policy, bound log n - (n-1)/n (nats; temperature 1 only)"),
             ("labels_used", "ranked groups behind the reward model"),
         ),
         headline=("gold_score", "gold_score_random", "gold_score_oracle", "kl_to_parent"),
