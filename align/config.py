@@ -324,6 +324,7 @@ VALUE_RULES: dict[str, Rule] = {
     "gold_eval_temperature": Rule("[0, inf)", "0 = greedy"),
     "eval_temperature": Rule("[0, inf)", "0 = greedy"),
     "num_sample_generations": Rule("[0, inf)", "0 = never"),
+    "best_of_n": Rule("[1, inf)", "answers per prompt the reward model chooses from, e.g. 4; 1 = no choice"),
     # PPO
     "kl_coef": Rule("[0, inf)", "0 disables the KL penalty, a negative beta would reward drifting away"),
     "kl_target": Rule("(0, inf)", "nats per response, e.g. 6"),

@@ -18,7 +18,7 @@ from align.config import VALUE_RULES, config_class, parse_config
 from align.errors import AlignError
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "rank", "reward", "ppo", "classify")
+STAGES = ("pretrain", "sft", "rank", "reward", "ppo", "bon", "classify")
 # The keys each stage needs before its values are looked at (paths are never opened by the config).
 NEEDS = {
     "pretrain": [],
@@ -26,6 +26,7 @@ NEEDS = {
     "rank": [],
     "reward": ["--model_name_or_path", "m", "--dataset_name", "d"],
     "ppo": ["--model_name_or_path", "m", "--reward_model_path", "r"],
+    "bon": ["--model_name_or_path", "m", "--reward_model_path", "r"],
     "classify": ["--model_name_or_path", "m"],
 }
 

@@ -277,6 +277,36 @@ _BUILT_IN_STAGES = (
         prepare="align.stages.huge_pages:huge_pages_for_mapped_heap",
     ),
     Stage(
+        name="bon",
+        help="best-of-n at inference: the reward model picks the best of n sampled answers (no training)",
+        entry="align.stages.bon",
+        config="align.stages.bon_config:BonConfig",
+        parents={"model_name_or_path": "sft", "reward_model_path": "reward"},
+        metrics=(
+            ("best_of_n", "answers per prompt (n)"),
+            ("parent_gold_score", "gold score of the parent (SFT), greedy"),
+            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
+            ("gold_score", "gold score of the reward model's pick"),
+            ("gold_score_random", "gold score of a random pick (the policy sampled)"),
+            ("gold_score_oracle", "gold score of the gold-best of the n (upper bound)"),
+            ("oracle_gap_closed", "share of the random-to-oracle gap the pick closes"),
+            ("gold_win_rate", "gold win-rate over the parent's greedy answers"),
+            ("gold_win_rate_sampled", "gold win-rate over the parent's sampled answers"),
+            ("kl_to_parent", "KL to the policy, bound log n - (n-1)/n (nats; temperature 1 only)"),
+            ("labels_used", "ranked groups behind the reward model"),
+        ),
+        headline=("gold_score", "gold_score_random", "gold_score_oracle", "kl_to_parent"),
+        label="best-of-n",
+        card_tags=("text-generation", "rlhf", "best-of-n", "reward-model"),
+        about=(
+            "**Best-of-n sampling (rejection sampling with a reward model).** Nothing is trained: the policy (its "
+            "files are copied here, so this dir loads as the policy) samples n answers per prompt and the reward "
+            "model named in `bon_config.json` keeps the highest scored. Inference therefore needs both models and n "
+            "samples per answer. It is the baseline RLHF methods are compared with at equal KL (Stiennon et al. "
+            "2020, Gao et al. 2023): its KL to the policy is at most log n - (n-1)/n nats."
+        ),
+    ),
+    Stage(
         name="classify",
         help="GPT-1 discriminative fine-tuning: a causal LM becomes a text classifier",
         entry="align.stages.classify",
