@@ -41,6 +41,12 @@ def stage_seconds(root: Path) -> dict[str, float]:
     return {name: float(s["seconds"]) for name, s in state.items() if isinstance(s, dict) and "seconds" in s}
 
 
+def reward_groups(reward_info: dict[str, Any] | None) -> int | None:
+    """The ranked groups a reward stage trained on (its data's `rows`), from its align_stage.json; None if unknown."""
+    rows = ((reward_info or {}).get("data") or {}).get("rows")
+    return int(rows) if isinstance(rows, (int, float)) else None
+
+
 def labels_used(info: dict[str, Any]) -> int | None:
     """Ranked groups behind a stage: its own `labels_used`, else (a stage scored by a reward model, e.g. PPO) the
     groups that reward model trained on."""
@@ -48,9 +54,7 @@ def labels_used(info: dict[str, Any]) -> int | None:
     if isinstance(own, (int, float)):
         return int(own)
     reward = (info.get("reward_model") or {}).get("path")
-    reward_info = read_stage_info(reward) if reward else None
-    rows = ((reward_info or {}).get("data") or {}).get("rows")
-    return int(rows) if isinstance(rows, (int, float)) else None
+    return reward_groups(read_stage_info(reward) if reward else None)
 
 
 def method_rows(root: Path, stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -76,7 +80,7 @@ def method_rows(root: Path, stages: dict[str, dict[str, Any]]) -> list[dict[str,
             "win_rate": win_rate(info["gold_scores"], info["parent_gold_scores"]),
             "diff": paired_interval(info["gold_scores"], info["parent_gold_scores"]),
             "kl": metrics.get("kl_to_parent"),
-            "seconds": seconds.get(name, metrics.get("train_runtime")),
+            "seconds": seconds.get(name, metrics.get("train_runtime") or metrics.get("runtime")),
             "labels": labels_used(info),
             "prompts": len(info["gold_scores"]),
         }

@@ -35,6 +35,7 @@ from align.errors import AlignError
 from align.evaluation import best_of_n
 from align.evaluation.compare import ParentScores, score_parent, start_stage
 from align.evaluation.gold import model_fingerprint, win_rate
+from align.evaluation.methods import reward_groups
 from align.evaluation.score import load_scorer
 from align.io import STAGE_FILE, atomic_write_json, atomic_write_text, parent_of, read_stage_info, stage_lifecycle
 from align.models import modeling
@@ -66,8 +67,8 @@ def labels_used(reward_model_path: str) -> tuple[dict[str, Any], float | None]:
     if info and info.get("stage") != "reward":
         raise AlignError(f"reward_model_path {reward_model_path}: an align '{info.get('stage')}' stage, not a reward "
                          "model. Point it at the output of `align reward` (e.g. runs/tiny/reward).")  # fmt: skip
-    rows = (info.get("data") or {}).get("rows")
-    return info, float(rows) if isinstance(rows, (int, float)) else None
+    groups = reward_groups(info)
+    return info, None if groups is None else float(groups)
 
 
 def copy_policy(cfg, policy, tokenizer, output_dir: Path) -> None:
