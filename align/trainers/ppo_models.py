@@ -29,9 +29,9 @@ POLICY_HEAD = "policy_head"  # the value_model_init of `PolicyValueHead`, stored
 
 
 def value_head_forward(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
-    """Per-token values `(B, T)` of a `*ForSequenceClassification` model (or a `SharedBaseCritic`): backbone, then its
-    `score` head on the hidden state before each of the last `response_length` tokens (the state the token was
-    sampled from)."""
+    """Per-token values `(B, T)` of a `*ForSequenceClassification` model (or a `SharedBaseCritic`, a
+    `PolicyValueHead`): backbone, then its `score` head on the hidden state before each of the last `response_length`
+    tokens (the state the token was sampled from)."""
     if isinstance(model, (SharedBaseCritic, PolicyValueHead)):
         return model(input_ids, attention_mask, position_ids, response_length)
     backbone = getattr(model, model.base_model_prefix)
