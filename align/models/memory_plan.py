@@ -5,7 +5,8 @@ and lengths; their sum is the run's estimated peak, checked against the free GPU
 The arithmetic is pure functions of sizes (`tests/test_memory_plan.py` checks them on hand-computed numbers, and the
 whole estimate against measured peaks of tiny runs). What each term counts, and why:
 
-- weights: parameters x element size, shared storage once (a LoRA reference, a shared-base critic add ~nothing).
+- weights: parameters x element size, shared storage once (a LoRA reference, a shared-base critic add ~nothing; a
+  value head on the policy's own trunk adds one hidden-size vector and no activations).
 - AdamW: `exp_avg` and `exp_avg_sq` per trainable element, in the parameter's dtype (torch's AdamW); gradients the
   same again, alive from the backward to `zero_grad(set_to_none=True)`. The backward frees activations as it
   allocates gradients, so its peak is the activations plus the first gradient made, the output layer's (V x hidden);
@@ -110,6 +111,7 @@ def ppo_plan(
     act_bytes: int,
     gen_logits: bool,
     checkpointing: bool,
+    value_in_policy: bool = False,
 ) -> tuple[list[ModelMemory], int]:
     """The plan of one PPO update per process, and its estimated peak in bytes.
 
@@ -124,6 +126,9 @@ def ppo_plan(
         act_bytes: activation element size (2 under bf16/fp16 autocast, else 4).
         gen_logits: old logprobs from generate's logits (`gen_logits_fit`), else a policy forward.
         checkpointing: gradient checkpointing of the policy (and of a shared-base critic, which runs its layers).
+        value_in_policy: the value model is a head on the policy's last hidden state (`value_model_init:
+            policy_head`): no forward and no activations of its own (its `(B, T)` values are noise beside the
+            policy's logits).
     The peak: weights + optimizer states + the largest phase, where the rollout phases (generation, each no-grad
     forward) run one at a time, the backward holds policy and value activations, the training logits and the output
     layer's gradient, and the optimizer step all gradients.
@@ -166,6 +171,9 @@ def ppo_plan(
             phases["reference forward"] = logprob_fwd
             note = "the policy with its adapter off: no weights of its own" if shape is None else ""
             train = 0
+        elif role == "value" and value_in_policy:
+            peak = train = 0
+            note = "a head on the policy's last hidden state: no forward of its own"
         elif role == "value":
             vshape = shape or policy
             peak = no_grad_activation_bytes(vshape, b, L, act_bytes)

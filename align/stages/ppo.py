@@ -38,6 +38,7 @@ from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecy
 from align.models import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
 from align.trainers.ppo import PPOTrainer
+from align.trainers.ppo_models import VALUE_HEAD_FILE
 from align.trainers.reward import score
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ def run(cfg) -> Path:
             value_model={
                 "init": "path" if cfg.value_model_path else cfg.value_model_init,
                 "path": cfg.value_model_path,
-                "saved": "value_model",
+                "saved": VALUE_HEAD_FILE if cfg.value_model_init == "policy_head" else "value_model",
             },  # fmt: skip
             log_history=trainer.state.log_history,
             samples=trainer.samples,

@@ -123,8 +123,8 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
         if self.value_model_init == "policy_lora" and not self.use_peft:
             errors.append("value_model_init 'policy_lora' shares the LoRA policy's base; set use_peft: true, or "
                           "value_model_init: policy")  # fmt: skip
-        if self.value_model_init == "policy_lora" and self.value_model_path:
-            errors.append(f"value_model_init 'policy_lora' builds the value model on the policy's base, and "
+        if self.value_model_init in ("policy_lora", "policy_head") and self.value_model_path:
+            errors.append(f"value_model_init {self.value_model_init!r} builds the value model on the policy, and "
                           f"value_model_path {self.value_model_path!r} names one too; drop one")  # fmt: skip
         if self.merge_adapter and not self.use_peft:
             errors.append("merge_adapter: true needs use_peft: true (there is no adapter to merge)")

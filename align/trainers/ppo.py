@@ -15,7 +15,9 @@ disabled: no second copy), the reward model (frozen, `*ForSequenceClassification
 tokenizer: responses are decoded and re-tokenized for it) and the value model (trained; a sequence-classification
 model read at every token: backbone + `score` head on all hidden states). With a LoRA policy, `value_model_init:
 policy_lora` puts the value model on the policy's own frozen base instead (a second LoRA adapter + a head:
-`SharedBaseCritic`), so one copy of the weights serves policy, reference and value. Ouyang et al. 2022:
+`SharedBaseCritic`), so one copy of the weights serves policy, reference and value; `value_model_init: policy_head`
+puts a value head on the policy's own last hidden state (`PolicyValueHead`, LoRA or not), so one forward and one
+backward serve both losses. Ouyang et al. 2022:
 https://arxiv.org/abs/2203.02155 ; Ziegler et al. 2019: https://arxiv.org/abs/1909.08593
 """
 
@@ -54,7 +56,7 @@ from align.rl.ppo import (
 )
 from align.trainers.ppo_checkpoint import VALUE_DIR, load_checkpoint, save_checkpoint
 from align.trainers.ppo_config import PPOConfig
-from align.trainers.ppo_models import SharedBaseCritic, plain_model_state
+from align.trainers.ppo_models import PolicyValueHead, SharedBaseCritic, plain_model_state
 from align.trainers.ppo_rollout import (
     Rollout,
     decode_responses,
@@ -91,7 +93,8 @@ class PPOTrainer:
             adapters disabled.
         reward_model: `*ForSequenceClassification`, num_labels=1; `config.align_reward_offset` is subtracted.
         value_model: `*ForSequenceClassification` read per token; None = built per `args.value_model_init`
-            ('policy_lora': a critic adapter + head on the LoRA policy's base, `SharedBaseCritic`).
+            ('policy_lora': a critic adapter + head on the LoRA policy's base, `SharedBaseCritic`; 'policy_head': a
+            head on the policy's own last hidden state, `PolicyValueHead`).
         processing_class: the policy's tokenizer. reward_tokenizer: the reward model's (None = the policy's).
         train_dataset: prompts, column "prompt" (str; the chat template is applied when the tokenizer has one) or
             pre-tokenized "input_ids" (used as is).
@@ -623,8 +626,9 @@ class PPOTrainer:
         """Save the policy as a plain HF causal LM (pipeline-loadable) with tokenizer and a generation config that
         stops at EOS; a LoRA policy is merged when `merge_adapter` (default: `args.merge_adapter` if the config has
         it), else saved as an adapter (its own only, not the critic's). The value model goes to
-        `output_dir/value_model/`, a plain `*ForSequenceClassification` in either layout (a shared-base critic is
-        merged into a copy of the base there)."""
+        `output_dir/value_model/`, a plain `*ForSequenceClassification` (a shared-base critic is merged into a copy
+        of the base there); a value head on the policy's trunk to `output_dir/value_head.safetensors`, beside the
+        policy it reads."""
         acc = self.accelerator
         out = Path(output_dir or self.args.output_dir)
         merge = merge_adapter if merge_adapter is not None else bool(getattr(self.args, "merge_adapter", False))
@@ -660,6 +664,9 @@ class PPOTrainer:
         else:
             policy.save_pretrained(out, **policy_state)
         tok.save_pretrained(out)
+        if isinstance(value, PolicyValueHead):  # the head alone: its trunk is the policy just saved
+            value.save_pretrained(out)
+            return
         value.save_pretrained(out / VALUE_DIR, **state_dict_kwargs(value, sharded))
         tok.save_pretrained(out / VALUE_DIR)
 
@@ -713,12 +720,19 @@ class PPOTrainer:
             trainable / 1e6,
             " (LoRA)" if self.is_peft else "",
             "policy with adapters disabled" if self.ref_policy is None else "frozen copy",
-            "critic adapter + head on the policy's base" if isinstance(self.value_model, SharedBaseCritic)
-            else type(self.value_model).__name__,
+            _value_summary(self.value_model),
             "reward_fn" if self.reward_fn is not None else type(self.reward_model).__name__,
             "generate's logits" if self._use_gen_logits else "a policy forward",
             precision_summary(args),
         )
+
+
+def _value_summary(value_model) -> str:
+    if isinstance(value_model, SharedBaseCritic):
+        return "critic adapter + head on the policy's base"
+    if isinstance(value_model, PolicyValueHead):
+        return "a head on the policy's last hidden state (one forward for both)"
+    return type(value_model).__name__
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 saved so that a resumed run continues exactly (`tests/test_ppo_trainer.py`). Plain functions: the trainer passes its
 models, optimizer and state, and applies what `load_checkpoint` returns. With the shared base (`value_model_init:
 policy_lora`) the checkpoint holds the policy's adapter at its top and the critic's adapter + value head in
-`value_model/`, in the same `checkpoint-N.tmp` rename as everything else."""
+`value_model/`, in the same `checkpoint-N.tmp` rename as everything else; with the value head on the policy's trunk
+(`value_model_init: policy_head`) `value_model/` holds that head alone."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from transformers import TrainerState
 
 from align.errors import AlignError
 from align.io import atomic_write_json, atomic_write_text, fsync_tree, no_space_error, no_space_left
-from align.trainers.ppo_models import SharedBaseCritic
+from align.trainers.ppo_models import PolicyValueHead, SharedBaseCritic
 from align.trainers.sharding import (
     full_trainable_and_optimizer_state,
     is_sharded,
@@ -91,6 +92,9 @@ def _write_checkpoint(
             policy.save_pretrained(tmp, selected_adapters=[value_model.policy_adapter],
                                    **state_dict_kwargs(policy, sharded))  # fmt: skip
             value_model.save_pretrained(tmp / VALUE_DIR)  # reads the gathered parameters itself
+        elif isinstance(value_model, PolicyValueHead):  # the head alone: its trunk is the policy saved above
+            policy.save_pretrained(tmp, **state_dict_kwargs(policy, sharded))
+            value_model.save_pretrained(tmp / VALUE_DIR)
         else:
             policy.save_pretrained(tmp, **state_dict_kwargs(policy, sharded))
             value_model.save_pretrained(tmp / VALUE_DIR, **state_dict_kwargs(value_model, sharded))
@@ -185,7 +189,7 @@ def _load_models(ckpt: Path, policy, value_model, is_peft: bool) -> None:
         set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
     else:
         load_checkpoint_in_model(policy, ckpt, strict=True)
-    if isinstance(value_model, SharedBaseCritic):
+    if isinstance(value_model, (SharedBaseCritic, PolicyValueHead)):
         value_model.load_pretrained(ckpt / VALUE_DIR)
     else:
         load_checkpoint_in_model(value_model, ckpt / VALUE_DIR, strict=True)

@@ -16,7 +16,7 @@ from align.config import (
 )
 from align.rl.ppo import KL_ESTIMATORS
 
-VALUE_MODEL_INITS = ("reward", "policy", "policy_lora")
+VALUE_MODEL_INITS = ("reward", "policy", "policy_lora", "policy_head")
 GENERATION_BACKENDS = ("transformers", "align", "vllm")
 
 
@@ -190,7 +190,8 @@ class PPOConfig(TrainingArguments):
         default=0.1,
         metadata={
             "help": "Value loss weight. 0.1 as TRL: policy and value share one optimizer, and the value "
-            "loss is in squared reward units, often much larger than the policy loss."
+            "loss is in squared reward units, often much larger than the policy loss. With value_model_init "
+            "'policy_head' it also weighs the value loss's gradient against the policy loss's in the shared trunk."
         },
     )
     critic_warmup_steps: int = field(
@@ -198,8 +199,9 @@ class PPOConfig(TrainingArguments):
         metadata={
             "help": "The first N PPO updates train the value model alone: the policy's gradients are dropped before "
             "each optimizer step, so it samples every warm-up rollout unchanged (OpenRLHF's freezing_actor_steps). "
-            "For a critic that starts from nothing (value_model_init 'policy' or 'policy_lora': a fresh head), whose "
-            "first estimates make the policy's advantages noise. 0 = none."
+            "For a critic that starts from nothing (value_model_init 'policy', 'policy_lora' or 'policy_head': a "
+            "fresh head), whose first estimates make the policy's advantages noise. With 'policy_head' the trunk is "
+            "the policy's, so a warm-up trains the head alone on the policy's features. 0 = none."
         },
     )
     gamma: float = field(
@@ -232,7 +234,10 @@ class PPOConfig(TrainingArguments):
             "the reward model; needs the policy's tokenizer), 'policy' (a copy of the policy's backbone, fresh "
             "scalar head) or 'policy_lora' (LoRA policies only: no copy; the policy's frozen base with a second "
             "LoRA adapter, 'critic', and a fresh scalar head, so one base serves policy, reference and value and "
-            "only the two adapters and the head train; saved as a plain value model all the same).",
+            "only the two adapters and the head train; saved as a plain value model all the same) or 'policy_head' (a "
+            "scalar head on the policy's own last hidden state, LoRA or not: one forward and one backward serve both "
+            "losses, vf_coef weighs them in the shared trunk, as TRL's AutoModelForCausalLMWithValueHead; the head "
+            "is saved as value_head.safetensors beside the policy).",
             "choices": list(VALUE_MODEL_INITS),
         },
     )

@@ -1,6 +1,7 @@
 """The model pieces of align's PPO: value and policy forwards over a rollout, the policy+value wrapper that one DDP
-module trains, the critic that shares the LoRA policy's base (`value_model_init: policy_lora`), GPT-2's fused GELU
-(used by `align.trainers.ppo.PPOTrainer`)."""
+module trains, the critic that shares the LoRA policy's base (`value_model_init: policy_lora`), the value head on the
+policy's own last hidden state (`value_model_init: policy_head`), GPT-2's fused GELU (used by
+`align.trainers.ppo.PPOTrainer`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification
@@ -23,13 +25,14 @@ from align.trainers.sharding import plain_state_dict
 
 CRITIC_ADAPTER = "critic"  # not "value": BERT-like models have modules named `value`, and peft names params by both
 VALUE_HEAD_FILE = "value_head.safetensors"
+POLICY_HEAD = "policy_head"  # the value_model_init of `PolicyValueHead`, stored in its file's metadata
 
 
 def value_head_forward(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
-    """Per-token values `(B, T)` of a `*ForSequenceClassification` model (or a `SharedBaseCritic`): backbone, then its
-    `score` head on the hidden state before each of the last `response_length` tokens (the state the token was
-    sampled from)."""
-    if isinstance(model, SharedBaseCritic):
+    """Per-token values `(B, T)` of a `*ForSequenceClassification` model (or a `SharedBaseCritic`, a
+    `PolicyValueHead`): backbone, then its `score` head on the hidden state before each of the last `response_length`
+    tokens (the state the token was sampled from)."""
+    if isinstance(model, (SharedBaseCritic, PolicyValueHead)):
         return model(input_ids, attention_mask, position_ids, response_length)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(
@@ -48,6 +51,81 @@ def policy_logits(model, input_ids, attention_mask, position_ids, response_lengt
         use_cache=False,
     )
     return out.logits[:, :-1]
+
+
+class PolicyValueHead(nn.Module):
+    """The value model of `value_model_init: policy_head`: a scalar head, `Linear(hidden, 1)` without bias, initialized
+    as transformers initializes a `*ForSequenceClassification` head (normal, std `initializer_range`), on the policy's
+    own last hidden state (after its LoRA, if any: the input of its LM head). One forward and one backward of the
+    policy then serve both losses, and `vf_coef` weighs the value loss's gradient in the shared trunk, as TRL's
+    `AutoModelForCausalLMWithValueHead` (TRL <= 0.11) did. This module's only parameter is the head's; it keeps the
+    policy outside its submodules (as `SharedBaseCritic`), so the policy+value wrapper holds the policy's weights once.
+    """
+
+    def __init__(self, policy):
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)
+        base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
+        text = base.config.get_text_config()
+        self.score = nn.Linear(text.hidden_size, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=getattr(text, "initializer_range", 0.02))
+
+    @property
+    def policy(self):
+        return self._policy
+
+    def logits_and_values(self, input_ids, attention_mask, position_ids, response_length: int):
+        """(logits `(B, T, V)` as `policy_logits`, values `(B, T)` float32) from ONE policy forward: the values read
+        what the LM head reads, captured by a hook on its input, which `logits_to_keep` has already cut to the last
+        `response_length + 1` positions (no full-sequence hidden states or logits are kept)."""
+        seen: list[torch.Tensor] = []
+        hook = self._policy.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            logits = policy_logits(self._policy, input_ids, attention_mask, position_ids, response_length)
+        finally:
+            hook.remove()
+        if len(seen) != 1 or seen[0].shape[1] != response_length + 1:  # a model that ignores logits_to_keep
+            raise RuntimeError(
+                f"policy_head: the LM head read {[tuple(t.shape) for t in seen]}, expected one (B, "
+                f"{response_length + 1}, hidden) input"
+            )
+        return logits, self._values(seen[0][:, :-1])
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+        """Values alone `(B, T)` (float32), as `value_head_forward`: the policy's backbone (its `last_hidden_state`
+        is the LM head's input) without the LM head, for a rollout whose old logprobs came from generate."""
+        base = self._policy.get_base_model() if isinstance(self._policy, PeftModel) else self._policy
+        backbone = getattr(base, base.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self._values(hidden[:, -response_length - 1 : -1])
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The head alone, `path/value_head.safetensors` (its metadata names the layout): the trunk is the policy's,
+        saved as the policy."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.score.weight.detach().cpu().contiguous()}, path / VALUE_HEAD_FILE,
+                  metadata={"value_model_init": POLICY_HEAD})  # fmt: skip
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load what `save_pretrained` wrote; AlignError for a file of another layout (a policy_lora critic's head
+        read another trunk) or none."""
+        file = Path(path) / VALUE_HEAD_FILE
+        layout = None
+        if file.is_file():
+            with safe_open(str(file), framework="pt") as f:
+                layout = (f.metadata() or {}).get("value_model_init")
+        if layout != POLICY_HEAD:
+            raise AlignError(
+                f"{path}: no value head written with value_model_init '{POLICY_HEAD}' ({VALUE_HEAD_FILE}). Resume "
+                "with the value_model_init the checkpoint was saved with, or start over."
+            )
+        self.score.load_state_dict(load_file(file, device=str(self.score.weight.device)))
 
 
 class SharedBaseCritic(nn.Module):
@@ -233,7 +311,8 @@ def use_adapter(layers: list[nn.Module], name: str) -> contextlib.AbstractContex
 
 
 class PolicyAndValue(nn.Module):
-    """Policy and value model as one module, so DDP syncs both in one pass and one optimizer steps both (as TRL)."""
+    """Policy and value model as one module, so DDP syncs both in one pass and one optimizer steps both (as TRL). With
+    a `PolicyValueHead` one policy forward gives logits and values."""
 
     def __init__(self, policy: nn.Module, value_model: nn.Module):
         super().__init__()
@@ -251,8 +330,12 @@ class PolicyAndValue(nn.Module):
         return names
 
     def forward(self, input_ids, attention_mask, position_ids, response_length: int, ptx=None):
-        logits = policy_logits(self.policy, input_ids, attention_mask, position_ids, response_length)
-        values = value_head_forward(self.value_model, input_ids, attention_mask, position_ids, response_length)
+        if isinstance(self.value_model, PolicyValueHead):  # one policy forward gives both
+            logits, values = self.value_model.logits_and_values(input_ids, attention_mask, position_ids,
+                                                                response_length)  # fmt: skip
+        else:
+            logits = policy_logits(self.policy, input_ids, attention_mask, position_ids, response_length)
+            values = value_head_forward(self.value_model, input_ids, attention_mask, position_ids, response_length)
         ptx_loss = None
         if ptx is not None:  # in the same forward call: DDP must see every parameter used once per backward
             labels = ptx["input_ids"].masked_fill(ptx["attention_mask"] == 0, -100)

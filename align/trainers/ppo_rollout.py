@@ -25,7 +25,7 @@ from align.errors import AlignError
 from align.generation.decode import decode
 from align.models.modeling import is_encoder, max_positions
 from align.rl.ppo import gae, kl_penalty, masked_whiten, per_token_rewards, response_mask
-from align.trainers.ppo_models import adapters_disabled, policy_logits, value_head_forward
+from align.trainers.ppo_models import PolicyValueHead, adapters_disabled, policy_logits, value_head_forward
 from align.trainers.ppo_sampler import SamplerCopy
 from align.trainers.ppo_vllm import vllm_responses
 
@@ -305,6 +305,31 @@ def forward_logprobs(
 
 
 @torch.no_grad()
+def forward_logprobs_and_values(
+    head: PolicyValueHead,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    responses: torch.Tensor,
+    *,
+    temperature: float,
+    batch_size: int,
+    accelerator: Accelerator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs, values), each `(B, T)` float32, as `forward_logprobs` and `forward_values` give them, from one policy
+    forward per chunk (`value_model_init: policy_head`: the values read the policy's last hidden state)."""
+    T = responses.shape[1]
+    logprobs, values = [], []
+    with accelerator.autocast():
+        for s in range(0, query_responses.shape[0], batch_size):
+            rows = slice(s, s + batch_size)
+            logits, v = head.logits_and_values(query_responses[rows], attention_mask[rows], position_ids[rows], T)
+            logprobs.append(selective_log_softmax(logits.float(), responses[rows], temperature))
+            values.append(v)
+    return torch.cat(logprobs), torch.cat(values)
+
+
+@torch.no_grad()
 def forward_values(
     value_model,
     query_responses: torch.Tensor,
@@ -409,7 +434,8 @@ def make_rollout(
 
     Args:
         policy: the causal LM being trained (unwrapped). ref_policy: the frozen reference; None = `policy` with its
-            (peft) adapters disabled. value_model: `*ForSequenceClassification` read per token.
+            (peft) adapters disabled. value_model: `*ForSequenceClassification` read per token, or a critic on the
+            policy's base (`SharedBaseCritic`) or trunk (`PolicyValueHead`: old logprobs and values in one forward).
         tokenizer: the policy's. prompt_ids, prompts: B prompts as token ids and as texts (for `score_fn`).
         score_fn: `(prompts, responses) -> (B,)` float scores of the texts (a reward model, or a rule).
         args: `PPOConfig` (generation, `kl_estimator`, `missing_eos_penalty`, `reward_clip`, `whiten_rewards`,
@@ -443,7 +469,10 @@ def make_rollout(
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     T = responses.shape[1]
     fwd = dict(temperature=args.temperature, batch_size=chunk, accelerator=accelerator)
-    if logprobs is None:
+    values = None
+    if logprobs is None and isinstance(value_model, PolicyValueHead):  # one forward gives both
+        logprobs, values = forward_logprobs_and_values(value_model, seq, attn, pos, responses, **fwd)
+    elif logprobs is None:
         logprobs = forward_logprobs(policy, seq, attn, pos, responses, **fwd)
     t1 = time.perf_counter()
 
@@ -451,7 +480,8 @@ def make_rollout(
         ref_logprobs = forward_logprobs(policy, seq, attn, pos, responses, disable_adapter=True, **fwd)
     else:
         ref_logprobs = forward_logprobs(ref_policy, seq, attn, pos, responses, **fwd)
-    values = forward_values(value_model, seq, attn, pos, T, batch_size=chunk, accelerator=accelerator)
+    if values is None:
+        values = forward_values(value_model, seq, attn, pos, T, batch_size=chunk, accelerator=accelerator)
     texts = decode_responses(tokenizer, responses, mask, has_eos)
     raw_scores = torch.as_tensor(score_fn(prompts, texts), dtype=torch.float32).reshape(-1).to(values.device)
     scores = adjusted_scores(raw_scores, has_eos, args.missing_eos_penalty, args.reward_clip)

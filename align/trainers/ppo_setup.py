@@ -37,7 +37,13 @@ from align.models import memory_plan as mp
 from align.models.memory_plan import set_malloc_mmap_threshold
 from align.models.modeling import max_positions
 from align.trainers.ppo_config import PPOConfig
-from align.trainers.ppo_models import PolicyAndValue, SharedBaseCritic, fuse_gelu_new, plain_backbone_state
+from align.trainers.ppo_models import (
+    PolicyAndValue,
+    PolicyValueHead,
+    SharedBaseCritic,
+    fuse_gelu_new,
+    plain_backbone_state,
+)
 from align.trainers.ppo_rollout import encode_prompts, encode_ptx
 from align.trainers.ppo_sampler import SamplerCopy
 from align.trainers.ppo_vllm import make_vllm_engine
@@ -55,7 +61,8 @@ class PPOModels:
 
     policy: the causal LM being trained (a peft model when LoRA). ref_policy: its frozen copy, or None for a LoRA
     policy (the reference is the policy with its adapters disabled). value_model: a `*ForSequenceClassification`
-    read per token, or a `SharedBaseCritic` on the LoRA policy's base. reward_model: frozen, or None when a reward
+    read per token, a `SharedBaseCritic` on the LoRA policy's base, or a `PolicyValueHead` on the policy's own last
+    hidden state. reward_model: frozen, or None when a reward
     function scores. tokenizer: the policy's; reward_tokenizer: the reward model's (the policy's when it has none).
     """
 
@@ -73,6 +80,11 @@ class PPOModels:
     def shared_base(self) -> bool:
         """Whether the value model is the critic on the policy's own base (`value_model_init: policy_lora`)."""
         return isinstance(self.value_model, SharedBaseCritic)
+
+    @property
+    def value_in_policy(self) -> bool:
+        """Whether the value model is a head on the policy's own trunk (`value_model_init: policy_head`)."""
+        return isinstance(self.value_model, PolicyValueHead)
 
     def frozen(self) -> list[nn.Module]:
         return [m for m in (self.ref_policy, self.reward_model) if m is not None]
@@ -167,7 +179,15 @@ def build_ppo_models(args: PPOConfig, policy, *, tokenizer, ref_policy=None, rew
 
 def make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft: bool):
     """The value model: `value_model` as given (a LikelihoodRewardModel's body and head), or built per
-    `args.value_model_init` ('policy_lora': a `SharedBaseCritic` on the LoRA policy's base)."""
+    `args.value_model_init` ('policy_lora': a `SharedBaseCritic` on the LoRA policy's base; 'policy_head': a
+    `PolicyValueHead` on the policy's own last hidden state, LoRA or not)."""
+    if args.value_model_init == "policy_head":
+        if value_model is not None:  # the stage's config rejects this too
+            raise AlignError(
+                "ppo: value_model_init 'policy_head' puts a value head on the policy's own trunk, and a value model "
+                "was given too (value_model_path). Drop one."
+            )
+        return PolicyValueHead(policy)
     if args.value_model_init == "policy_lora":
         # The stage's config rejects these settings; a caller that builds the trainer itself gets the same news here.
         if not is_peft:
@@ -229,7 +249,7 @@ def init_value_model(value_model_init: str, policy, reward_model):
 
 def check_vocab(tokenizer, value_model) -> None:
     """AlignError when the value model cannot read the policy's tokens (no backbone + `score`, too few embeddings)."""
-    if isinstance(value_model, SharedBaseCritic):  # reads the policy's own embeddings
+    if isinstance(value_model, (SharedBaseCritic, PolicyValueHead)):  # reads the policy's own embeddings
         return
     if not hasattr(value_model, "score") or not hasattr(value_model, value_model.base_model_prefix):
         raise AlignError(
@@ -292,13 +312,15 @@ def plan_memory(models: PPOModels, args: PPOConfig, acc, *, prompt_length: int, 
     """Log one line per model and the estimated peak (`align.models.memory_plan`); on CUDA, AlignError when it does
     not fit the free memory. Returns (lines, peak bytes)."""
     policy, ref, value_model, reward_model = models.policy, models.ref_policy, models.value_model, models.reward_model
-    shared = models.shared_base
+    shared, in_policy = models.shared_base, models.value_in_policy
     seen: set[int] = set()
     stats, shapes = {}, {}
     if shared:  # the critic's adapter is counted as the value model's, not the policy's
         stats["value"] = mp.param_stats([*value_model.adapter_parameters(), *value_model.parameters()], seen)
+    if in_policy:  # the head alone
+        stats["value"] = mp.param_stats(value_model.parameters(), seen)
     for role, model in (("policy", policy), ("reference", ref), ("value", value_model), ("reward", reward_model)):
-        if role == "value" and shared:
+        if role == "value" and (shared or in_policy):
             shapes[role] = None  # runs the policy's layers
         elif model is not None:
             stats[role], shapes[role] = mp.param_stats(model.parameters(), seen), mp.model_shape(model)
@@ -310,16 +332,18 @@ def plan_memory(models: PPOModels, args: PPOConfig, acc, *, prompt_length: int, 
     lines, peak = mp.ppo_plan(
         shapes, stats, rollout_batch=b, micro_batch=args.per_device_train_batch_size, prompt_length=P,
         max_new_tokens=args.max_new_tokens, act_bytes=2 if half else 4, gen_logits=gen_logits,
-        checkpointing=bool(args.gradient_checkpointing),
+        checkpointing=bool(args.gradient_checkpointing), value_in_policy=in_policy,
     )  # fmt: skip
     if acc.is_main_process:
         T, micro = args.max_new_tokens, args.per_device_train_batch_size
         mp.log_plan("ppo", lines, peak, f"rollout chunks of {b} x ({P} + {T}) tokens, micro-batch {micro}")
     fixes = ["lower local_rollout_forward_batch_size, per_device_train_batch_size (raising "
              "gradient_accumulation_steps) or max_new_tokens"]  # fmt: skip
+    if not in_policy:
+        fixes.append("read values off the policy's own forward with value_model_init: policy_head")
     if not models.is_peft:
         fixes.append("train LoRA (use_peft: true) with value_model_init: policy_lora")
-    elif not shared:
+    elif not shared and not in_policy:
         fixes.append("share the policy's base with value_model_init: policy_lora")
     if not half:
         fixes.append("set bf16: true")
@@ -333,7 +357,8 @@ def plan_memory(models: PPOModels, args: PPOConfig, acc, *, prompt_length: int, 
 
 def build_optimizer(models: PPOModels, args: PPOConfig, optimizer_steps: int):
     """(policy + value wrapper, optimizer, scheduler): one optimizer for both models in two parameter groups, the
-    policy's first (`critic_warmup_steps` drops the gradients of group 0), with Trainer's mapping of `optim`
+    policy's first (`critic_warmup_steps` drops the gradients of group 0: with `value_model_init: policy_head` the
+    policy's trunk is group 0 too, so a warm-up trains the head alone), with Trainer's mapping of `optim`
     (default adamw_torch_fused: one kernel per step instead of ~10 ops per tensor). The scheduler is stepped by the
     trainer, not by accelerate, which would step it once per process."""
     policy, value_model = models.policy, models.value_model
