@@ -186,8 +186,9 @@ def test_lora_reference_is_the_model_with_adapters_off_and_no_second_model(stage
         raise AssertionError("a second model was loaded")
 
     monkeypatch.setattr("trl.trainer.dpo_trainer.create_model_from_path", no_load)
-    monkeypatch.setattr("align.stages.dpo.copy.deepcopy", no_load)
-    trainer, _ = _trainer(stages, tmp_path, use_peft=True, lora_r=2, lora_alpha=4, lora_target_modules=["q_proj"])
+    monkeypatch.setattr("align.stages.dpo.frozen_copy", no_load)
+    lora = {"use_peft": True, "lora_r": 2, "lora_alpha": 4, "lora_target_modules": ["q_proj", "v_proj"]}
+    trainer, _ = _trainer(stages, tmp_path, **lora)
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
 
 

@@ -96,14 +96,17 @@ def gold_view(cfg):
 # Model and trainer
 
 
+def frozen_copy(model):
+    """A copy of `model` in eval mode with no gradients: the full fine-tuning reference."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def build_trainer(cfg, model, tokenizer, train_ds, eval_ds) -> DPOTrainer:
     """DPOTrainer on `model`. LoRA (`use_peft`): no `ref_model`, so TRL computes the reference with the adapters off
     and loads no second model. Full fine-tuning: a frozen copy of `model` made here, not TRL's default reload from
     `config._name_or_path`, which cannot reload a GGUF or `package:` model (the same weights either way)."""
     peft_config = get_peft_config(cfg)
-    ref_model = None
-    if peft_config is None:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_model = frozen_copy(model) if peft_config is None else None
     return DPOTrainer(
         model=model,
         ref_model=ref_model,
