@@ -225,7 +225,7 @@ def test_stage_writes_model_metrics_and_lineage(stages, tmp_path):
     assert info["data_parent"] == {"stage": "rank", "path": str(stages["rank"].resolve())}
     m = info["metrics"]
     # 12 train groups (16 less 4 held out); best_vs_rest: K-1 = 2 pairs each (the tie group's best against both)
-    assert m["labels_used"] == 12 and m["pairs_used"] == 24
+    assert m["labels_used"] == 12 and m["pairs_used"] == 24 and m["pairs_seen"] == 2 * 4  # max_steps x batch
     assert info["data"]["ranking_pairs"] == "best_vs_rest" and info["data"]["eval_pairs"] in (11, 12)
     # the SFT stage's stored scores reused (same 8 tiny-world prompts, 8 tokens, greedy and 4 samples)
     assert m["parent_gold_score"] == 0.125 and info["parent_gold_scores"] == PARENT_GOLD

@@ -176,6 +176,10 @@ def run(cfg) -> Path:
     # The labels behind the model: the ranked groups its pairs came from, as the reward model's `rows`
     metrics["labels_used"] = data_info["train_groups_with_pairs"]
     metrics["pairs_used"] = len(train_ds)
+    # What training went through (repeats counted; the last batch of an epoch may be short): below pairs_used when
+    # max_steps ends it within the first epoch, so not every group's pairs were seen
+    metrics["pairs_seen"] = (trainer.state.global_step * cfg.per_device_train_batch_size
+                             * cfg.gradient_accumulation_steps * trainer.accelerator.num_processes)  # fmt: skip
 
     # ---- Evaluate: DPO's held-out loss and implicit-reward pair accuracy
     if eval_ds is not None:

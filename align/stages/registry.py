@@ -292,6 +292,7 @@ _BUILT_IN_STAGES = (
             ("eval_rewards/accuracies", "held-out pair accuracy of DPO's implicit reward"),
             ("labels_used", "ranked groups behind it"),
             ("pairs_used", "training pairs"),
+            ("pairs_seen", "pairs trained on (steps x batch)"),
             ("train_runtime", "training time (s)"),
         ),
         headline=("gold_score", "parent_gold_score", "gold_score_sampled", "kl_to_parent"),
