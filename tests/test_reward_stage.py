@@ -317,13 +317,13 @@ def test_ranking_as_pairs_reports_the_same_metrics(sft, tmp_path):
     assert info["recipe"]["ranking_as_pairs"] is True
 
 
-def test_as_pairs_expands_non_tied_pairs():
+def test_ranking_as_pairs_expands_non_tied_pairs():
     from datasets import Dataset
 
-    from align.stages.reward import as_pairs
+    from align.data.rankings import ranking_pairs
 
     ds = Dataset.from_list([{"prompt": "p", "responses": ["a", "b", "c", "d"], "ranking": [[2], [0, 3], [1]]}])
-    pairs = as_pairs(ds).to_list()
+    pairs = ranking_pairs(ds, "all").to_list()
     # 2 beats 0, 3 and 1; 0 and 3 beat 1; the tie 0 ~ 3 is no pair: 5 of C(4, 2) = 6
     got = {(p["chosen"], p["rejected"]) for p in pairs}
     assert got == {("c", "a"), ("c", "d"), ("c", "b"), ("a", "b"), ("d", "b")} and len(pairs) == 5

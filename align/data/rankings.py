@@ -14,6 +14,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import datasets
+
 from align.errors import AlignError
 
 logger = logging.getLogger(__name__)
@@ -241,6 +243,54 @@ def parse_ranking_row(row: dict[str, Any], *, where: str) -> tuple[str, list[str
             )
         margin = float(margin)
     return prompt, responses, ranks, margin
+
+
+# The ways `ranking_pairs` turns one ranked group into chosen/rejected pairs (DPO's `ranking_pairs` key; the reward
+# stage's `ranking_as_pairs` uses "all").
+PAIR_MODES = ("all", "best_vs_rest", "adjacent")
+
+
+def _pair_kept(mode: str, chosen_rank: int, rejected_rank: int) -> bool:
+    """Whether (chosen, rejected) with these ranks (0 = best; tied responses share one) is a pair under `mode`."""
+    if chosen_rank >= rejected_rank:  # a tie, or the wrong way round: never a pair
+        return False
+    if mode == "all":
+        return True
+    if mode == "best_vs_rest":
+        return chosen_rank == 0
+    return rejected_rank == chosen_rank + 1  # adjacent: ranks are block positions, so +1 is the next lower block
+
+
+def ranking_pairs(ds, mode: str = "all"):
+    """Each ranked group -> `{prompt, chosen, rejected}` rows (`margin` kept when present), with `group` the 0-based
+    row it came from. Rows must be valid (`parse_ranking_row`); pair rows are groups of 2.
+
+    mode: "all": every pair of responses with a strict preference (at most C(K,2) per group); "best_vs_rest": each
+    best-ranked response against every response ranked lower (K-1 when the best is alone); "adjacent": each response
+    against each response of the next lower rank (K-1 when there are no ties). Tied responses are never a pair with
+    each other: under "all" a tie group pairs with everything above and below it, under "best_vs_rest" each tied best
+    response pairs with every lower one (and a tie lower down is rejected against the best only), under "adjacent" each
+    member pairs with the rank above and the rank below. Pairs are in group order, then chosen index, then rejected
+    index.
+    """
+    if mode not in PAIR_MODES:
+        raise ValueError(f"ranking_pairs: mode {mode!r}; expected one of {PAIR_MODES}")
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "group": []}
+    has_margin = "margin" in ds.column_names
+    if has_margin:
+        out["margin"] = []
+    for i, row in enumerate(ds):
+        prompt, responses, ranks, margin = parse_ranking_row(row, where=f"row {i + 1}")
+        for w, rw in enumerate(ranks):
+            for b, rb in enumerate(ranks):
+                if _pair_kept(mode, rw, rb):
+                    out["prompt"].append(prompt)
+                    out["chosen"].append(responses[w])
+                    out["rejected"].append(responses[b])
+                    out["group"].append(i)
+                    if has_margin:
+                        out["margin"].append(margin)
+    return datasets.Dataset.from_dict(out)
 
 
 def tokenize_rankings(

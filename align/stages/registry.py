@@ -277,6 +277,37 @@ _BUILT_IN_STAGES = (
         prepare="align.stages.huge_pages:huge_pages_for_mapped_heap",
     ),
     Stage(
+        name="dpo",
+        help="direct preference optimization on pairs from the rankings (TRL's DPOTrainer)",
+        entry="align.stages.dpo",
+        config="align.stages.dpo_config:DPOStageConfig",
+        parents={"model_name_or_path": "sft", "dataset_name": "rank"},
+        metrics=(
+            ("parent_gold_score", "gold score of the parent (SFT)"),
+            ("gold_score", "gold score"),
+            ("gold_win_rate", "gold win-rate over the parent"),
+            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
+            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
+            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
+            ("kl_to_parent", "KL to the SFT model (sampled, nats per answer)"),
+            ("eval_rewards/accuracies", "held-out pair accuracy of DPO's implicit reward"),
+            ("labels_used", "ranked groups behind it"),
+            ("pairs_used", "training pairs"),
+            ("pairs_seen", "pairs trained on (steps x batch)"),
+            ("train_runtime", "training time (s)"),
+        ),
+        headline=("gold_score", "parent_gold_score", "gold_score_sampled", "kl_to_parent"),
+        label="DPO",
+        card_tags=("text-generation", "rlhf", "dpo", "preference"),
+        about=(
+            "**Direct preference optimization (Rafailov et al. 2023).** Instead of training a reward model and "
+            "running PPO against it, the SFT model is trained directly on chosen/rejected pairs taken from the same "
+            "K-way rankings the reward model learns from: the loss raises the log-probability ratio to the frozen "
+            "SFT model (the reference) of each chosen answer over its rejected one, scaled by beta, which plays the "
+            "part of PPO's KL penalty."
+        ),
+    ),
+    Stage(
         name="bon",
         help="best-of-n at inference: the reward model picks the best of n sampled answers (no training)",
         entry="align.stages.bon",

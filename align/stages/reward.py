@@ -28,7 +28,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
 from trl import get_peft_config
@@ -36,7 +35,7 @@ from trl import get_peft_config
 from align.config import log_config, parse_config
 from align.data import load as dl
 from align.data import sources, tinyworld
-from align.data.rankings import parse_ranking_row, reward_format
+from align.data.rankings import parse_ranking_row, ranking_pairs, reward_format
 from align.errors import AlignError
 from align.io import (
     parent_of,
@@ -104,26 +103,6 @@ def _validate(ds, source: str) -> int:
             pairs += sum(a < b for a in ranks for b in ranks)
         start += n
     return pairs
-
-
-def as_pairs(ds):
-    """Each ranked group -> its C(K,2) non-tied `{prompt, chosen, rejected}` rows (margins kept), as pair-only
-    trainers see the same labels. Rows must be valid (`_validate`)."""
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
-    has_margin = "margin" in ds.column_names
-    if has_margin:
-        out["margin"] = []
-    for i, row in enumerate(ds):
-        prompt, responses, ranks, margin = parse_ranking_row(row, where=f"row {i + 1}")
-        for w, rw in enumerate(ranks):
-            for b, rb in enumerate(ranks):
-                if rw < rb:
-                    out["prompt"].append(prompt)
-                    out["chosen"].append(responses[w])
-                    out["rejected"].append(responses[b])
-                    if has_margin:
-                        out["margin"].append(margin)
-    return datasets.Dataset.from_dict(out)
 
 
 def load_reward_data(cfg) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
@@ -293,7 +272,8 @@ def run(cfg) -> Path:
     train_ds, eval_ds, data_info, rank_parent = load_reward_data(cfg)
     train_groups = train_ds
     if cfg.ranking_as_pairs:
-        train_ds = as_pairs(train_ds)
+        # each group's C(K,2) non-tied pairs, margins kept, as pair-only trainers see the same labels
+        train_ds = ranking_pairs(train_ds, "all").remove_columns("group")
         data_info["train_pairs_as_rows"] = len(train_ds)
     if eval_ds is None and cfg.eval_strategy != "no":
         cfg.eval_strategy = "no"
