@@ -339,6 +339,9 @@ VALUE_RULES: dict[str, Rule] = {
     "missing_eos_penalty": Rule("[0, inf)", "subtracted from the score, e.g. 1.0; null = none"),
     "vllm_gpu_memory_utilization": Rule("(0, 1]", "a share of GPU memory, e.g. 0.3"),
     "malloc_mmap_threshold": Rule(f"[1, {32 * 2**20}]", "bytes, at most glibc's 32 MiB, e.g. 4194304"),
+    # GRPO / RLOO (TRL's keys)
+    "beta": Rule("[0, inf)", "the KL coefficient, 0 = no reference model (GRPO), e.g. 0.04"),
+    "max_completion_length": Rule("[1, inf)", "tokens per completion, e.g. 48"),
     # Classify
     "lm_aux_coef": Rule("[0, inf)", "GPT-1's lambda, e.g. 0.5; 0 = no auxiliary LM loss"),
     "tinyworld_examples": Rule("[1, inf)"),
