@@ -178,4 +178,3 @@ def run_online(cfg, stage: str, trainer_cls) -> Path:
         logger.info("%s: wrote %s", stage, output_dir)
     wait_for_everyone()
     return output_dir
-
