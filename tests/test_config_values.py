@@ -18,7 +18,7 @@ from align.config import VALUE_RULES, config_class, parse_config
 from align.errors import AlignError
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "rank", "reward", "ppo", "bon", "classify")
+STAGES = ("pretrain", "sft", "rank", "reward", "ppo", "dpo", "grpo", "rloo", "bon", "classify")
 # The keys each stage needs before its values are looked at (paths are never opened by the config).
 NEEDS = {
     "pretrain": [],
@@ -26,8 +26,11 @@ NEEDS = {
     "rank": [],
     "reward": ["--model_name_or_path", "m", "--dataset_name", "d"],
     "ppo": ["--model_name_or_path", "m", "--reward_model_path", "r"],
+    "dpo": ["--model_name_or_path", "m", "--dataset_name", "d"],
     "bon": ["--model_name_or_path", "m", "--reward_model_path", "r"],
     "classify": ["--model_name_or_path", "m"],
+    "grpo": ["--model_name_or_path", "m", "--reward_model_path", "r"],
+    "rloo": ["--model_name_or_path", "m", "--reward_model_path", "r"],
 }
 
 
@@ -114,6 +117,8 @@ def test_several_problems_share_one_line(capsys, tmp_path):
         ("rank", ["--top_p", "1", "--top_k", "0", "--labeler_noise", "0"]),
         ("ppo", ["--num_train_epochs", "0", "--total_episodes", "64", "--gamma", "1", "--kl_coef", "0"]),
         ("reward", ["--max_length", "8"]),
+        ("grpo", ["--beta", "0", "--top_entropy_quantile", "0", "--min_p", "1"]),
+        ("rloo", ["--beta", "0", "--ref_model_mixup_alpha", "1"]),
     ],
 )
 def test_edge_values_are_accepted(tmp_path, stage, args):

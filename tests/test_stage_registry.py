@@ -112,7 +112,7 @@ def test_records_cross_to_stage_processes_as_json(toy):
 
 
 def test_the_built_in_stages_in_chain_order():
-    assert registry.names() == ("pretrain", "sft", "rank", "reward", "ppo", "dpo", "bon", "classify")
+    assert registry.names() == ("pretrain", "sft", "rank", "reward", "ppo", "dpo", "grpo", "rloo", "bon", "classify")
     for stage in registry.stages():
         assert dataclasses.is_dataclass(stage.config_class())  # each "module:Class" names a config
         assert set(stage.parents.values()) <= set(registry.names())

@@ -308,6 +308,64 @@ _BUILT_IN_STAGES = (
         ),
     ),
     Stage(
+        name="grpo",
+        help="optimize the policy with GRPO (TRL's GRPOTrainer) against the reward model or a reward function",
+        entry="align.stages.grpo",
+        config="align.stages.grpo_config:GRPOStageConfig",
+        parents={"model_name_or_path": "sft", "reward_model_path": "reward"},
+        metrics=(
+            ("reward", "reward (TRL's mean over the last 10% of steps)"),
+            ("parent_gold_score", "gold score of the parent (SFT)"),
+            ("gold_score", "gold score"),
+            ("gold_win_rate", "gold win-rate over the parent"),
+            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
+            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
+            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
+            ("kl_to_parent", "KL to the SFT model (nats per answer, sampled)"),
+            ("labels_used", "ranked groups behind the reward model"),
+            ("train_runtime", "training time (s)"),
+        ),
+        headline=("gold_score", "parent_gold_score", "gold_score_sampled", "kl_to_parent"),
+        label="GRPO",
+        card_tags=("text-generation", "rlhf", "grpo"),
+        about=(
+            "**Group Relative Policy Optimization (TRL's GRPOTrainer).** The SFT policy samples several answers per "
+            "prompt; each answer's advantage is its reward against the mean of its group, so no value model is "
+            "trained. The reward is align's reward model (trained from the K-way rankings) unless the recipe's "
+            "`reward_funcs` say otherwise; `reward: gold` in align_stage.json means it was trained on the gold "
+            "labeler it is evaluated with (RLVR): a comparison, not the headline."
+        ),
+    ),
+    Stage(
+        name="rloo",
+        help="optimize the policy with RLOO (TRL's RLOOTrainer) against the reward model or a reward function",
+        entry="align.stages.rloo",
+        config="align.stages.rloo_config:RLOOStageConfig",
+        parents={"model_name_or_path": "sft", "reward_model_path": "reward"},
+        metrics=(
+            ("reward", "reward (TRL's mean over the last 10% of steps)"),
+            ("parent_gold_score", "gold score of the parent (SFT)"),
+            ("gold_score", "gold score"),
+            ("gold_win_rate", "gold win-rate over the parent"),
+            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
+            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
+            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
+            ("kl_to_parent", "KL to the SFT model (nats per answer, sampled)"),
+            ("labels_used", "ranked groups behind the reward model"),
+            ("train_runtime", "training time (s)"),
+        ),
+        headline=("gold_score", "parent_gold_score", "gold_score_sampled", "kl_to_parent"),
+        label="RLOO",
+        card_tags=("text-generation", "rlhf", "rloo"),
+        about=(
+            "**REINFORCE Leave-One-Out (TRL's RLOOTrainer).** The SFT policy samples several answers per prompt; each "
+            "answer's baseline is the mean reward of the other answers to its prompt, so no value model is trained. "
+            "The reward is align's reward model (trained from the K-way rankings) unless the recipe's `reward_funcs` "
+            "say otherwise; `reward: gold` in align_stage.json means it was trained on the gold labeler it is "
+            "evaluated with (RLVR): a comparison, not the headline."
+        ),
+    ),
+    Stage(
         name="bon",
         help="best-of-n at inference: the reward model picks the best of n sampled answers (no training)",
         entry="align.stages.bon",
