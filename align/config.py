@@ -343,6 +343,11 @@ VALUE_RULES: dict[str, Rule] = {
     "malloc_mmap_threshold": Rule(f"[1, {32 * 2**20}]", "bytes, at most glibc's 32 MiB, e.g. 4194304"),
     # GRPO / RLOO (TRL's keys, ranges from their help)
     "beta": Rule("[0, inf)", "the KL coefficient, 0 = no reference model (GRPO), e.g. 0.04"),
+    # DPO's loss variants (TRL's DPOConfig), ranged from TRL's help
+    "label_smoothing": Rule("[0, 0.5)", "the probability a preference label is flipped (Robust DPO), e.g. 0.1"),
+    "discopop_tau": Rule("(0, inf)", "DiscoPOP's temperature, e.g. 0.05"),
+    "ld_alpha": Rule("[0, 1]", "LD-DPO's weight of the verbose tokens' log-probabilities, e.g. 0.5"),
+    "f_alpha_divergence_coef": Rule("(0, inf)", "the alpha of f-DPO's alpha-divergence, e.g. 0.5"),
     "max_completion_length": Rule("[1, inf)", "tokens per completion, e.g. 48"),
     "min_p": Rule("[0, 1]", "e.g. 0.05; null = off"),
     "repetition_penalty": Rule("(0, inf)", "1 = off"),
