@@ -121,7 +121,7 @@ def _sites(path: str):
 
     reward_cfg = SimpleNamespace(model_name_or_path=path, tokenizer_name_or_path=None, model_revision=None,
                                  trust_remote_code=False, likelihood_features=None, dtype=None,
-                                 attn_implementation=None)  # fmt: skip
+                                 attn_implementation=None, model_init_kwargs=None)  # fmt: skip
     likelihood_cfg = SimpleNamespace(**{**vars(reward_cfg), "likelihood_features": ["mean"], "likelihood_init": 1.0})
     ppo_cfg = SimpleNamespace(reward_model_path=path, value_model_path=path, dtype=None, bf16=False,
                               trust_remote_code=False)  # fmt: skip
