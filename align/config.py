@@ -91,8 +91,22 @@ def test_size_field():
     )
 
 
+def gold_eval_prompts_field(note: str = "0 = off."):
+    """`gold_eval_prompts`, declared once for every stage with a gold evaluation (sft, ppo, dpo, grpo/rloo, bon).
+
+    `note` ends the help with what the stage adds (e.g. bon refuses 0; dpo measures kl_to_parent on them).
+    """
+    return field(
+        default=200,
+        metadata={
+            "help": "Held-out prompts answered by this model and its parent and scored by the gold labeler, the same "
+            f"prompts in every stage (the tiny world's, or gold_labeler + gold_eval_dataset). {note}"
+        },
+    )
+
+
 def gold_labeler_field():
-    """`gold_labeler`, declared once for SFT and PPO (their gold evaluation)."""
+    """`gold_labeler`, declared once for every stage with a gold evaluation (sft, ppo, dpo, grpo/rloo, bon)."""
     return field(
         default=None,
         metadata={
@@ -105,12 +119,56 @@ def gold_labeler_field():
 
 
 def gold_eval_dataset_field():
-    """`gold_eval_dataset`, declared once for SFT and PPO (their gold evaluation)."""
+    """`gold_eval_dataset`, declared once for every stage with a gold evaluation (sft, ppo, dpo, grpo/rloo, bon)."""
     return field(
         default=None,
         metadata={
             "help": "Held-out prompts for the gold evaluation: a file, save_to_disk dir or Hub id with a 'prompt' "
             "column (its first gold_eval_prompts rows). None: the tiny world's held-out prompts."
+        },
+    )
+
+
+def gold_eval_max_new_tokens_field():
+    """`gold_eval_max_new_tokens`, declared once for every stage with a gold evaluation."""
+    return field(default=64, metadata={"help": "Answer length, in tokens, for the gold evaluation."})
+
+
+def gold_eval_temperature_field():
+    """The gold evaluation's decoding temperature: `gold_eval_temperature` in sft, `eval_temperature` in dpo and
+    grpo/rloo (the names differ because renaming a recipe key breaks recipes; ppo's lives in its PPOConfig)."""
+    return field(
+        default=0.0,
+        metadata={"help": "Decoding of the gold evaluation's main pass; 0 = greedy, deterministic and comparable."},
+    )
+
+
+def gold_eval_samples_field(note: str = ""):
+    """`gold_eval_samples`, declared once for sft, ppo, dpo and grpo/rloo (bon keeps its own: there it counts
+    best-of-n choices). `note` adds what the stage does besides (e.g. the parent's scores reused)."""
+    return field(
+        default=4,
+        metadata={
+            "help": "Also answer each gold-eval prompt this many times at temperature 1 and score the mean "
+            "(gold_score_sampled; gold_win_rate_sampled against the parent where it is answered likewise): the model "
+            f"as a distribution, which RL optimizes and greedy decoding hides. {note}0 = off."
+        },
+    )
+
+
+def tokenizer_name_or_path_field():
+    """`tokenizer_name_or_path` for sft, ppo, dpo, grpo/rloo and bon; pretrain, rank, classify and reward keep their
+    own, as their help says more (a new tokenizer, the one sampled with, saved with the model)."""
+    return field(default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."})
+
+
+def merge_adapter_field():
+    """`merge_adapter`, declared once for the stages that can train a peft adapter (sft, ppo, dpo, grpo/rloo)."""
+    return field(
+        default=False,
+        metadata={
+            "help": "With use_peft: save the merged model in output_dir (loadable without peft) and the adapter "
+            "in output_dir/adapter. Off: output_dir holds the adapter."
         },
     )
 

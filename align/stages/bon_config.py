@@ -18,10 +18,13 @@ from align.config import (
     changed_default,
     check_values,
     gold_eval_dataset_field,
+    gold_eval_max_new_tokens_field,
+    gold_eval_prompts_field,
     gold_labeler_field,
     model_hub_id_field,
     resolve_model_keys,
     tinyworld_seed_field,
+    tokenizer_name_or_path_field,
 )
 from align.data.sources import DEFAULT_DATASET
 from align.errors import AlignError
@@ -47,9 +50,7 @@ class BonConfig(ModelConfig, ScriptArguments):
             "PPO score it (its `align_reward_offset` subtracted; the pick does not depend on it)."
         },
     )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Policy tokenizer dir or Hub id, when not the policy's own."}
-    )
+    tokenizer_name_or_path: str | None = tokenizer_name_or_path_field()
     model_hub_id: str | None = model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repos. Off unless you ask."}
@@ -93,16 +94,13 @@ class BonConfig(ModelConfig, ScriptArguments):
     )
     # Gold evaluation (as `align ppo`)
     tinyworld_seed: int = tinyworld_seed_field()
-    gold_eval_prompts: int = field(
-        default=200,
-        metadata={
-            "help": "Held-out prompts answered best-of-n and by the parent greedily, scored by the gold labeler: the "
-            "same prompts as `align sft` and `align ppo` (tiny world, or gold_labeler + gold_eval_dataset)."
-        },
+    gold_eval_prompts: int = gold_eval_prompts_field(
+        "Best-of-n answers here; the parent answers greedily. 0 is refused."
     )
     gold_labeler: str | None = gold_labeler_field()
     gold_eval_dataset: str | None = gold_eval_dataset_field()
-    gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length, in tokens."})
+    gold_eval_max_new_tokens: int = gold_eval_max_new_tokens_field()
+    # Not gold_eval_samples_field(): here the key counts best-of-n choices per prompt, not sampled answers.
     gold_eval_samples: int = field(
         default=4,
         metadata={

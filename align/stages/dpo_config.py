@@ -11,11 +11,17 @@ from align.config import (
     changed_default,
     column_mapping_field,
     gold_eval_dataset_field,
+    gold_eval_max_new_tokens_field,
+    gold_eval_prompts_field,
+    gold_eval_samples_field,
+    gold_eval_temperature_field,
     gold_labeler_field,
+    merge_adapter_field,
     model_hub_id_field,
     post_init_common,
     resolve_auto_bf16,
     tinyworld_seed_field,
+    tokenizer_name_or_path_field,
 )
 from align.data.rankings import PAIR_MODES
 
@@ -44,17 +50,9 @@ class DPOStageConfig(DPOConfig, ModelConfig, ScriptArguments):
     gradient_checkpointing: bool | None = changed_default(DPOConfig, "gradient_checkpointing", None)
     bf16: bool | None = changed_default(DPOConfig, "bf16", None)
     # Model
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer dir or Hub id, when not the model's own."}
-    )
+    tokenizer_name_or_path: str | None = tokenizer_name_or_path_field()
     model_hub_id: str | None = model_hub_id_field()
-    merge_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "With use_peft: save the merged model in output_dir (loadable without peft) and the adapter "
-            "in output_dir/adapter. Off: output_dir holds the adapter."
-        },
-    )
+    merge_adapter: bool = merge_adapter_field()
     # Data
     ranking_pairs: str = field(
         default="all",
@@ -78,28 +76,14 @@ class DPOStageConfig(DPOConfig, ModelConfig, ScriptArguments):
     )
     tinyworld_seed: int = tinyworld_seed_field()
     # Evaluation
-    gold_eval_prompts: int = field(
-        default=200,
-        metadata={
-            "help": "Held-out prompts answered by this model and its parent and scored by the gold labeler, the same "
-            "prompts as `align sft` (rankings of tiny-world prompts, or gold_labeler + gold_eval_dataset; 0 = off). "
-            "Decoding: eval_temperature. The KL to the reference (kl_to_parent) is measured on them too."
-        },
+    gold_eval_prompts: int = gold_eval_prompts_field(
+        "0 = off. Decoding: eval_temperature. The KL to the reference (kl_to_parent) is measured on them too."
     )
     gold_labeler: str | None = gold_labeler_field()
     gold_eval_dataset: str | None = gold_eval_dataset_field()
-    gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
-    eval_temperature: float = field(
-        default=0.0,
-        metadata={"help": "Decoding of the gold evaluation's main pass; 0 = greedy, deterministic and comparable."},
-    )
-    gold_eval_samples: int = field(
-        default=4,
-        metadata={
-            "help": "Also answer each gold-eval prompt this many times at temperature 1, with the SFT parent "
-            "likewise, and score the means (gold_score_sampled, gold_win_rate_sampled). 0 = off."
-        },
-    )
+    gold_eval_max_new_tokens: int = gold_eval_max_new_tokens_field()
+    eval_temperature: float = gold_eval_temperature_field()
+    gold_eval_samples: int = gold_eval_samples_field()
 
     def __post_init__(self):
         resolve_auto_bf16(self)

@@ -13,11 +13,17 @@ from align.config import (
     changed_default,
     column_mapping_field,
     gold_eval_dataset_field,
+    gold_eval_max_new_tokens_field,
+    gold_eval_prompts_field,
+    gold_eval_samples_field,
+    gold_eval_temperature_field,
     gold_labeler_field,
+    merge_adapter_field,
     model_hub_id_field,
     post_init_common,
     resolve_auto_bf16,
     tinyworld_seed_field,
+    tokenizer_name_or_path_field,
 )
 from align.data import sources
 from align.data.sources import DEFAULT_DATASET
@@ -56,17 +62,9 @@ class OnlineStageFields:
         },
     )
     # Model
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Policy tokenizer dir or Hub id, when not the policy's own."}
-    )
+    tokenizer_name_or_path: str | None = tokenizer_name_or_path_field()
     model_hub_id: str | None = model_hub_id_field()
-    merge_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "With use_peft: save the merged policy in output_dir (loadable without peft) and the adapter in "
-            "output_dir/adapter. Off: output_dir holds the adapter."
-        },
-    )
+    merge_adapter: bool = merge_adapter_field()
     # Data
     dataset_column_mapping: dict | str | None = column_mapping_field()
     dataset_test_size: float = field(
@@ -78,26 +76,14 @@ class OnlineStageFields:
     )
     tinyworld_seed: int = tinyworld_seed_field()
     # Evaluation
-    gold_eval_prompts: int = field(
-        default=200,
-        metadata={
-            "help": "Held-out prompts answered by this policy and its parent and scored by the gold labeler, the "
-            "same prompts as `align sft` and `align ppo` (0 = off); kl_to_parent is measured on them too."
-        },
+    gold_eval_prompts: int = gold_eval_prompts_field(
+        "0 = off. The KL to the parent (kl_to_parent) is measured on them too."
     )
     gold_labeler: str | None = gold_labeler_field()
     gold_eval_dataset: str | None = gold_eval_dataset_field()
-    gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
-    eval_temperature: float = field(
-        default=0.0, metadata={"help": "Decoding of the gold evaluation; 0 = greedy, as `align sft` and `align ppo`."}
-    )
-    gold_eval_samples: int = field(
-        default=4,
-        metadata={
-            "help": "Also answer each gold-eval prompt this many times at temperature 1, with the SFT parent "
-            "likewise (its stored scores reused), and score the means (gold_score_sampled). 0 = off."
-        },
-    )
+    gold_eval_max_new_tokens: int = gold_eval_max_new_tokens_field()
+    eval_temperature: float = gold_eval_temperature_field()
+    gold_eval_samples: int = gold_eval_samples_field("The SFT parent's stored sampled scores are reused. ")
 
 
 def check_online(cfg, stage: str, trainer_config: type) -> None:

@@ -12,10 +12,15 @@ from trl import ModelConfig, ScriptArguments
 from align.config import (
     changed_default,
     gold_eval_dataset_field,
+    gold_eval_max_new_tokens_field,
+    gold_eval_prompts_field,
+    gold_eval_samples_field,
     gold_labeler_field,
+    merge_adapter_field,
     model_hub_id_field,
     post_init_common,
     tinyworld_seed_field,
+    tokenizer_name_or_path_field,
 )
 from align.data import sources
 from align.data.sources import DEFAULT_DATASET
@@ -51,20 +56,12 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
             "None: built per value_model_init."
         },
     )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Policy tokenizer dir or Hub id, when not the policy's own."}
-    )
+    tokenizer_name_or_path: str | None = tokenizer_name_or_path_field()
     model_hub_id: str | None = model_hub_id_field()
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modeling code from the model repos. Off unless you ask."}
     )
-    merge_adapter: bool = field(
-        default=False,
-        metadata={
-            "help": "With use_peft: save the merged policy in output_dir (loadable without peft) and the adapter in "
-            "output_dir/adapter. Off: output_dir holds the adapter."
-        },
-    )
+    merge_adapter: bool = merge_adapter_field()
     # Data
     dataset_column_mapping: dict | str | None = field(
         default=None,
@@ -93,25 +90,11 @@ class PPOStageConfig(PPOConfig, ModelConfig, ScriptArguments):
         },
     )
     # Evaluation
-    gold_eval_prompts: int = field(
-        default=200,
-        metadata={
-            "help": "Held-out prompts answered by this policy and its parent and scored by the gold labeler, the "
-            "same prompts as `align sft` (tiny world, or gold_labeler + gold_eval_dataset; 0 = off). Decoding: "
-            "eval_temperature."
-        },
-    )
+    gold_eval_prompts: int = gold_eval_prompts_field("0 = off. Decoding: eval_temperature.")
     gold_labeler: str | None = gold_labeler_field()
     gold_eval_dataset: str | None = gold_eval_dataset_field()
-    gold_eval_max_new_tokens: int = field(default=64, metadata={"help": "Answer length for the gold evaluation."})
-    gold_eval_samples: int = field(
-        default=4,
-        metadata={
-            "help": "Also answer each gold-eval prompt this many times at temperature 1, with the SFT parent "
-            "likewise, and score the means (gold_score_sampled, gold_win_rate_sampled): the policy as a distribution, "
-            "which PPO optimizes and greedy decoding hides. 0 = off."
-        },
-    )
+    gold_eval_max_new_tokens: int = gold_eval_max_new_tokens_field()
+    gold_eval_samples: int = gold_eval_samples_field()
 
     def __post_init__(self):
         post_init_common(self, PPOConfig)
