@@ -153,6 +153,30 @@ def _from_env() -> None:
 # The built-in stages, in chain order. Paragraphs in the terms of Ouyang et al. 2022 (InstructGPT,
 # https://arxiv.org/abs/2203.02155) and Radford et al. 2018 (GPT-1).
 
+# The gold evaluation against the parent, as every stage trained from SFT records it (align.evaluation.compare).
+GOLD_ROWS = (
+    ("parent_gold_score", "gold score of the parent (SFT)"),
+    ("gold_score", "gold score"),
+    ("gold_win_rate", "gold win-rate over the parent"),
+    ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
+    ("gold_score_sampled", "gold score, sampled (temperature 1)"),
+    ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
+)
+# GRPO's and RLOO's rows (TRL's online trainers, align/stages/online.py).
+ONLINE_ROWS = (
+    ("reward", "reward (TRL's mean over the last 10% of steps)"),
+    *GOLD_ROWS,
+    ("kl_to_parent", "KL to the SFT model (nats per answer, sampled)"),
+    ("labels_used", "ranked groups behind the reward model"),
+    ("train_runtime", "training time (s)"),
+)
+ONLINE_REWARD = (
+    "The reward is align's reward model (trained from the K-way rankings) unless the recipe's `reward_funcs` say "
+    "otherwise; `reward: gold` in align_stage.json means it was trained on the gold labeler it is evaluated with "
+    "(RLVR): a comparison, not the headline."
+)
+
+
 _BUILT_IN_STAGES = (
     Stage(
         name="pretrain",
@@ -258,12 +282,7 @@ _BUILT_IN_STAGES = (
             ("reward", "reward-model score (last 10% of updates)"),
             ("kl", "KL to the SFT model (last 10% of updates)"),
             ("kl_to_parent", "KL to the SFT model on the held-out prompts (nats per sampled answer)"),
-            ("parent_gold_score", "gold score of the parent (SFT)"),
-            ("gold_score", "gold score"),
-            ("gold_win_rate", "gold win-rate over the parent"),
-            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
-            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
+            *GOLD_ROWS,
             ("updates", "PPO updates"),
         ),
         headline=("gold_score", "parent_gold_score", "gold_score_sampled", "reward", "kl"),
@@ -283,12 +302,7 @@ _BUILT_IN_STAGES = (
         config="align.stages.dpo_config:DPOStageConfig",
         parents={"model_name_or_path": "sft", "dataset_name": "rank"},
         metrics=(
-            ("parent_gold_score", "gold score of the parent (SFT)"),
-            ("gold_score", "gold score"),
-            ("gold_win_rate", "gold win-rate over the parent"),
-            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
-            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
+            *GOLD_ROWS,
             ("kl_to_parent", "KL to the SFT model (sampled, nats per answer)"),
             ("eval_rewards/accuracies", "held-out pair accuracy of DPO's implicit reward"),
             ("labels_used", "ranked groups behind it"),
@@ -313,27 +327,14 @@ _BUILT_IN_STAGES = (
         entry="align.stages.grpo",
         config="align.stages.grpo_config:GRPOStageConfig",
         parents={"model_name_or_path": "sft", "reward_model_path": "reward"},
-        metrics=(
-            ("reward", "reward (TRL's mean over the last 10% of steps)"),
-            ("parent_gold_score", "gold score of the parent (SFT)"),
-            ("gold_score", "gold score"),
-            ("gold_win_rate", "gold win-rate over the parent"),
-            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
-            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
-            ("kl_to_parent", "KL to the SFT model (nats per answer, sampled)"),
-            ("labels_used", "ranked groups behind the reward model"),
-            ("train_runtime", "training time (s)"),
-        ),
+        metrics=ONLINE_ROWS,
         headline=("gold_score", "parent_gold_score", "gold_score_sampled", "kl_to_parent"),
         label="GRPO",
         card_tags=("text-generation", "rlhf", "grpo"),
         about=(
             "**Group Relative Policy Optimization (TRL's GRPOTrainer).** The SFT policy samples several answers per "
             "prompt; each answer's advantage is its reward against the mean of its group, so no value model is "
-            "trained. The reward is align's reward model (trained from the K-way rankings) unless the recipe's "
-            "`reward_funcs` say otherwise; `reward: gold` in align_stage.json means it was trained on the gold "
-            "labeler it is evaluated with (RLVR): a comparison, not the headline."
+            "trained. " + ONLINE_REWARD
         ),
     ),
     Stage(
@@ -342,27 +343,14 @@ _BUILT_IN_STAGES = (
         entry="align.stages.rloo",
         config="align.stages.rloo_config:RLOOStageConfig",
         parents={"model_name_or_path": "sft", "reward_model_path": "reward"},
-        metrics=(
-            ("reward", "reward (TRL's mean over the last 10% of steps)"),
-            ("parent_gold_score", "gold score of the parent (SFT)"),
-            ("gold_score", "gold score"),
-            ("gold_win_rate", "gold win-rate over the parent"),
-            ("parent_gold_score_sampled", "gold score of the parent, sampled (temperature 1)"),
-            ("gold_score_sampled", "gold score, sampled (temperature 1)"),
-            ("gold_win_rate_sampled", "gold win-rate over the parent, sampled"),
-            ("kl_to_parent", "KL to the SFT model (nats per answer, sampled)"),
-            ("labels_used", "ranked groups behind the reward model"),
-            ("train_runtime", "training time (s)"),
-        ),
+        metrics=ONLINE_ROWS,
         headline=("gold_score", "parent_gold_score", "gold_score_sampled", "kl_to_parent"),
         label="RLOO",
         card_tags=("text-generation", "rlhf", "rloo"),
         about=(
             "**REINFORCE Leave-One-Out (TRL's RLOOTrainer).** The SFT policy samples several answers per prompt; each "
             "answer's baseline is the mean reward of the other answers to its prompt, so no value model is trained. "
-            "The reward is align's reward model (trained from the K-way rankings) unless the recipe's `reward_funcs` "
-            "say otherwise; `reward: gold` in align_stage.json means it was trained on the gold labeler it is "
-            "evaluated with (RLVR): a comparison, not the headline."
+            + ONLINE_REWARD
         ),
     ),
     Stage(
