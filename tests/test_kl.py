@@ -20,8 +20,8 @@ class Bigram(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(PROBS.log())
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
-        return SimpleNamespace(logits=self.table[input_ids])
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])
 
 
 def test_answer_logprobs_by_hand():

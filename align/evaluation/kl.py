@@ -44,15 +44,20 @@ def answer_logprobs(model, prompt_ids: Sequence[Sequence[int]], answers: Sequenc
             ids[i, width - len(r) :] = torch.tensor(r)
             attn[i, width - len(r) :] = 1
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        # Rows are left-padded, so every answer lies in the last `keep - 1` positions: only their logits are made
+        # (SmolLM2's 49,152-token vocabulary over whole prompts would cost GiBs), and log p = logit - logsumexp.
+        keep = max(len(answers[j]) for j in batch) + 1
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                           position_ids=position_ids.to(device), use_cache=False).logits  # fmt: skip
-        # logits[:, t] predicts token t + 1
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1))
-        logp = logp.squeeze(-1).cpu()
+            out_ = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                         position_ids=position_ids.to(device), use_cache=False, logits_to_keep=keep)  # fmt: skip
+            logits = out_.logits[:, -keep:-1].float()
+            # logits[:, t] predicts the token after it: the last keep - 1 tokens
+            targets = ids[:, width - keep + 1 :].to(device)
+            logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
+        del logits
         for i, j in enumerate(batch):
             n = len(answers[j])
-            out.append(float(logp[i, width - 1 - n :].sum()) if n else 0.0)
+            out.append(float(logp[i, logp.shape[1] - n :].sum()) if n else 0.0)
     return out
 
 
