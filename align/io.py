@@ -165,6 +165,11 @@ def read_stage_info(path: str | os.PathLike) -> dict[str, Any] | None:
         raise AlignError(msg) from None
 
 
+def same_path(a: Any, b: Any) -> bool:
+    """Whether two paths (str or Path, None for none) name the same file or dir once resolved."""
+    return a is not None and b is not None and Path(str(a)).resolve() == Path(str(b)).resolve()
+
+
 def parent_of(model_name_or_path: str, hub_id: str | None = None) -> dict[str, Any]:
     """The `parent` entry for a stage trained from `model_name_or_path` (stage dir, model dir, `.gguf` file or Hub id).
 

@@ -13,14 +13,18 @@ answer, as PPO's `kl` is; its 95 % interval is the normal one over prompts.
 from __future__ import annotations
 
 import contextlib
-import math
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from trl.trainer.utils import selective_log_softmax
 
+from align.evaluation.gold import paired_interval
 from align.generation.decode import decode, eos_list
 from align.generation.generate import prompt_texts
+
+logger = logging.getLogger(__name__)
 
 
 def answer_logprobs(model, prompt_ids: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *,
@@ -45,7 +49,7 @@ def answer_logprobs(model, prompt_ids: Sequence[Sequence[int]], answers: Sequenc
             attn[i, width - len(r) :] = 1
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
         # Rows are left-padded, so every answer lies in the last `keep - 1` positions: only their logits are made
-        # (SmolLM2's 49,152-token vocabulary over whole prompts would cost GiBs), and log p = logit - logsumexp.
+        # (SmolLM2's 49,152-token vocabulary over whole prompts would cost GiBs), log p row by row (TRL's helper).
         keep = max(len(answers[j]) for j in batch) + 1
         with torch.no_grad():
             out_ = model(input_ids=ids.to(device), attention_mask=attn.to(device),
@@ -53,7 +57,7 @@ def answer_logprobs(model, prompt_ids: Sequence[Sequence[int]], answers: Sequenc
             logits = out_.logits[:, -keep:-1].float()
             # logits[:, t] predicts the token after it: the last keep - 1 tokens
             targets = ids[:, width - keep + 1 :].to(device)
-            logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
+            logp = selective_log_softmax(logits, targets).cpu()
         del logits
         for i, j in enumerate(batch):
             n = len(answers[j])
@@ -109,8 +113,18 @@ def sampled_kl(model, tokenizer, prompts: list[str], *, reference=None, max_new_
     finally:
         model.train(was_training)
     kls = [a - b for a, b in zip(logp, ref_logp, strict=True)]
-    n = len(kls)
-    mean = sum(kls) / n
-    half = 1.96 * math.sqrt(sum((k - mean) ** 2 for k in kls) / (n - 1) / n) if n > 1 else 0.0
-    return {"kl": mean, "kl_low": mean - half, "kl_high": mean + half, "kl_per_prompt": kls,
-            "answer_tokens": sum(len(a) for a in answers) / n}  # fmt: skip
+    interval = paired_interval(logp, ref_logp)  # the mean of logp - ref_logp over prompts, with its 95 % interval
+    return {"kl": interval["mean"], "kl_low": interval["low"], "kl_high": interval["high"], "kl_per_prompt": kls,
+            "answer_tokens": sum(len(a) for a in answers) / len(answers)}  # fmt: skip
+
+
+def kl_to_parent(gold, model, tokenizer, *, reference=None, stage: str) -> dict[str, float]:
+    """The KL metrics every stage trained from SFT records: `kl_to_parent` and its 95 % interval
+    (`kl_to_parent_low`, `kl_to_parent_high`), `sampled_kl` on `gold`'s prompts (its answer length, batch and seed:
+    an `align.evaluation.compare.GoldSettings`); reference as `sampled_kl` takes it. Logged once, as `stage`."""
+    kl = sampled_kl(model, tokenizer, gold.prompts, reference=reference, max_new_tokens=gold.max_new_tokens,
+                    batch_size=gold.batch_size, seed=gold.seed)  # fmt: skip
+    logger.info("%s: KL to the parent on %d held-out prompts: %.4f nats per answer (95%% %.4f to %.4f; %.1f tokens "
+                "an answer).", stage, len(gold.prompts), kl["kl"], kl["kl_low"], kl["kl_high"],
+                kl["answer_tokens"])  # fmt: skip
+    return {"kl_to_parent": kl["kl"], "kl_to_parent_low": kl["kl_low"], "kl_to_parent_high": kl["kl_high"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from align.evaluation.gold import paired_interval, win_rate
-from align.io import read_stage_info
+from align.io import read_stage_info, same_path
 from align.stages import registry
 
 COLUMNS = (
@@ -26,10 +26,6 @@ COLUMNS = (
     ("seconds", "wall time (s)"),
     ("labels", "ranked groups used"),
 )
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and Path(str(a)).resolve() == Path(str(b)).resolve()
 
 
 def stage_seconds(root: Path) -> dict[str, float]:
@@ -65,7 +61,7 @@ def method_rows(root: Path, stages: dict[str, dict[str, Any]]) -> list[dict[str,
     rows = []
     for name, info in stages.items():
         parent = (info.get("parent") or {}).get("path")
-        if name == "sft" or not _same(parent, root / "sft") or "gold_scores" not in info:
+        if name == "sft" or not same_path(parent, root / "sft") or "gold_scores" not in info:
             continue
         if "parent_gold_scores" not in info:
             continue

@@ -42,7 +42,7 @@ from align.evaluation.stage_metrics import format_value, table_rows
 from align.generation.generate import generate
 from align.hub import is_hub_id
 from align.inspect.attention import default_output_dir
-from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info
+from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_stage_info, same_path
 from align.models.modeling import load_causal_lm, load_tokenizer
 from align.stages import registry
 
@@ -105,10 +105,6 @@ def stage_of(name: str, info: dict[str, Any]) -> str:
     return name if registry.find(name) is not None else str(info.get("stage"))
 
 
-def _same(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and Path(str(a)).resolve() == Path(str(b)).resolve()
-
-
 def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Gold scores per model, win-rates (from the per-prompt scores the stages recorded) and PPO's KL."""
     out: dict[str, Any] = {"gold_score": {}}
@@ -122,8 +118,8 @@ def headline(root: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         parent = ppo.get("parent") or {}
         parent_path = parent.get("path")
         # `vs`: the chain's SFT stage, or (no SFT stage: e.g. PPO straight on an instruct model) PPO's own parent.
-        vs = "sft" if sft or _same(parent_path, root / "sft") else PARENT
-        if vs == "sft" and not _same(parent_path, root / "sft"):
+        vs = "sft" if sft or same_path(parent_path, root / "sft") else PARENT
+        if vs == "sft" and not same_path(parent_path, root / "sft"):
             logger.warning(
                 "report: the PPO stage was not trained from %s; its win-rate is over its own parent.", root / "sft"
             )
@@ -185,7 +181,7 @@ def best_of_n_reference(root: Path, ppo: dict[str, Any] | None) -> dict[str, Any
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if not _same(data.get("ppo_dir"), root / "ppo") or data.get("prompts") != len(ppo["parent_gold_scores"]):
+        if not same_path(data.get("ppo_dir"), root / "ppo") or data.get("prompts") != len(ppo["parent_gold_scores"]):
             continue
         return {"n": data["n"], "gold_score": data["gold_score_best_of_n"],
                 "win_rate_vs_parent_greedy": data["win_rate_vs_parent_greedy"],
@@ -327,7 +323,7 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
     max_new_tokens = int(_resolved(stages, last, "gold_eval_max_new_tokens") or 64)
     models = [(s, str(root / s)) for s in MODELS if s in stages]
     parent = ((stages.get("ppo") or {}).get("parent") or {}).get("path")
-    if parent and "sft" not in stages and not any(_same(parent, root / s) for s in MODELS):
+    if parent and "sft" not in stages and not any(same_path(parent, root / s) for s in MODELS):
         models.insert(0, (PARENT, str(parent)))
     answers: dict[str, list[str]] = {}
     for stage, path in models:

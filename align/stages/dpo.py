@@ -26,7 +26,7 @@ from trl import DPOTrainer, get_peft_config
 from align.config import parse_config
 from align.data.rankings import ranking_pairs
 from align.evaluation.compare import compare_to_parent, score_parent, start_stage
-from align.evaluation.kl import sampled_kl
+from align.evaluation.kl import kl_to_parent
 from align.io import parent_of, read_stage_info, save_trained, stage_lifecycle
 from align.models import modeling
 from align.stages.lifecycle import finish_stage, hold_push, train_stage, wait_for_everyone
@@ -118,18 +118,6 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds) -> DPOTrainer:
     )
 
 
-def measure_kl(trainer: DPOTrainer, tokenizer, prompts: list[str], cfg) -> dict[str, float]:
-    """`kl_to_parent` (+ low/high, its 95 % interval): the sampled KL of the trained model to its reference on
-    `prompts` (`align.evaluation.kl.sampled_kl`), the reference being TRL's: the frozen copy, or adapters off."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    reference = None if trainer.ref_model is None else trainer.accelerator.unwrap_model(trainer.ref_model)
-    kl = sampled_kl(model, tokenizer, prompts, reference=reference, max_new_tokens=cfg.gold_eval_max_new_tokens,
-                    batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed)  # fmt: skip
-    logger.info("dpo: KL to the reference %.4f nats per answer (95%% %.4f..%.4f, %d prompts, %.1f tokens/answer).",
-                kl["kl"], kl["kl_low"], kl["kl_high"], len(prompts), kl["answer_tokens"])  # fmt: skip
-    return {"kl_to_parent": kl["kl"], "kl_to_parent_low": kl["kl_low"], "kl_to_parent_high": kl["kl_high"]}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage
 
@@ -192,7 +180,10 @@ def run(cfg) -> Path:
         found = compare_to_parent(gold, parent, trainer.model, tokenizer, answers=True)
         metrics = {**found.parent_metrics, **metrics, **found.metrics}
         extra = found.extra
-        metrics.update(measure_kl(trainer, tokenizer, gold.prompts, cfg))
+        # the reference is TRL's: the frozen copy, or (ref_model None) the model with its adapters off
+        reference = None if trainer.ref_model is None else trainer.accelerator.unwrap_model(trainer.ref_model)
+        metrics.update(kl_to_parent(gold, trainer.accelerator.unwrap_model(trainer.model), tokenizer,
+                                    reference=reference, stage="dpo"))  # fmt: skip
 
     # ---- Save
     save(trainer, tokenizer, cfg, output_dir)

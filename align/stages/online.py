@@ -23,7 +23,7 @@ from trl import get_peft_config
 
 from align.evaluation.compare import compare_to_parent, score_parent, start_stage
 from align.evaluation.gold import load_gold_labeler, resolved_gold_labeler
-from align.evaluation.kl import sampled_kl
+from align.evaluation.kl import kl_to_parent
 from align.evaluation.score import load_function
 from align.io import parent_of, read_stage_info
 from align.models import modeling
@@ -87,19 +87,14 @@ def conversational(ds):
 # KL
 
 
-def kl_to_parent(cfg, gold, model, tokenizer) -> dict[str, float]:
-    """`align.evaluation.kl.sampled_kl` of the trained policy to the SFT model on the gold-eval prompts: metrics
-    `kl_to_parent` (+ `_low`, `_high`). Reference: the policy with its adapters off (LoRA), else the SFT model
-    loaded again (the policy was trained in place)."""
+def measure_kl(cfg, gold, model, tokenizer, stage: str) -> dict[str, float]:
+    """`align.evaluation.kl.kl_to_parent` of the trained policy. Reference: the policy with its adapters off
+    (LoRA), else the SFT model loaded again (the policy was trained in place)."""
     reference = None
     if not cfg.use_peft:
         reference, _ = modeling.load_model_and_tokenizer(cfg)
         reference.to(next(model.parameters()).device)
-    found = sampled_kl(model, tokenizer, gold.prompts, reference=reference, max_new_tokens=gold.max_new_tokens,
-                       batch_size=gold.batch_size, seed=cfg.seed)  # fmt: skip
-    logger.info("KL to the SFT model: %.4f nats per answer (95%% %.4f to %.4f).", found["kl"], found["kl_low"],
-                found["kl_high"])  # fmt: skip
-    return {"kl_to_parent": found["kl"], "kl_to_parent_low": found["kl_low"], "kl_to_parent_high": found["kl_high"]}
+    return kl_to_parent(gold, model, tokenizer, reference=reference, stage=stage)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,8 +148,8 @@ def run_online(cfg, stage: str, trainer_cls) -> Path:
     extra: dict[str, Any] = {}
     if gold is not None and trainer.is_world_process_zero():
         found = compare_to_parent(gold, parent, trainer.model, tokenizer, answers=True)
-        metrics = {**found.parent_metrics, **metrics, **found.metrics, **kl_to_parent(cfg, gold, trainer.model,
-                                                                                      tokenizer)}  # fmt: skip
+        metrics = {**found.parent_metrics, **metrics, **found.metrics, **measure_kl(cfg, gold, trainer.model,
+                                                                                    tokenizer, stage)}  # fmt: skip
         extra = found.extra
 
     # ---- Save

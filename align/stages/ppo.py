@@ -33,7 +33,7 @@ from align.data import formats, sources
 from align.data import load as dl
 from align.errors import AlignError
 from align.evaluation.compare import GoldSettings, compare_to_parent, score_parent, start_stage
-from align.evaluation.kl import sampled_kl
+from align.evaluation.kl import kl_to_parent
 from align.io import parent_of, read_stage_info, resume_checkpoint, stage_lifecycle
 from align.models import modeling, modeling_reward  # noqa: F401 - registers LikelihoodRewardModel with the Auto classes
 from align.stages.lifecycle import finish_stage, hold_push, wait_for_everyone
@@ -209,16 +209,6 @@ def save(trainer: PPOTrainer, tokenizer, cfg, output_dir: Path) -> None:
 # Stage
 
 
-def kl_to_parent(gold: GoldSettings, trainer: PPOTrainer, tokenizer) -> dict[str, float]:
-    """KL of the trained policy to its reference on the gold-eval prompts, measured as every method is measured
-    (`align.evaluation.kl`), beside PPO's own `kl` (the last updates' rollouts)."""
-    kl = sampled_kl(trainer.policy, tokenizer, gold.prompts, reference=trainer.ref_policy,
-                    max_new_tokens=gold.max_new_tokens, batch_size=gold.batch_size, seed=gold.seed)  # fmt: skip
-    logger.info("ppo: KL to the parent on %d held-out prompts: %.4f [%.4f, %.4f].", len(gold.prompts), kl["kl"],
-                kl["kl_low"], kl["kl_high"])  # fmt: skip
-    return {"kl_to_parent": kl["kl"], "kl_to_parent_low": kl["kl_low"], "kl_to_parent_high": kl["kl_high"]}
-
-
 @stage_lifecycle
 def run(cfg) -> Path:
     gold = start_stage(cfg, temperature=cfg.eval_temperature)  # seed; a bad gold_labeler fails first; config logged
@@ -269,7 +259,8 @@ def run(cfg) -> Path:
     if gold is not None and acc.is_main_process:
         # gold_responses (and parent_gold_responses): the greedy answers the per-prompt scores are of, to audit them
         found = compare_to_parent(gold, parent, trainer.policy, tokenizer, answers=True, samples_key="gold_samples")
-        metrics = {**found.parent_metrics, **metrics, **found.metrics, **kl_to_parent(gold, trainer, tokenizer)}
+        kl = kl_to_parent(gold, trainer.policy, tokenizer, reference=trainer.ref_policy, stage="ppo")
+        metrics = {**found.parent_metrics, **metrics, **found.metrics, **kl}
         extra = found.extra
 
     # ---- Save
