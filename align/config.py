@@ -371,6 +371,7 @@ VALUE_RULES: dict[str, Rule] = {
     "tinyworld_habit_rate": Rule("[0, 1]", "share of demonstrations with the demonstrators' habit"),
     "vocab_size": Rule("[1, inf)", "e.g. 8192"),
     "num_samples": Rule("[0, inf)", "0 = none"),
+    "pairs_per_group": Rule("[1, inf)", "pairs kept per ranked group, e.g. 1; null = every pair"),
     # Sampling and labeling
     "num_generations": Rule("[2, inf)", "a ranking needs at least 2 responses, e.g. 4"),
     "temperature": Rule("(0, inf)", "greedy decoding has no distribution to sample or rank, e.g. 1.0"),

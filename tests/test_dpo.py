@@ -68,6 +68,33 @@ def test_ranking_pairs_each_mode_on_a_ranking_with_ties(mode):
     assert [r["prompt"] for r in rows] == [f"p{g}" for g, _, _ in EXPECTED[mode]]
 
 
+@pytest.mark.parametrize("mode", PAIR_MODES)
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_pairs_per_group_keeps_a_seeded_subset_of_each_groups_pairs(mode, per_group):
+    full = [(g, c, r) for g, c, r in EXPECTED[mode]]
+    rows = ranking_pairs(_ranked_ds(), mode, per_group=per_group, seed=3).to_list()
+    got = [(r["group"], r["chosen"], r["rejected"]) for r in rows]
+    for g in (0, 1, 2):
+        mine = [p for p in got if p[0] == g]
+        theirs = [p for p in full if p[0] == g]
+        assert len(mine) == min(per_group, len(theirs))
+        # a subset of the mode's pairs, in the mode's order, with no pair twice
+        assert mine == [p for p in theirs if p in mine] and len(set(mine)) == len(mine)
+    assert got == [(r["group"], r["chosen"], r["rejected"])
+                   for r in ranking_pairs(_ranked_ds(), mode, per_group=per_group, seed=3).to_list()]  # fmt: skip
+
+
+def test_pairs_per_group_draws_differ_by_seed_and_cover_the_group():
+    # group 0 under "all" has 5 pairs; one pair per group over many seeds reaches every one of them
+    drawn = {tuple(r.values()) for s in range(60)
+             for r in ranking_pairs(_ranked_ds(), "all", per_group=1, seed=s).select_columns(["chosen", "rejected"])
+             .to_list()[:1]}  # fmt: skip
+    assert drawn == {(c, r) for g, c, r in EXPECTED["all"] if g == 0}
+    assert ranking_pairs(_ranked_ds(), "all", per_group=10).to_list() == ranking_pairs(_ranked_ds(), "all").to_list()
+    with pytest.raises(ValueError, match="per_group 0"):
+        ranking_pairs(_ranked_ds(), "all", per_group=0)
+
+
 def test_ranking_pairs_keeps_margins_and_rejects_an_unknown_mode():
     ds = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2.0}])
     assert ranking_pairs(ds, "all").to_list() == [{"prompt": "p", "chosen": "a", "rejected": "b", "group": 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -261,7 +262,7 @@ def _pair_kept(mode: str, chosen_rank: int, rejected_rank: int) -> bool:
     return rejected_rank == chosen_rank + 1  # adjacent: ranks are block positions, so +1 is the next lower block
 
 
-def ranking_pairs(ds, mode: str = "all"):
+def ranking_pairs(ds, mode: str = "all", *, per_group: int | None = None, seed: int = 0):
     """Each ranked group -> `{prompt, chosen, rejected}` rows (`margin` kept when present), with `group` the 0-based
     row it came from. Rows must be valid (`parse_ranking_row`); pair rows are groups of 2.
 
@@ -272,24 +273,33 @@ def ranking_pairs(ds, mode: str = "all"):
     response pairs with every lower one (and a tie lower down is rejected against the best only), under "adjacent" each
     member pairs with the rank above and the rank below. Pairs are in group order, then chosen index, then rejected
     index.
+
+    per_group: keep at most this many of each group's pairs, drawn without replacement (seeded by `seed` and the
+    group's row: the same rows and seed give the same pairs), kept in the order above. A budget for
+    large K: "all" gives C(K,2) pairs a group, 36 at K = 9, and each costs DPO a forward and backward of two
+    sequences. None keeps every pair.
     """
     if mode not in PAIR_MODES:
         raise ValueError(f"ranking_pairs: mode {mode!r}; expected one of {PAIR_MODES}")
+    if per_group is not None and per_group < 1:
+        raise ValueError(f"ranking_pairs: per_group {per_group!r}; expected None or >= 1")
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "group": []}
     has_margin = "margin" in ds.column_names
     if has_margin:
         out["margin"] = []
     for i, row in enumerate(ds):
         prompt, responses, ranks, margin = parse_ranking_row(row, where=f"row {i + 1}")
-        for w, rw in enumerate(ranks):
-            for b, rb in enumerate(ranks):
-                if _pair_kept(mode, rw, rb):
-                    out["prompt"].append(prompt)
-                    out["chosen"].append(responses[w])
-                    out["rejected"].append(responses[b])
-                    out["group"].append(i)
-                    if has_margin:
-                        out["margin"].append(margin)
+        kept = [(w, b) for w, rw in enumerate(ranks) for b, rb in enumerate(ranks) if _pair_kept(mode, rw, rb)]
+        if per_group is not None and len(kept) > per_group:
+            drawn = random.Random(f"{seed}:{i}").sample(range(len(kept)), per_group)
+            kept = [kept[j] for j in sorted(drawn)]
+        for w, b in kept:
+            out["prompt"].append(prompt)
+            out["chosen"].append(responses[w])
+            out["rejected"].append(responses[b])
+            out["group"].append(i)
+            if has_margin:
+                out["margin"].append(margin)
     return datasets.Dataset.from_dict(out)
 
 

@@ -64,8 +64,8 @@ def load_pairs(cfg) -> tuple[Any, Any, dict[str, Any], dict[str, Any] | None]:
     """Train pairs (`cfg.ranking_pairs`), held-out pairs (all of theirs, or None), the lineage entry with the counts
     (`groups`, `pairs`) and the rank stage the rankings came from (or None)."""
     train_groups, eval_groups, info, rank_parent = load_reward_data(cfg)
-    train = ranking_pairs(train_groups, cfg.ranking_pairs)
-    info.update({"ranking_pairs": cfg.ranking_pairs, "train_pairs": len(train),
+    train = ranking_pairs(train_groups, cfg.ranking_pairs, per_group=cfg.pairs_per_group, seed=cfg.seed)
+    info.update({"ranking_pairs": cfg.ranking_pairs, "pairs_per_group": cfg.pairs_per_group, "train_pairs": len(train),
                  "train_groups_with_pairs": len(set(train["group"]))})  # fmt: skip
     held = None
     if eval_groups is not None and len(eval_groups):

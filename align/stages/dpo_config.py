@@ -65,6 +65,14 @@ class DPOStageConfig(DPOConfig, ModelConfig, ScriptArguments):
             "choices": list(PAIR_MODES),
         },
     )
+    pairs_per_group: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep at most this many of each training group's pairs (after ranking_pairs), drawn with `seed`. "
+            "A compute budget for large K ('all' gives C(K,2) a group: 36 at K = 9) that keeps every prompt: "
+            "1 gives one pair per group. Empty: every pair."
+        },
+    )
     dataset_column_mapping: dict | str | None = column_mapping_field()
     dataset_test_size: float = field(
         default=0.1,
