@@ -54,3 +54,18 @@ def test_rows_by_hand(chain, monkeypatch):
 def test_one_method_makes_no_table(chain):
     (chain / "dpo" / "align_stage.json").unlink()
     assert methods.method_rows(chain, load_stages(chain)) == []
+
+
+def test_gold_curve_starts_at_the_parent_and_ends_at_the_final_evaluation():
+    from align.evaluation.report import gold_curve
+
+    history = [{"step": 1, "ppo/kl": 0.1}, {"step": 2, "eval/gold_score": 0.6, "ppo/kl": 0.2}, {"step": 3}, {"step": 4}]
+    # in-run evaluation at step 2 only: the parent at 0, step 2, the final evaluation at the last update (4)
+    assert gold_curve(history, 0.5, 0.7) == [{"step": 0, "eval/gold_score": 0.5}, {"step": 2, "eval/gold_score": 0.6},
+                                             {"step": 4, "eval/gold_score": 0.7}]  # fmt: skip
+    # a run evaluated at its last update keeps its own point; one with no in-run evaluation gets two points
+    history.append({"step": 4, "eval/gold_score": 0.65})
+    assert gold_curve(history, None, 0.7)[-1] == {"step": 4, "eval/gold_score": 0.65}
+    assert gold_curve([{"step": 4}], 0.5, 0.7) == [{"step": 0, "eval/gold_score": 0.5},
+                                                  {"step": 4, "eval/gold_score": 0.7}]  # fmt: skip
+    assert gold_curve(None, None, None) == []

@@ -364,6 +364,20 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
 # Plots
 
 
+def gold_curve(history: list[dict[str, Any]] | None, parent: float | None, final: float | None) -> list[dict[str, Any]]:
+    """PPO's held-out gold score per update as `{step, eval/gold_score}` rows: the parent's score at step 0 (the
+    policy before any update), the in-run evaluations logged in `history`, and the final evaluation at the last
+    update when the run did not evaluate there (a run with `eval_strategy: no` still gets two points)."""
+    rows = [{"step": r.get("step", 0), "eval/gold_score": r["eval/gold_score"]}
+            for r in history or [] if "eval/gold_score" in r]  # fmt: skip
+    if parent is not None and (not rows or rows[0]["step"] > 0):
+        rows.insert(0, {"step": 0, "eval/gold_score": parent})
+    last = max((r.get("step", 0) for r in history or []), default=0)
+    if final is not None and (not rows or rows[-1]["step"] < last):
+        rows.append({"step": last, "eval/gold_score": final})
+    return rows
+
+
 def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
     """`{name: (caption, png)}` for each plot that has data."""
     out: dict[str, tuple[str, bytes]] = {}
@@ -394,22 +408,33 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
             out["reward_curves"] = ("Reward model: training loss and held-out accuracy", to_png(fig))
     if "ppo" in stages:
         history = stages["ppo"].get("log_history")
+        metrics = stages["ppo"].get("metrics") or {}
         sft_gold = (top.get("gold_score") or {}).get("sft", (top.get("gold_score") or {}).get(PARENT))
-        fig, axes = figure(3, title="PPO, per update")
+        if sft_gold is None:  # a chain without an SFT stage: the parent (e.g. an instruct model) PPO started from
+            sft_gold = metrics.get("parent_gold_score")
+        gold_history = gold_curve(history, sft_gold, metrics.get("gold_score"))
+        fig, axes = figure(3, 2, title="PPO, per update")
         drawn = [
             line_panel(axes[0], history, [("ppo/rm_score", "reward model's own"),
                                           ("ppo/score", "optimized (penalty, clip)")], "reward-model score"),
             line_panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
             line_panel(
                 axes[2],
-                history,
+                gold_history,
                 [("eval/gold_score", "PPO")],
                 "gold score, held-out prompts",
-                (sft_gold, "SFT") if sft_gold is not None else None,
+                (sft_gold, "parent") if sft_gold is not None else None,
             ),
+            line_panel(axes[3], history, [("ppo/response_length", "rollout")], "response length (tokens)"),
+            line_panel(axes[4], history, [("ppo/eos_rate", "rollout")], "answers that end (EOS rate)"),
+            line_panel(axes[5], history, [("ppo/explained_variance", "critic")], "explained variance"),
         ]
         if any(drawn):
-            out["ppo_curves"] = ("PPO: reward-model score, KL and held-out gold score per update", to_png(fig))
+            out["ppo_curves"] = (
+                "PPO: reward-model score, KL, held-out gold score, response length, EOS rate and the critic's "
+                "explained variance per update",
+                to_png(fig),
+            )
     gold = top.get("gold_score") or {}
     if gold:
         fig, (ax,) = figure(1)
