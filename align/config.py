@@ -625,7 +625,7 @@ def _check_value_scalar(key, value, kind, choices, where, expected):
             hint = ""
             if isinstance(value, bool) and any(v in ("no", "yes", "off", "on") for v in valid):
                 bare = "yes/on" if value else "no/off"
-                hint = f" YAML reads a bare {bare} as {str(value).lower()}: quote it, e.g. \"no\"."
+                hint = f' YAML reads a bare {bare} as {str(value).lower()}: quote it, e.g. "no".'
             raise AlignError(f"{where}: '{key}' is {value!r}; choose one of {', '.join(map(str, valid))}.{hint}")
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)

@@ -59,7 +59,7 @@ def test_one_method_makes_no_table(chain):
 def test_gold_curve_starts_at_the_parent_and_ends_at_the_final_evaluation():
     from align.evaluation.report import gold_curve
 
-    history = [{"step": 1, "ppo/kl": 0.1}, {"step": 2, "eval/gold_score": 0.6, "ppo/kl": 0.2}, {"step": 3}, {"step": 4}]
+    history = [{"step": 1, "kl": 0.1}, {"step": 2, "eval/gold_score": 0.6, "kl": 0.2}, {"step": 3}, {"step": 4}]
     # in-run evaluation at step 2 only: the parent at 0, step 2, the final evaluation at the last update (4)
     assert gold_curve(history, 0.5, 0.7) == [{"step": 0, "eval/gold_score": 0.5}, {"step": 2, "eval/gold_score": 0.6},
                                              {"step": 4, "eval/gold_score": 0.7}]  # fmt: skip

@@ -241,8 +241,14 @@ def embeddings_inspection(root: Path, stages: dict[str, dict[str, Any]]) -> dict
             continue
         spaces = []
         for space in data.get("spaces") or []:
-            keys = ("nn_agreement", "nn_agreement_chance", "knn5_agreement", "kmeans_purity", "kmeans_purity_chance",
-                    "silhouette")
+            keys = (
+                "nn_agreement",
+                "nn_agreement_chance",
+                "knn5_agreement",
+                "kmeans_purity",
+                "kmeans_purity_chance",
+                "silhouette",
+            )
             grouping = {k: space["class_grouping"].get(k) for k in keys} if space.get("class_grouping") else None
             neighbours = {w: [n for n, _ in v["top"][:5]] for w, v in list(space["neighbours"].items())[:4]}
             analogies = [{k: a[k] for k in ("query", "expected", "rank")} for a in space.get("analogies") or []]
@@ -364,7 +370,9 @@ def side_by_side(root: Path, stages: dict[str, dict[str, Any]], prompts: list[st
 # Plots
 
 
-def gold_curve(history: list[dict[str, Any]] | None, parent: float | None, final: float | None) -> list[dict[str, Any]]:
+def gold_curve(
+    history: list[dict[str, Any]] | None, parent: float | None, final: float | None
+) -> list[dict[str, Any]]:
     """PPO's held-out gold score per update as `{step, eval/gold_score}` rows: the parent's score at step 0 (the
     policy before any update), the in-run evaluations logged in `history`, and the final evaluation at the last
     update when the run did not evaluate there (a run with `eval_strategy: no` still gets two points)."""
@@ -415,8 +423,12 @@ def plots(stages: dict[str, dict[str, Any]], top: dict[str, Any]) -> dict[str, t
         gold_history = gold_curve(history, sft_gold, metrics.get("gold_score"))
         fig, axes = figure(3, 2, title="PPO, per update")
         drawn = [
-            line_panel(axes[0], history, [("ppo/rm_score", "reward model's own"),
-                                          ("ppo/score", "optimized (penalty, clip)")], "reward-model score"),
+            line_panel(
+                axes[0],
+                history,
+                [("ppo/rm_score", "reward model's own"), ("ppo/score", "optimized (penalty, clip)")],
+                "reward-model score",
+            ),
             line_panel(axes[1], history, [("ppo/kl", "KL to SFT")], "KL(policy || SFT)"),
             line_panel(
                 axes[2],
@@ -497,8 +509,8 @@ def headline_lines(top: dict[str, Any]) -> list[str]:
         lines.append(
             f"Reference, best-of-{best['n']} by the reward model from PPO's parent (no training, {best['n']}x the "
             f"samples): mean score {best['gold_score']:.3f}, beats the parent's greedy answer on "
-            f"{best['win_rate_vs_parent_greedy']:.1%}" + ("." if versus is None else f"; PPO's greedy answer beats it "
-                                                        f"on {versus:.1%}.")  # fmt: skip
+            f"{best['win_rate_vs_parent_greedy']:.1%}"
+            + ("." if versus is None else f"; PPO's greedy answer beats it on {versus:.1%}.")  # fmt: skip
         )
     if "gold_win_rate_sft_vs_pretrain" in top:
         rate, n = top["gold_win_rate_sft_vs_pretrain"], top["held_out_prompts"]["sft_vs_pretrain"]
@@ -582,13 +594,17 @@ def _embeddings_md(emb: dict[str, Any] | None) -> list[str]:
            f"(all figures: `{emb['dir']}/embeddings.json`, the page: `embeddings.html`).", ""]  # fmt: skip
     grouped = [s for s in emb["spaces"] if s["class_grouping"]]
     if grouped:
-        out += ["| space | 1-NN class agreement (chance) | 5-NN | k-means purity (chance) | silhouette |",
-                "|---|---|---|---|---|"]
+        out += [
+            "| space | 1-NN class agreement (chance) | 5-NN | k-means purity (chance) | silhouette |",
+            "|---|---|---|---|---|",
+        ]
         for s in grouped:
             g = s["class_grouping"]
-            out.append(f"| {s['name']} | {g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f}) | "
-                       f"{g['knn5_agreement']:.3f} | {g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f}) | "
-                f"{_signed(g.get('silhouette'))} |")
+            out.append(
+                f"| {s['name']} | {g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f}) | "
+                f"{g['knn5_agreement']:.3f} | {g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f}) | "
+                f"{_signed(g.get('silhouette'))} |"
+            )
         out.append("")
     words = list(emb["spaces"][0]["neighbours"]) if emb["spaces"] else []
     if words:
@@ -684,8 +700,14 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
                    "(chance)</th><th>k-means purity (chance)</th><th>neighbours</th></tr>")  # fmt: skip
         for s in emb["spaces"]:
             g = s["class_grouping"]
-            cells = ([f"{g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f})",
-                      f"{g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f})"] if g else ["n/a", "n/a"])
+            cells = (
+                [
+                    f"{g['nn_agreement']:.3f} ({g['nn_agreement_chance']:.3f})",
+                    f"{g['kmeans_purity']:.3f} ({g['kmeans_purity_chance']:.3f})",
+                ]
+                if g
+                else ["n/a", "n/a"]
+            )
             near = "; ".join(f"{w}: {', '.join(n)}" for w, n in s["neighbours"].items())
             out.append(f"<tr><td>{e(s['name'])}</td>" + "".join(f"<td>{c}</td>" for c in cells)
                        + f"<td>{e(near)}</td></tr>")  # fmt: skip
@@ -694,8 +716,10 @@ def _html(root: Path, stages, top, table, examples, figures) -> str:
             png = Path(emb["dir"]) / s["png"] if s["png"] else None
             if png is not None and png.is_file():
                 data = base64.b64encode(png.read_bytes()).decode("ascii")
-                out.append(f"<figure><img alt='{e(s['name'])}' src='data:image/png;base64,{data}'>"
-                           f"<figcaption>{e(s['name'])}: 2-D map (PCA) of the input embeddings</figcaption></figure>")
+                out.append(
+                    f"<figure><img alt='{e(s['name'])}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{e(s['name'])}: 2-D map (PCA) of the input embeddings</figcaption></figure>"
+                )
     out += ["<h2>Stages</h2><ul>"]
     out += [f"<li><b>{e(s)}</b>: <code>{e(str(root / s))}</code></li>" for s in stages] + ["</ul></body></html>"]
     return "\n".join(out) + "\n"
