@@ -392,6 +392,7 @@ VALUE_RULES: dict[str, Rule] = {
     "cliprange_value": Rule("(0, inf)", "in reward units, e.g. 0.2"),
     "vf_coef": Rule("[0, inf)", "e.g. 0.1"),
     "critic_warmup_steps": Rule("[0, inf)", "PPO updates, 0 = none"),
+    "value_head_std": Rule("[0, inf)", "0 = zeros; null = the model's initializer_range"),
     "entropy_coef": Rule("[0, inf)", "0 = off"),
     "ptx_coef": Rule("[0, inf)", "0 = plain PPO"),
     "gamma": Rule("[0, 1]", "1 = no discount"),

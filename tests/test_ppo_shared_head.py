@@ -125,6 +125,20 @@ def test_head_starts_as_a_sequence_classification_head(tmp_path, tok):
     assert 0.005 < float(w.std()) < 0.05 and w.requires_grad
 
 
+@pytest.mark.parametrize("std", [0.0, 0.3])
+def test_value_head_std_draws_the_fresh_head(tmp_path, tok, std):
+    trainer = make_trainer(tok, make_args(tmp_path, value_head_std=std))
+    w = trainer.value_model.score.weight
+    if std == 0:  # zeros: every first value is 0, so the first advantages are the returns themselves
+        assert torch.count_nonzero(w) == 0 and w.requires_grad
+        seq, attn, pos, responses, _ = _inputs(trainer)
+        with torch.no_grad():
+            values = value_head_forward(trainer.value_model, seq, attn, pos, responses.shape[1])
+        assert torch.count_nonzero(values) == 0
+    else:  # 32 draws of N(0, 0.3): their std within [0.2, 0.4]
+        assert 0.2 < float(w.std()) < 0.4
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Gradients: what the loss says
 

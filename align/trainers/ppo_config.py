@@ -204,6 +204,17 @@ class PPOConfig(TrainingArguments):
             "the policy's, so a warm-up trains the head alone on the policy's features. 0 = none."
         },
     )
+    value_head_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "Std of a fresh value head's normal draw (value_model_init 'policy', 'policy_lora', "
+            "'policy_head'). Empty: the model's initializer_range, as transformers' score heads. 0: zeros, so the "
+            "critic's first values are 0 and the first advantages are the returns themselves rather than returns "
+            "minus a random function of the hidden state (on a model whose hidden state is large, such a head's "
+            "values vary from token to token by more than the rewards do). A head trained from a reward model "
+            "(value_model_init 'reward') keeps its weights."
+        },
+    )
     gamma: float = field(
         default=1.0,
         metadata={"help": "Discount. 1.0 as TRL: the score arrives at the last token and must reach the first."},

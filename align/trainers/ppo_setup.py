@@ -180,7 +180,22 @@ def build_ppo_models(args: PPOConfig, policy, *, tokenizer, ref_policy=None, rew
 def make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft: bool):
     """The value model: `value_model` as given (a LikelihoodRewardModel's body and head), or built per
     `args.value_model_init` ('policy_lora': a `SharedBaseCritic` on the LoRA policy's base; 'policy_head': a
-    `PolicyValueHead` on the policy's own last hidden state, LoRA or not)."""
+    `PolicyValueHead` on the policy's own last hidden state, LoRA or not). A fresh head ('policy', 'policy_lora',
+    'policy_head') is drawn with std `args.value_head_std` when that is set (0: zeros)."""
+    value = _make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft)
+    std = getattr(args, "value_head_std", None)
+    if std is not None and value_model is None and args.value_model_init in FRESH_HEAD_INITS:
+        head = value.score.weight
+        with torch.no_grad():
+            head.zero_() if std == 0 else head.normal_(0.0, std)
+    return value
+
+
+# The value_model_init values whose value head starts from nothing (value_head_std applies to them).
+FRESH_HEAD_INITS = ("policy", "policy_lora", "policy_head")
+
+
+def _make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft: bool):
     if args.value_model_init == "policy_head":
         if value_model is not None:  # the stage's config rejects this too
             raise AlignError(
