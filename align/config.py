@@ -348,6 +348,7 @@ VALUE_RULES: dict[str, Rule] = {
     # Optimizer
     "learning_rate": Rule("(0, inf)", "e.g. 2e-5"),
     "score_learning_rate": Rule("(0, inf)", "e.g. 1e-3, or leave it unset to use learning_rate"),
+    "value_learning_rate": Rule("(0, inf)", "e.g. 1e-4, or leave it unset to use learning_rate"),
     "weight_decay": Rule("[0, inf)", "0 = none"),
     "adam_beta1": Rule("[0, 1)", "e.g. 0.9"),
     "adam_beta2": Rule("[0, 1)", "e.g. 0.999"),

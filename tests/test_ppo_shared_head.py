@@ -278,6 +278,20 @@ def test_optimizer_groups_and_critic_warmup_train_the_head_alone(tmp_path, tok):
     assert not torch.equal(trainer.value_model.score.weight, head_before)
 
 
+def test_value_learning_rate_is_the_value_groups_own(tmp_path, tok):
+    # learning_rate 1e-2, value_learning_rate 0.5, constant: Adam's first steps move each head weight by about the
+    # rate (m / sqrt(v) = +-1), 4 steps at most (2 epochs x 2 mini-batches); the policy is held by the warm-up
+    args = make_args(tmp_path, max_steps=1, critic_warmup_steps=1, value_learning_rate=0.5,
+                     lr_scheduler_type="constant")  # fmt: skip
+    trainer = make_trainer(tok, args)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2, 0.5]
+    head_before = trainer.value_model.score.weight.detach().clone()
+    trainer.train()
+    moved = (trainer.value_model.score.weight - head_before).abs().max().item()
+    assert 0.3 < moved <= 4 * 0.5 + 1e-6
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-2, 0.5]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints and saved outputs
 

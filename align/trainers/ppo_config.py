@@ -204,6 +204,15 @@ class PPOConfig(TrainingArguments):
             "the policy's, so a warm-up trains the head alone on the policy's features. 0 = none."
         },
     )
+    value_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "The value model's own learning rate (its parameter group; the scheduler scales it as the "
+            "policy's). Empty: learning_rate, as TRL. A fresh head at a policy's rate learns slowly (with "
+            "'policy_head' at 2e-5, its values stayed near 0 over 20 tiny-world updates: docs/measurements.md), so "
+            "a critic that starts from nothing may want e.g. 10x the policy's rate (OpenRLHF's critic_learning_rate)."
+        },
+    )
     value_head_std: float | None = field(
         default=None,
         metadata={

@@ -373,7 +373,8 @@ def plan_memory(models: PPOModels, args: PPOConfig, acc, *, prompt_length: int, 
 def build_optimizer(models: PPOModels, args: PPOConfig, optimizer_steps: int):
     """(policy + value wrapper, optimizer, scheduler): one optimizer for both models in two parameter groups, the
     policy's first (`critic_warmup_steps` drops the gradients of group 0: with `value_model_init: policy_head` the
-    policy's trunk is group 0 too, so a warm-up trains the head alone), with Trainer's mapping of `optim`
+    policy's trunk is group 0 too, so a warm-up trains the head alone), the value group at `value_learning_rate`
+    when set, with Trainer's mapping of `optim`
     (default adamw_torch_fused: one kernel per step instead of ~10 ops per tensor). The scheduler is stepped by the
     trainer, not by accelerate, which would step it once per process."""
     policy, value_model = models.policy, models.value_model
@@ -386,6 +387,8 @@ def build_optimizer(models: PPOModels, args: PPOConfig, optimizer_steps: int):
         {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in in_value]},
         {"params": value_params},
     ]
+    if getattr(args, "value_learning_rate", None) is not None:
+        groups[1]["lr"] = args.value_learning_rate  # the scheduler scales each group's own rate
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, policy)
     optimizer = optimizer_cls(groups, **optimizer_kwargs)
     scheduler = get_scheduler(
