@@ -60,3 +60,31 @@ def test_model_fingerprint(tmp_path):
     assert gold.model_fingerprint(str(tmp_path / "empty")) is None
     assert gold.source_digest("align.data.verifiable:score") == gold.source_digest("align.data.verifiable")
     assert gold.source_digest("no_such_module_xyz:f") is None
+
+
+def test_parent_key_leaves_out_the_training_data_when_prompts_and_labeler_are_named(tmp_path):
+    from types import SimpleNamespace
+
+    from align.evaluation.compare import GoldSettings, parent_cache_key
+
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF")
+    labeler = SimpleNamespace(name="align.data.verifiable:score")
+    settings = GoldSettings(labeler, ["p", "q"], max_new_tokens=8, temperature=0.0, samples=0, batch_size=64, seed=42,
+                            generation_backend="align")  # fmt: skip
+    model = SimpleNamespace(dtype="torch.float32")
+    named = {"gold_eval_dataset": "test.jsonl", "gold_labeler": labeler.name, "tinyworld_seed": 0}
+
+    def key(**recipe):
+        return parent_cache_key(settings, model, str(weights), recipe)
+
+    # PPO's prompts and DPO's rankings as the training data: one key, so one evaluation of the parent
+    assert key(dataset_name="ppo_prompts.jsonl", **named) == key(dataset_name="runs/rank", **named)
+    assert "dataset_name" not in key(dataset_name="ppo_prompts.jsonl", **named)["settings"]
+    # without a prompts file the held-out prompts come from the training data: it stays in the key
+    assert key(dataset_name="a", tinyworld_seed=0) != key(dataset_name="b", tinyworld_seed=0)
+    # the decoding and the batch still part the keys; a Hub id has no key
+    other = GoldSettings(labeler, ["p", "q"], max_new_tokens=8, temperature=0.0, samples=0, batch_size=16, seed=42,
+                         generation_backend="align")  # fmt: skip
+    assert parent_cache_key(other, model, str(weights), named) != key(**named)
+    assert parent_cache_key(settings, model, "HuggingFaceTB/SmolLM2-135M-Instruct", named) is None

@@ -139,7 +139,7 @@ def stored_parent_scores(gold_settings: GoldSettings, model, tokenizer, parent: 
     the same prompts, labeler and decoding, else from the cache or computed now. Returns `{"gold_scores",
     "gold_pass_rates" (per constraint), "responses" (the first answer per prompt), "source"}`; pass rates and
     responses are None when the SFT stage did not store them."""
-    prompts, labeler = gold_settings.prompts, gold_settings.labeler
+    prompts = gold_settings.prompts
     info = read_stage_info(parent)
     settings = parent_gold_settings(info)
     ours = dict(gold_settings.recipe)
@@ -161,15 +161,26 @@ def stored_parent_scores(gold_settings: GoldSettings, model, tokenizer, parent: 
                 "gold_pass_rates": result["gold_pass_rates"], "responses": result["responses"]}  # fmt: skip
 
     # The same model, prompts and decoding on a rerun (a recipe tuned around a fixed parent): read it back
-    fingerprint = gold.model_fingerprint(parent)
-    name = getattr(labeler, "name", None)
-    key = None if fingerprint is None else {
-        "model": fingerprint, "prompts": prompts, "settings": ours, "seed": gold_settings.seed,
-        "dtype": str(model.dtype), "batch_size": gold_settings.batch_size, "backend": gold_settings.generation_backend,
-        "labeler": name, "labeler_source": gold.source_digest(name),
-    }  # fmt: skip
+    key = parent_cache_key(gold_settings, model, parent, ours)
     result, source = gold.cached_gold_eval(key, compute)
     return {**result, "source": source}
+
+
+def parent_cache_key(gold_settings: GoldSettings, model, parent: str, settings: dict[str, Any]) -> dict | None:
+    """The gold-eval cache key of the parent's evaluation under `settings` (the recipe keys and the decoding), or
+    None for a parent without a local fingerprint (a Hub id). With the prompts file and the labeler named outright,
+    the training data (dataset_name, tinyworld_seed) does not enter the evaluation and is left out of the key, so
+    stages trained on other data (PPO's prompts, DPO's rankings) share the parent's evaluation."""
+    fingerprint = gold.model_fingerprint(parent)
+    if fingerprint is None:
+        return None
+    if settings.get("gold_eval_dataset") and settings.get("gold_labeler"):
+        settings = {k: v for k, v in settings.items() if k not in ("dataset_name", "tinyworld_seed")}
+    name = getattr(gold_settings.labeler, "name", None)
+    return {"model": fingerprint, "prompts": gold_settings.prompts, "settings": settings, "seed": gold_settings.seed,
+            "dtype": str(model.dtype), "batch_size": gold_settings.batch_size,
+            "backend": gold_settings.generation_backend, "labeler": name,
+            "labeler_source": gold.source_digest(name)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,15 @@ class DPOStageConfig(DPOConfig, ModelConfig, ScriptArguments):
     gold_eval_max_new_tokens: int = gold_eval_max_new_tokens_field()
     eval_temperature: float = gold_eval_temperature_field()
     gold_eval_samples: int = gold_eval_samples_field()
+    generation_backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "What samples the gold evaluation's answers (DPO itself generates nothing): 'transformers' (the "
+            "model's generate) or 'align' (align's decode loop, docs/generation.md; as align ppo and align bon "
+            "with the same key, so the parent's cached evaluation serves them all).",
+            "choices": ["transformers", "align"],
+        },
+    )
 
     def __post_init__(self):
         resolve_auto_bf16(self)
