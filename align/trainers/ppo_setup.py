@@ -149,6 +149,10 @@ def make_accelerator(args: PPOConfig) -> Accelerator:
 # Models
 
 
+# The value_model_init values whose value head starts from nothing (value_head_std redraws it).
+FRESH_HEAD_INITS = ("policy", "policy_lora", "policy_head")
+
+
 def build_ppo_models(args: PPOConfig, policy, *, tokenizer, ref_policy=None, reward_model=None, value_model=None,
                      reward_tokenizer=None, peft_config=None) -> PPOModels:  # fmt: skip
     """The policy wrapped with `peft_config` (LoRA), the value model (given, or built per `value_model_init`), the
@@ -159,7 +163,10 @@ def build_ppo_models(args: PPOConfig, policy, *, tokenizer, ref_policy=None, rew
     is_peft = peft_config is not None or is_peft_model(policy)
     if peft_config is not None and not is_peft_model(policy):
         policy = get_peft_model(policy, peft_config)
+    fresh_head = value_model is None and args.value_model_init in FRESH_HEAD_INITS
     value_model = make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft)
+    if fresh_head and args.value_head_std is not None:
+        nn.init.normal_(value_model.score.weight, std=args.value_head_std)  # std 0: zeros
     if is_peft:
         if ref_policy is not None:
             logger.info("ppo: ref_policy given with a peft policy; using it rather than the disabled adapter.")
@@ -180,22 +187,7 @@ def build_ppo_models(args: PPOConfig, policy, *, tokenizer, ref_policy=None, rew
 def make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft: bool):
     """The value model: `value_model` as given (a LikelihoodRewardModel's body and head), or built per
     `args.value_model_init` ('policy_lora': a `SharedBaseCritic` on the LoRA policy's base; 'policy_head': a
-    `PolicyValueHead` on the policy's own last hidden state, LoRA or not). A fresh head ('policy', 'policy_lora',
-    'policy_head') is drawn with std `args.value_head_std` when that is set (0: zeros)."""
-    value = _make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft)
-    std = getattr(args, "value_head_std", None)
-    if std is not None and value_model is None and args.value_model_init in FRESH_HEAD_INITS:
-        head = value.score.weight
-        with torch.no_grad():
-            head.zero_() if std == 0 else head.normal_(0.0, std)
-    return value
-
-
-# The value_model_init values whose value head starts from nothing (value_head_std applies to them).
-FRESH_HEAD_INITS = ("policy", "policy_lora", "policy_head")
-
-
-def _make_value_model(args, policy, value_model, reward_model, tokenizer, reward_tokenizer, is_peft: bool):
+    `PolicyValueHead` on the policy's own last hidden state, LoRA or not)."""
     if args.value_model_init == "policy_head":
         if value_model is not None:  # the stage's config rejects this too
             raise AlignError(
@@ -387,7 +379,7 @@ def build_optimizer(models: PPOModels, args: PPOConfig, optimizer_steps: int):
         {"params": [p for p in policy.parameters() if p.requires_grad and id(p) not in in_value]},
         {"params": value_params},
     ]
-    if getattr(args, "value_learning_rate", None) is not None:
+    if args.value_learning_rate is not None:
         groups[1]["lr"] = args.value_learning_rate  # the scheduler scales each group's own rate
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, policy)
     optimizer = optimizer_cls(groups, **optimizer_kwargs)
