@@ -156,6 +156,19 @@ def gold_eval_samples_field(note: str = ""):
     )
 
 
+def generation_backend_field(note: str = ""):
+    """`generation_backend` for the stages that sample with align's decode loop or `generate` (rank, bon, and dpo's
+    gold evaluation); ppo keeps its own, which adds vllm. `note` says what the stage's loop adds."""
+    return field(
+        default="transformers",
+        metadata={
+            "help": "What samples: 'transformers' (the model's generate) or 'align' (align's decode loop"
+            f"{note}; docs/generation.md).",
+            "choices": ["transformers", "align"],
+        },
+    )
+
+
 def tokenizer_name_or_path_field():
     """`tokenizer_name_or_path` for sft, ppo, dpo, grpo/rloo and bon; pretrain, rank, classify and reward keep their
     own, as their help says more (a new tokenizer, the one sampled with, saved with the model)."""

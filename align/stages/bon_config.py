@@ -17,6 +17,7 @@ from trl import ModelConfig, ScriptArguments
 from align.config import (
     changed_default,
     check_values,
+    generation_backend_field,
     gold_eval_dataset_field,
     gold_eval_max_new_tokens_field,
     gold_eval_prompts_field,
@@ -77,14 +78,7 @@ class BonConfig(ModelConfig, ScriptArguments):
             "lower it for a large n. The samples are saved after each call, and a rerun resumes from them."
         },
     )
-    generation_backend: str = field(
-        default="transformers",
-        metadata={
-            "help": "What samples: 'transformers' (the model's generate) or 'align' (align's decode loop; "
-            "docs/generation.md).",
-            "choices": ["transformers", "align"],
-        },
-    )
+    generation_backend: str = generation_backend_field()
     per_device_eval_batch_size: int = field(
         default=64,
         metadata={

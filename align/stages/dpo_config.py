@@ -10,6 +10,7 @@ from trl import DPOConfig, ModelConfig, ScriptArguments
 from align.config import (
     changed_default,
     column_mapping_field,
+    generation_backend_field,
     gold_eval_dataset_field,
     gold_eval_max_new_tokens_field,
     gold_eval_prompts_field,
@@ -92,14 +93,9 @@ class DPOStageConfig(DPOConfig, ModelConfig, ScriptArguments):
     gold_eval_max_new_tokens: int = gold_eval_max_new_tokens_field()
     eval_temperature: float = gold_eval_temperature_field()
     gold_eval_samples: int = gold_eval_samples_field()
-    generation_backend: str = field(
-        default="transformers",
-        metadata={
-            "help": "What samples the gold evaluation's answers (DPO itself generates nothing): 'transformers' (the "
-            "model's generate) or 'align' (align's decode loop, docs/generation.md; as align ppo and align bon "
-            "with the same key, so the parent's cached evaluation serves them all).",
-            "choices": ["transformers", "align"],
-        },
+    generation_backend: str = generation_backend_field(
+        " for the gold evaluation's answers, as align ppo and align bon with the same key, so the parent's cached "
+        "evaluation serves them all; DPO itself generates nothing"
     )
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from align.config import (
     changed_default,
     check_values,
     column_mapping_field,
+    generation_backend_field,
     json_dict,
     model_hub_id_field,
     resolve_model_keys,
@@ -69,13 +70,8 @@ class RankConfig(ModelConfig, ScriptArguments):
     generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per generate() call; each yields num_generations sequences."}
     )
-    generation_backend: str = field(
-        default="transformers",
-        metadata={
-            "help": "What samples: 'transformers' (the model's generate) or 'align' (align's decode loop: each "
-            "prompt computed once for its K answers, ended answers leave the batch; docs/generation.md).",
-            "choices": ["transformers", "align"],
-        },
+    generation_backend: str = generation_backend_field(
+        ": each prompt computed once for its K answers, ended answers leave the batch"
     )
     # Labeler
     labeler: str = field(
